@@ -1,0 +1,88 @@
+"""The ``refusal-atlas`` command: prompt import, the MLflow UI, params checks, weight export."""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+from pathlib import Path
+
+from refusal_atlas.errors import RefusalAtlasError
+
+
+def _cmd_import(args: argparse.Namespace) -> int:
+    from refusal_atlas.importers import FORMATS, run_import
+
+    if args.format not in FORMATS:
+        raise RefusalAtlasError(f"unknown format '{args.format}'; choose one of: {', '.join(sorted(FORMATS))}")
+    written = run_import(args.format, args.file, category=args.category, out=args.out, allow_outside=args.allow_outside, repo_root=Path.cwd(), kind=args.kind)
+    for path in written:
+        print(f"wrote {path}")
+    print("Add the new files to prompts/manifest.yaml (categories or baselines) before running the pipeline.")
+    return 0
+
+
+def _cmd_check(args: argparse.Namespace) -> int:
+    from refusal_atlas.config import load_params
+
+    load_params(args.params)
+    print(f"{args.params}: valid")
+    return 0
+
+
+def server_command(repo_root: Path, host: str, port: int, backend: str | None = None) -> list[str]:
+    """The ``mlflow server`` command line that serves the project's store (default: its sqlite file)."""
+    from refusal_atlas.tracking import artifact_root
+
+    backend = backend or f"sqlite:///{(repo_root / 'mlflow.db').resolve()}"
+    return [
+        sys.executable, "-m", "mlflow", "server",
+        "--backend-store-uri", backend,
+        "--artifacts-destination", artifact_root(repo_root).as_uri(),
+        "--host", host, "--port", str(port),
+    ]
+
+
+def _cmd_ui(args: argparse.Namespace) -> int:
+    cmd = server_command(Path.cwd(), args.host, args.port, args.backend_store_uri)
+    print(f"MLflow UI on http://{args.host}:{args.port} (Ctrl-C to stop)")
+    return subprocess.call(cmd)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="refusal-atlas", description="Per-category refusal directions in chat LLMs: tools around the DVC pipeline.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    prompts = sub.add_parser("prompts", help="prompt-set tools").add_subparsers(dest="prompts_command", required=True)
+    imp = prompts.add_parser("import", help="import a published dataset into the prompt schema", description="Map a published refusal dataset onto the manifest's categories and baseline pools, one JSONL file per category.")
+    imp.add_argument("format", help="xstest, coconot, sorry_bench, wildguardmix, advbench, jailbreakbench, harmbench or refusal_direction")
+    imp.add_argument("file", type=Path, help="the dataset file")
+    imp.add_argument("--category", help="keep only this category or pool")
+    imp.add_argument("--out", type=Path, help="output folder inside the repository (default prompts/imported/<format>)")
+    imp.add_argument("--kind", help="variant where a format has several: jailbreakbench harmful|benign, coconot eval|contrast, refusal_direction harmful|harmless, harmbench standard|contextual|copyright|all, sorry_bench prompt style")
+    imp.add_argument("--allow-outside", action="store_true", help="allow --out outside the repository")
+    imp.set_defaults(func=_cmd_import)
+
+    check = sub.add_parser("check-params", help="validate params.yaml", description="Validate params.yaml against the typed config and report every problem.")
+    check.add_argument("--params", type=Path, default=Path("params.yaml"))
+    check.set_defaults(func=_cmd_check)
+
+    ui = sub.add_parser("ui", help="serve the MLflow UI over the project's tracking store", description="Start `mlflow server` on the project's sqlite store and artifact root.")
+    ui.add_argument("--host", default="127.0.0.1")
+    ui.add_argument("--port", type=int, default=5000)
+    ui.add_argument("--backend-store-uri", help="e.g. postgresql://user@host/db for a team server (default: sqlite:///<repo>/mlflow.db)")
+    ui.set_defaults(func=_cmd_ui)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except RefusalAtlasError as err:
+        print(f"refusal-atlas: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

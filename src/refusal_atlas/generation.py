@@ -1,0 +1,151 @@
+"""Batched greedy generation and first-token scores, under whatever hooks are active.
+
+Prompts are sorted by length so each batch carries little padding, run left-padded, and
+results are returned in the caller's order. Nothing here registers hooks: steering is the
+caller's ``with add_direction(...)`` / ``with ablate_directions(...)`` block.
+"""
+
+from __future__ import annotations
+
+import inspect
+import sys
+from collections.abc import Iterator
+
+import numpy as np
+import torch
+from torch import nn
+from transformers import GenerationConfig
+
+from refusal_atlas.models import tokenize_prompts
+
+# Tokens that end an assistant turn in common chat templates; each is used as a stop token
+# only if the tokenizer has it, so no family is singled out.
+END_OF_TURN_TOKENS = ("<|eot_id|>", "<end_of_turn>", "<|im_end|>", "<|end|>", "<|eom_id|>", "</s>")
+
+
+def _input_device(model: nn.Module) -> torch.device:
+    # With device_map="auto" the blocks are spread over devices; inputs go where the
+    # embedding lives and accelerate moves activations from there.
+    return model.get_input_embeddings().weight.device
+
+
+def _batches(tokenizer, formatted: list[str], batch_size: int, max_tokens: int) -> Iterator[tuple[list[int], dict]]:
+    """Yield (input indices, left-padded encoding) for length-sorted batches of ``formatted``."""
+    lengths = [len(x) for x in tokenizer(formatted, add_special_tokens=False)["input_ids"]]
+    # Longest first so an out-of-memory error shows up in the first batch; ties keep input
+    # order, which makes the batching (and so the results) deterministic.
+    order = sorted(range(len(formatted)), key=lambda i: (-lengths[i], i))
+    for start in range(0, len(order), batch_size):
+        idx = order[start : start + batch_size]
+        yield idx, tokenize_prompts(tokenizer, [formatted[i] for i in idx], max_tokens)
+
+
+def stop_token_ids(model: nn.Module, tokenizer) -> list[int]:
+    """Sorted ids that end generation: eos from tokenizer and generation_config, plus known end-of-turn tokens."""
+    ids: set[int] = set()
+    for source in (tokenizer.eos_token_id, getattr(getattr(model, "generation_config", None), "eos_token_id", None)):
+        if isinstance(source, int):
+            ids.add(source)
+        elif source is not None:
+            ids.update(int(x) for x in source)
+    vocab = tokenizer.get_vocab()
+    ids.update(vocab[t] for t in END_OF_TURN_TOKENS if t in vocab)
+    return sorted(ids)
+
+
+def _greedy_config(model: nn.Module, tokenizer, max_new_tokens: int) -> GenerationConfig:
+    # transformers 5 fills every unset (None) field of a passed GenerationConfig from the
+    # model's own generation_config, so penalties a model ships with (e.g. repetition_penalty)
+    # would silently apply; plain greedy decoding is spelt out field by field instead.
+    return GenerationConfig(
+        max_new_tokens=max_new_tokens, min_new_tokens=0, do_sample=False, num_beams=1,
+        temperature=1.0, top_k=None, top_p=None, repetition_penalty=1.0, no_repeat_ngram_size=0,
+        eos_token_id=stop_token_ids(model, tokenizer), pad_token_id=tokenizer.pad_token_id, use_cache=True,
+    )
+
+
+@torch.inference_mode()
+def generate(
+    model: nn.Module, tokenizer, formatted: list[str], max_new_tokens: int, batch_size: int,
+    stop_strings: list[str] | None = None, max_prompt_tokens: int | None = None, progress: bool = False,
+) -> list[str]:
+    """Greedy continuations of formatted prompts.
+
+    Inputs: n formatted prompts (chat template applied); ``stop_strings`` optionally end a
+    response early (the text is cut before the first one). Output: n response strings in
+    input order, decoded without special tokens and stripped. Deterministic.
+    """
+    config = _greedy_config(model, tokenizer, max_new_tokens)
+    device = _input_device(model)
+    out: list[str | None] = [None] * len(formatted)
+    batches = list(_batches(tokenizer, formatted, batch_size, max_prompt_tokens or sys.maxsize))
+    if progress:
+        from tqdm.auto import tqdm
+
+        batches = tqdm(batches, desc="generate", unit="batch")
+    for idx, enc in batches:
+        enc = enc.to(device)
+        extra = {"stop_strings": stop_strings, "tokenizer": tokenizer} if stop_strings else {}
+        ids = model.generate(**enc, generation_config=config, **extra)  # [batch, prompt_len + new]
+        texts = tokenizer.batch_decode(ids[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)
+        for i, text in zip(idx, texts):
+            for stop in stop_strings or ():
+                text = text.split(stop, 1)[0]
+            out[i] = text.strip()
+    return out
+
+
+def refusal_token_ids(tokenizer, strings: list[str]) -> list[int]:
+    """First token id of each string, encoded without special tokens; duplicates removed, order kept."""
+    ids: list[int] = []
+    for s in strings:
+        encoded = tokenizer(s, add_special_tokens=False)["input_ids"]
+        if not encoded:
+            raise ValueError(f"refusal string {s!r} encodes to no tokens")
+        if encoded[0] not in ids:
+            ids.append(encoded[0])
+    return ids
+
+
+def _forward_last(model: nn.Module, enc) -> torch.Tensor:
+    """float32 log-softmax of the next-token logits at the last position: [batch, vocab]."""
+    mask = enc["attention_mask"]
+    # Explicit position ids make a left-padded prompt see the same positions as it would
+    # alone (models' forward otherwise numbers pad tokens too), so scores do not depend on
+    # which prompts share its batch.
+    positions = (mask.long().cumsum(-1) - 1).clamp(min=0)
+    kwargs = {"position_ids": positions}
+    if "logits_to_keep" in inspect.signature(model.forward).parameters:
+        kwargs["logits_to_keep"] = 1  # avoid materialising [batch, tokens, vocab] logits
+    logits = model(input_ids=enc["input_ids"], attention_mask=mask, use_cache=False, **kwargs).logits[:, -1, :]
+    return torch.log_softmax(logits.float(), dim=-1)
+
+
+@torch.inference_mode()
+def first_token_logprobs(
+    model: nn.Module, tokenizer, formatted: list[str], batch_size: int, max_prompt_tokens: int | None = None,
+) -> torch.Tensor:
+    """Next-token log-probabilities after each prompt: float32 [n, vocab] on the CPU, input order."""
+    device = _input_device(model)
+    rows: dict[int, torch.Tensor] = {}
+    for idx, enc in _batches(tokenizer, formatted, batch_size, max_prompt_tokens or sys.maxsize):
+        logp = _forward_last(model, enc.to(device)).cpu()
+        rows.update(zip(idx, logp))
+    return torch.stack([rows[i] for i in range(len(formatted))])
+
+
+def refusal_scores(
+    model: nn.Module, tokenizer, formatted: list[str], token_ids: list[int], batch_size: int,
+    max_prompt_tokens: int | None = None,
+) -> np.ndarray:
+    """First-token refusal log-odds per prompt: float64 [n].
+
+    score = log(p / (1 - p)) with p = sum of next-token probabilities of ``token_ids`` at the
+    last prompt position (Arditi et al. 2024). Computed from log-probabilities so p near 0 or 1
+    stays finite.
+    """
+    logp = first_token_logprobs(model, tokenizer, formatted, batch_size, max_prompt_tokens).double()
+    log_p = torch.logsumexp(logp[:, token_ids], dim=-1)
+    # log(1 - p) = log(-expm1(log p)), accurate for p close to 1.
+    log_not_p = torch.log(-torch.expm1(log_p).clamp(max=-torch.finfo(torch.float64).tiny))
+    return (log_p - log_not_p).numpy()

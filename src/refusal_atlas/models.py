@@ -1,0 +1,479 @@
+"""Load a chat model, find its layers by structure, and handle its chat template.
+
+Everything here works from attribute paths and the tokenizer's own chat template, never
+from a model family's name: a new architecture either matches a known path or fails with
+an error that names its class and the paths that were tried.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+from transformers import AutoModelForCausalLM, AutoTokenizer, BatchEncoding
+from transformers.pytorch_utils import Conv1D
+
+from refusal_atlas.config import ModelConfig
+
+
+class ModelLoadError(RuntimeError):
+    """A model or tokenizer that cannot be loaded as configured."""
+
+
+class UnsafeWeightsError(ModelLoadError):
+    """Only pickle checkpoints were found and ``model.allow_pickle`` is false."""
+
+
+class ModelNotAvailableError(ModelLoadError):
+    """The model is neither a local directory nor obtainable from the hub (offline or unreachable)."""
+
+
+class UnsupportedArchitectureError(ValueError):
+    """No known attribute path matches the model's decoder blocks or their sublayers."""
+
+
+class ChatTemplateError(ValueError):
+    """The tokenizer has no chat template and none was configured, or the template rejects the messages."""
+
+
+class PromptTooLongError(ValueError):
+    """Some formatted prompts are longer than ``model.max_prompt_tokens``."""
+
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+_PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
+
+
+# ---------------------------------------------------------------------------------------
+# Loading
+# ---------------------------------------------------------------------------------------
+
+
+def _weight_files(directory: Path) -> tuple[list[Path], list[Path]]:
+    """(safetensors files, pickle files) at the top level of a model directory."""
+    files = sorted(p for p in directory.iterdir() if p.is_file())
+    safe = [p for p in files if p.suffix == ".safetensors"]
+    # training_args.bin and similar are pickles too, but they are not weights; only files
+    # whose names look like checkpoints count, so a safetensors repo with stray .bin files
+    # still loads and a pickle-only repo is still caught.
+    pickled = [p for p in files if p.suffix in _PICKLE_SUFFIXES and "training_args" not in p.name]
+    return safe, pickled
+
+
+def _check_weights(directory: Path, allow_pickle: bool) -> None:
+    safe, pickled = _weight_files(directory)
+    if safe or allow_pickle:
+        return
+    if pickled:
+        names = ", ".join(p.name for p in pickled[:5])
+        raise UnsafeWeightsError(
+            f"{directory} holds only pickle checkpoints ({names}); loading them runs arbitrary code. "
+            "Convert them to safetensors (e.g. load once in a sandbox and save_pretrained(..., safe_serialization=True)), "
+            "or set model.allow_pickle: true in params.yaml if you trust the source."
+        )
+    raise ModelNotAvailableError(f"{directory} contains no weight files (*.safetensors); expected a Hugging Face model directory.")
+
+
+def _offline() -> bool:
+    # The environment is read on every call (not huggingface_hub.constants, which is frozen
+    # at import) so that setting HF_HUB_OFFLINE at run time is honoured.
+    return any(os.environ.get(k, "").upper() in {"1", "ON", "YES", "TRUE"} for k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
+
+
+def _cached_snapshot(repo_id: str, revision: str | None) -> Path | None:
+    """The local snapshot directory of a hub model if it is fully cached, else None. Never uses the network."""
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError
+
+    try:
+        return Path(snapshot_download(repo_id, revision=revision, local_files_only=True))
+    except (LocalEntryNotFoundError, HFValidationError, FileNotFoundError, ValueError):
+        return None
+
+
+def _not_available(name: str, revision: str | None, why: str) -> ModelNotAvailableError:
+    rev = f" at revision {revision!r}" if revision else ""
+    return ModelNotAvailableError(
+        f"model {name!r}{rev} is not a local directory and {why}. Set model.name in params.yaml to a local "
+        "directory holding the model (config.json, tokenizer and *.safetensors), or drop HF_HUB_OFFLINE "
+        "so it can be downloaded."
+    )
+
+
+def _resolve_source(cfg: ModelConfig, name: str) -> tuple[str, Path | None]:
+    """(what to pass to from_pretrained, local directory if any), after the safety checks."""
+    path = Path(name).expanduser()
+    if path.is_dir():
+        _check_weights(path, cfg.allow_pickle)
+        return str(path), path
+    snapshot = _cached_snapshot(name, cfg.revision)
+    if snapshot is not None:
+        _check_weights(snapshot, cfg.allow_pickle)
+        return name, snapshot
+    if _offline():
+        raise _not_available(name, cfg.revision, "is not in the local Hugging Face cache while offline (HF_HUB_OFFLINE=1)")
+    return name, None
+
+
+def _pick_device(cfg: ModelConfig) -> str:
+    if cfg.device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return cfg.device
+
+
+def load_model(cfg: ModelConfig, name_or_path: str | None = None) -> tuple[nn.Module, object]:
+    """Load a causal LM and its tokenizer for inference.
+
+    Inputs: ``cfg`` (the model section of params.yaml); ``name_or_path`` overrides ``cfg.name``
+    (the stage passes the demo model's directory this way).
+    Output: ``(model, tokenizer)``; the model is in eval mode with ``requires_grad`` off on
+    every parameter; the tokenizer pads on the left and has a pad token.
+    Raises ``UnsafeWeightsError``, ``ModelNotAvailableError`` or ``ModelLoadError``.
+    """
+    name = name_or_path or cfg.name
+    if name == "demo" and name_or_path is None:
+        raise ModelLoadError("model.name is 'demo': pass the demo model's directory as name_or_path (the model stage builds it).")
+    source, _ = _resolve_source(cfg, name)
+    kwargs = dict(revision=cfg.revision, trust_remote_code=cfg.trust_remote_code)
+    model_kwargs = dict(kwargs, dtype=_DTYPES[cfg.dtype], use_safetensors=not cfg.allow_pickle)
+    if cfg.device_map == "auto":
+        model_kwargs["device_map"] = "auto"
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(source, **model_kwargs)
+    except OSError as err:
+        # from_pretrained reports a missing repo, a network failure and a repo without
+        # safetensors all as OSError; re-raise with the fix the user needs.
+        if "safetensors" in str(err) and not cfg.allow_pickle:
+            raise UnsafeWeightsError(f"{name!r} has no safetensors weights: {err}. Set model.allow_pickle: true to load pickle weights.") from err
+        raise _not_available(name, cfg.revision, f"could not be fetched from the hub ({type(err).__name__}: {err})") from err
+    if cfg.device_map != "auto":
+        model = model.to(_pick_device(cfg))
+    model.eval()
+    model.requires_grad_(False)
+    _prepare_tokenizer(tokenizer)
+    return model, tokenizer
+
+
+def _prepare_tokenizer(tokenizer) -> None:
+    # Left padding keeps every prompt's last token at position -1, so end-of-instruction
+    # offsets and the next-token logits are read from the same column for the whole batch.
+    tokenizer.padding_side = "left"
+    if tokenizer.pad_token is None:
+        fallback = tokenizer.eos_token or tokenizer.unk_token
+        if fallback is None:
+            raise ModelLoadError("the tokenizer has no pad, eos or unk token to pad batches with; add a pad token to the tokenizer files.")
+        tokenizer.pad_token = fallback
+
+
+# ---------------------------------------------------------------------------------------
+# Layout: where the blocks, sublayers and projections live
+# ---------------------------------------------------------------------------------------
+
+BLOCK_PATHS = (
+    "model.layers", "model.language_model.layers", "language_model.model.layers", "model.model.layers",
+    "transformer.h", "transformer.layers", "transformer.blocks", "gpt_neox.layers",
+    "model.decoder.layers", "backbone.layers", "layers", "h",
+)
+FINAL_NORM_NAMES = ("norm", "ln_f", "final_layer_norm", "final_layernorm", "norm_f", "final_norm")
+EMBED_NAMES = ("embed_tokens", "wte", "embed_in", "word_embeddings")
+POS_EMBED_NAMES = ("wpe", "embed_positions", "position_embeddings")
+ATTN_NAMES = ("self_attn", "attn", "attention", "self_attention")
+MLP_NAMES = ("mlp", "feed_forward", "ffn")
+ATTN_PROJ_NAMES = ("o_proj", "out_proj", "c_proj", "dense", "wo")
+MLP_PROJ_NAMES = ("down_proj", "c_proj", "dense_4h_to_h", "fc2", "w2", "fc_out")
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Where a decoder's residual stream is read and written.
+
+    ``attn_out[l]``/``mlp_out[l]`` are the modules whose forward output is what block ``l``
+    adds to the residual stream; for blocks that normalise a sublayer's output before the
+    add (Gemma-2/3, OLMo-2) that is the post-sublayer norm, not the attention/MLP itself.
+    ``attn_proj[l]``/``mlp_proj[l]`` are the linear maps that write into the residual
+    (``None`` where none was found, e.g. mixture-of-experts MLPs).
+    """
+
+    blocks: list[nn.Module]
+    attn: list[nn.Module]
+    mlp: list[nn.Module]
+    attn_out: list[nn.Module]
+    mlp_out: list[nn.Module]
+    attn_proj: list[nn.Module | None]
+    mlp_proj: list[nn.Module | None]
+    embed: nn.Module
+    pos_embed: nn.Module | None
+    final_norm: nn.Module
+    normed_outputs: bool
+    blocks_path: str
+
+    @property
+    def n_layers(self) -> int:
+        return len(self.blocks)
+
+    @property
+    def d_model(self) -> int:
+        return int(self.embed.weight.shape[1])
+
+
+def _get_path(root: nn.Module, path: str):
+    obj = root
+    for part in path.split("."):
+        obj = getattr(obj, part, None)
+        if obj is None:
+            return None
+    return obj
+
+
+def _first_child(module: nn.Module, names: tuple[str, ...]) -> nn.Module | None:
+    for n in names:
+        child = getattr(module, n, None)
+        if isinstance(child, nn.Module):
+            return child
+    return None
+
+
+def writes_d_model(module: nn.Module, d_model: int) -> bool:
+    """True if ``module`` is a Linear or Conv1D whose output dimension is ``d_model``."""
+    if isinstance(module, Conv1D):  # GPT-2's Conv1D stores its weight as [in, out].
+        return module.weight.shape[1] == d_model
+    return isinstance(module, nn.Linear) and module.weight.shape[0] == d_model
+
+
+def _projection(sub: nn.Module, names: tuple[str, ...], d_model: int) -> nn.Module | None:
+    for n in names:
+        child = getattr(sub, n, None)
+        if isinstance(child, nn.Module) and writes_d_model(child, d_model):
+            return child
+    return None
+
+
+def find_layout(model: nn.Module) -> Layout:
+    """Find blocks, sublayer outputs, embeddings, final norm and output projections by attribute path.
+
+    Input: a Hugging Face causal LM. Output: a ``Layout``. Raises ``UnsupportedArchitectureError``
+    naming the model class and the paths tried when nothing matches.
+    """
+    cls = type(model).__name__
+    blocks_path = next(
+        (p for p in BLOCK_PATHS if isinstance(_get_path(model, p), nn.ModuleList) and len(_get_path(model, p)) > 0), None
+    )
+    if blocks_path is None:
+        raise UnsupportedArchitectureError(f"{cls}: found no decoder blocks; tried the attribute paths {', '.join(BLOCK_PATHS)}.")
+    blocks = list(_get_path(model, blocks_path))
+    container = _get_path(model, blocks_path.rpartition(".")[0]) if "." in blocks_path else model
+
+    try:
+        embed = model.get_input_embeddings()
+    except (NotImplementedError, AttributeError):
+        embed = None
+    embed = embed if embed is not None else _first_child(container, EMBED_NAMES)
+    final_norm = _first_child(container, FINAL_NORM_NAMES)
+    pos_embed = next((m for n in POS_EMBED_NAMES if isinstance(m := getattr(container, n, None), nn.Embedding)), None)
+    if embed is None or getattr(embed, "weight", None) is None or embed.weight.ndim != 2:
+        raise UnsupportedArchitectureError(f"{cls}: found no token embedding (get_input_embeddings() or {blocks_path.rpartition('.')[0]}.{{{','.join(EMBED_NAMES)}}}).")
+    if final_norm is None:
+        raise UnsupportedArchitectureError(f"{cls}: found no final norm next to {blocks_path}; tried {', '.join(FINAL_NORM_NAMES)}.")
+    d_model = int(embed.weight.shape[1])
+
+    attn, mlp, attn_out, mlp_out, attn_proj, mlp_proj = [], [], [], [], [], []
+    normed = False
+    for i, block in enumerate(blocks):
+        a, m = _first_child(block, ATTN_NAMES), _first_child(block, MLP_NAMES)
+        if a is None or m is None:
+            raise UnsupportedArchitectureError(
+                f"{cls}: block {i} ({type(block).__name__}) has no attention ({', '.join(ATTN_NAMES)}) "
+                f"or MLP ({', '.join(MLP_NAMES)}) submodule."
+            )
+        # A block with a post-feed-forward norm normalises each sublayer's output before
+        # adding it to the residual (x + norm(attn(x'))), so those norms are what writes
+        # into the stream. In Llama-style blocks post_attention_layernorm is the *pre*-MLP
+        # norm instead, which is why the post-feed-forward norm decides.
+        post_ff = getattr(block, "post_feedforward_layernorm", None)
+        post_attn = getattr(block, "post_attention_layernorm", None)
+        if isinstance(post_ff, nn.Module) and isinstance(post_attn, nn.Module):
+            normed = True
+            attn_out.append(post_attn)
+            mlp_out.append(post_ff)
+        else:
+            attn_out.append(a)
+            mlp_out.append(m)
+        attn.append(a)
+        mlp.append(m)
+        attn_proj.append(_projection(a, ATTN_PROJ_NAMES, d_model))
+        mlp_proj.append(_projection(m, MLP_PROJ_NAMES, d_model))
+    return Layout(blocks, attn, mlp, attn_out, mlp_out, attn_proj, mlp_proj, embed, pos_embed, final_norm, normed, blocks_path)
+
+
+# ---------------------------------------------------------------------------------------
+# Identity record
+# ---------------------------------------------------------------------------------------
+
+
+def _sha256(data: bytes | str) -> str:
+    return hashlib.sha256(data.encode() if isinstance(data, str) else data).hexdigest()
+
+
+def _file_digest(path: Path, chunk: int = 1 << 20) -> str:
+    # Hashing the first and last MiB with the size is enough to tell checkpoints apart
+    # and keeps identity cheap for 16 GB models; small files are hashed whole.
+    size = path.stat().st_size
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        if size <= 2 * chunk:
+            h.update(f.read())
+        else:
+            h.update(f.read(chunk))
+            f.seek(size - chunk)
+            h.update(f.read(chunk))
+    return h.hexdigest()
+
+
+def _state_dict_digest(model: nn.Module) -> str:
+    h = hashlib.sha256()
+    for key, tensor in sorted(model.state_dict().items()):
+        h.update(key.encode())
+        h.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def resolve_chat_template(tokenizer, chat_template: str | None = None) -> str | None:
+    """The template in use: the tokenizer's own, else ``chat_template`` (model.chat_template), else None."""
+    template = getattr(tokenizer, "chat_template", None) or chat_template
+    if isinstance(template, dict):  # named templates; the default one formats plain chats
+        template = template.get("default")
+    return template or None
+
+
+def compute_identity(model: nn.Module, tokenizer, name: str, revision: str | None, chat_template: str | None = None) -> dict:
+    """Identity record of a loaded model, for provenance and store attributes.
+
+    Output keys: model_id, model_revision (commit hash when known, else 'local'), architecture,
+    n_layers, d_model, dtype, config_sha256, weights_fingerprint, template_sha256 (all str/int).
+    """
+    layout = find_layout(model)
+    config = model.config.to_dict()
+    # Drop fields that change with where/how the model was loaded, not with what it is.
+    for key in ("_name_or_path", "_commit_hash", "transformers_version", "dtype", "torch_dtype", "_attn_implementation_autoset"):
+        config.pop(key, None)
+    path = Path(name).expanduser()
+    local = path if path.is_dir() else _cached_snapshot(name, revision)
+    commit = getattr(model.config, "_commit_hash", None)
+    if commit is None and local is not None and not path.is_dir():
+        commit = local.name  # hub cache snapshots are named by their commit hash
+    if local is not None:
+        safe, pickled = _weight_files(local)
+        files = [(p.name, p.stat().st_size, _file_digest(p)) for p in (safe or pickled)]
+        fingerprint = _sha256(json.dumps(sorted(files)))
+    else:
+        fingerprint = _state_dict_digest(model)
+    return {
+        "model_id": name,
+        "model_revision": commit or "local",
+        "architecture": type(model).__name__,
+        "n_layers": layout.n_layers,
+        "d_model": layout.d_model,
+        "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
+        "config_sha256": _sha256(json.dumps(config, sort_keys=True, default=str)),
+        "weights_fingerprint": fingerprint,
+        "template_sha256": _sha256(resolve_chat_template(tokenizer, chat_template) or ""),
+    }
+
+
+# ---------------------------------------------------------------------------------------
+# Chat templates and end-of-instruction positions
+# ---------------------------------------------------------------------------------------
+
+
+def format_prompts(
+    tokenizer, instructions: list[str], system_prompt: str | None = None,
+    chat_template: str | None = None, template_kwargs: dict | None = None,
+) -> list[str]:
+    """Render each instruction as a single-turn chat ending where the assistant's answer starts.
+
+    Input: n instruction strings. Output: n formatted prompt strings (including BOS if the
+    template writes it). Instructions are passed to Jinja as message *data*, never as
+    template source, so braces or template syntax in a prompt are rendered literally.
+    """
+    template = resolve_chat_template(tokenizer, chat_template)
+    if template is None:
+        raise ChatTemplateError(
+            f"the tokenizer ({type(tokenizer).__name__}, {getattr(tokenizer, 'name_or_path', '?')}) has no chat template "
+            "and none was given; set model.chat_template in params.yaml to the model's Jinja chat template."
+        )
+    out = []
+    for text in instructions:
+        messages = ([{"role": "system", "content": system_prompt}] if system_prompt else []) + [{"role": "user", "content": text}]
+        try:
+            rendered = tokenizer.apply_chat_template(
+                messages, chat_template=template, tokenize=False, add_generation_prompt=True, **(template_kwargs or {})
+            )
+        except Exception as err:  # Jinja's TemplateError and raise_exception() surface as various types.
+            hint = " (this template may not support a system message; set model.system_prompt: null)" if system_prompt else ""
+            raise ChatTemplateError(f"the chat template failed to render a prompt{hint}: {type(err).__name__}: {err}") from err
+        out.append(rendered)
+    return out
+
+
+@dataclass(frozen=True)
+class EoiSpan:
+    """End-of-instruction tokens: the template tokens between the user's text and the answer.
+
+    ``offsets`` are negative positions from the end of a (left-padded) prompt, ``-k … -1``;
+    ``token_ids``/``tokens`` are the ids and token strings at those offsets.
+    """
+
+    offsets: list[int]
+    token_ids: list[int]
+    tokens: list[str]
+
+
+# Sentinels whose final characters differ (letter, digit, punctuation) so the common suffix
+# of their tokenisations stops exactly at the template, and a merge between the user's last
+# character and the template's first shows up as a shorter span instead of a wrong one.
+_SENTINELS = ("Sentinel request alpha", "x 12345", "What is it?!")
+
+
+def eoi_tokens(
+    tokenizer, system_prompt: str | None = None, chat_template: str | None = None, template_kwargs: dict | None = None,
+) -> EoiSpan:
+    """Derive the end-of-instruction span from the chat template.
+
+    Formats several different user texts, tokenises each whole prompt (as the model sees it)
+    and returns the longest common suffix of token ids. For Llama-3 this is
+    ``<|eot_id|><|start_header_id|>assistant<|end_header_id|>\\n\\n`` (5 tokens).
+    """
+    formatted = format_prompts(tokenizer, list(_SENTINELS), system_prompt, chat_template, template_kwargs)
+    ids = [tokenizer(f, add_special_tokens=False)["input_ids"] for f in formatted]
+    k = 0
+    while all(k < len(seq) for seq in ids) and len({seq[-1 - k] for seq in ids}) == 1:
+        k += 1
+    if k == 0:
+        raise ChatTemplateError("the chat template adds no tokens after the user's text, so there are no end-of-instruction positions.")
+    suffix = ids[0][len(ids[0]) - k :]
+    return EoiSpan(list(range(-k, 0)), suffix, tokenizer.convert_ids_to_tokens(suffix))
+
+
+def tokenize_prompts(tokenizer, formatted: list[str], max_tokens: int) -> BatchEncoding:
+    """Tokenise formatted prompts into a left-padded batch.
+
+    Input: n formatted strings. Output: BatchEncoding with ``input_ids`` and
+    ``attention_mask`` of shape [n, max_len] (torch.long). Special tokens are not added
+    because the template already wrote them. Raises ``PromptTooLongError`` if any prompt
+    has more than ``max_tokens`` tokens.
+    """
+    lengths = [len(x) for x in tokenizer(formatted, add_special_tokens=False)["input_ids"]]
+    over = [i for i, n in enumerate(lengths) if n > max_tokens]
+    if over:
+        shown = ", ".join(f"#{i} ({lengths[i]} tokens)" for i in over[:5])
+        raise PromptTooLongError(
+            f"{len(over)} of {len(formatted)} prompts exceed max_prompt_tokens={max_tokens}: {shown}"
+            f"{' …' if len(over) > 5 else ''}. Raise model.max_prompt_tokens or shorten/filter these prompts."
+        )
+    return tokenizer(formatted, add_special_tokens=False, padding=True, padding_side="left", return_tensors="pt")

@@ -1,0 +1,30 @@
+"""DVC stage `prompts`: validate the manifest and prompt files; write the prompt table."""
+
+from pathlib import Path
+
+from refusal_atlas.atomic import write_json, write_parquet
+from refusal_atlas.entry import repo_root, run_stage, stage_parser
+from refusal_atlas.prompts import build_prompt_table, summarize_prompts
+
+STAGE = "prompts"
+
+
+def main(args, params, run) -> None:
+    cfg = params.prompts
+    manifest = Path(cfg.manifest)
+    table = build_prompt_table(manifest, cfg.splits, cfg.min_per_category)
+    summary = summarize_prompts(table)
+    write_parquet(args.out / "prompts.parquet", table)
+    write_json(args.out / "summary.json", summary)
+
+    root = repo_root()
+    run.log_input(manifest.parent, root, context="prompts")
+    run.log_metrics({"n_prompts": summary["total"], "count": summary["by_category"]})
+    run.log_artifact(args.out / "summary.json")
+    print(f"prompts: {summary['total']} prompts in {len(summary['by_category'])} sets -> {args.out}")
+
+
+if __name__ == "__main__":
+    parser = stage_parser(STAGE, __doc__)
+    parser.add_argument("--out", type=Path, required=True, help="output folder (artifacts/prompts)")
+    run_stage(STAGE, parser, main)

@@ -1,0 +1,61 @@
+"""Shared fixtures: the repository root, real copies of the repository to run DVC in."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared"
+VENV_BIN = Path(sys.executable).parent
+
+
+def run(cmd: list[str], cwd: Path, env: dict | None = None, check: bool = True, timeout: float = 1800) -> subprocess.CompletedProcess:
+    """Run a real command with the venv first on PATH; on failure show its output."""
+    # A tracking URI from the caller's shell must not leak into a test's pipeline run.
+    inherited = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI" and not k.startswith("DVC_")}
+    full_env = {**inherited, "PATH": f"{VENV_BIN}{os.pathsep}{os.environ.get('PATH', '')}", "HF_HUB_OFFLINE": "1", **(env or {})}
+    proc = subprocess.run(cmd, cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{' '.join(map(str, cmd))} exited {proc.returncode}\nstdout:\n{proc.stdout[-4000:]}\nstderr:\n{proc.stderr[-4000:]}")
+    return proc
+
+
+def copy_repo(dest: Path) -> Path:
+    """Copy the repository's tracked and untracked-but-not-ignored files into ``dest`` as a fresh git repo."""
+    listed = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard", "-z"], cwd=REPO, capture_output=True, check=True).stdout
+    dest.mkdir(parents=True, exist_ok=True)
+    for rel in filter(None, listed.decode().split("\0")):
+        src = REPO / rel
+        if src.is_file():
+            (dest / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, dest / rel)
+    for rel in ("dvc.lock",):
+        (dest / rel).unlink(missing_ok=True)
+    git = ["git", "-c", "user.email=t@example.com", "-c", "user.name=test"]
+    run(["git", "init", "-q"], dest)
+    run([*git, "add", "-A"], dest)
+    run([*git, "commit", "-q", "-m", "copy"], dest)
+    return dest
+
+
+@pytest.fixture(scope="session")
+def repo_root() -> Path:
+    return REPO
+
+
+@pytest.fixture
+def repo_copy(tmp_path: Path) -> Path:
+    return copy_repo(tmp_path / "repo")
+
+
+def shared_datasets() -> Path:
+    path = SHARED / "datasets"
+    if not path.is_dir():
+        pytest.skip(f"{path} not present: the shared public datasets sit beside the checkout only on the team's machines")
+    return path

@@ -1,0 +1,87 @@
+"""params.yaml is validated by typed configs, and dvc.yaml declares exactly the keys each stage reads."""
+
+from __future__ import annotations
+
+import pytest
+import yaml
+from pydantic import BaseModel
+
+from refusal_atlas.config import STAGE_SECTIONS, ConfigError, Params, load_params, parse_params, stage_param_keys
+
+
+def test_repository_params_validate(repo_root):
+    params = load_params(repo_root / "params.yaml")
+    assert params.model.name == "demo"
+    assert params.prompts.splits.train + params.prompts.splits.val + params.prompts.splits.test == pytest.approx(1.0)
+
+
+def test_defaults_equal_the_repository_params(repo_root):
+    """params.yaml spells out every default, so a reader sees every knob."""
+    assert load_params(repo_root / "params.yaml") == Params()
+
+
+def test_unknown_key_names_key_and_file(tmp_path):
+    path = tmp_path / "params.yaml"
+    path.write_text("steering:\n  alphass: [1.0]\n")
+    with pytest.raises(ConfigError) as err:
+        load_params(path)
+    message = str(err.value)
+    assert str(path) in message and "steering.alphass" in message and "unknown key" in message
+
+
+def test_wrong_type_names_expectation(tmp_path):
+    path = tmp_path / "params.yaml"
+    path.write_text("directions:\n  n_per_side: many\n")
+    with pytest.raises(ConfigError, match=r"directions\.n_per_side.*valid integer.*'many'"):
+        load_params(path)
+
+
+@pytest.mark.parametrize(
+    "data, fragment",
+    [
+        ({"steering": {"alphas": []}}, "steering.alphas"),
+        ({"prompts": {"splits": {"train": 0.5, "val": 0.5, "test": 0.5}}}, "sum to 1"),
+        ({"model": {"dtype": "float64"}}, "model.dtype"),
+        ({"judge": {"method": ["keywords", "keywords"]}}, "twice"),
+        ({"directions": {"position": 3}}, "directions.position"),
+    ],
+)
+def test_bad_values_rejected(data, fragment):
+    with pytest.raises(ConfigError, match=fragment.replace(".", r"\.")):
+        parse_params(data)
+
+
+def test_params_file_not_a_mapping(tmp_path):
+    path = tmp_path / "params.yaml"
+    path.write_text("- a\n- b\n")
+    with pytest.raises(ConfigError, match="expected a mapping"):
+        load_params(path)
+
+
+def _models(model: type[BaseModel]):
+    yield model
+    for field in model.model_fields.values():
+        if isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel):
+            yield from _models(field.annotation)
+
+
+def test_every_field_has_a_description():
+    missing = [f"{m.__name__}.{name}" for m in _models(Params) for name, f in m.model_fields.items() if not f.description]
+    assert missing == []
+
+
+def test_dvc_yaml_params_equal_config_keys(repo_root):
+    stages = yaml.safe_load((repo_root / "dvc.yaml").read_text())["stages"]
+    assert stages, "dvc.yaml has no stages"
+    for name, stage in stages.items():
+        body = stage.get("do", stage)
+        declared = sorted(p for p in body.get("params", []) if isinstance(p, str))
+        assert declared == stage_param_keys(name), f"stage {name}: dvc.yaml params differ from its config"
+        assert name in STAGE_SECTIONS
+        assert (repo_root / "stages" / f"{name}.py").is_file(), f"stage {name} has no stages/{name}.py"
+
+
+def test_no_stage_reads_tracking_or_downstream_sections():
+    """Changing a steering key must never rerun an upstream stage."""
+    for stage in ("prompts", "model", "baseline", "activations", "directions", "geometry"):
+        assert not any(k.startswith(("steering.", "tracking.")) for k in stage_param_keys(stage)), stage
