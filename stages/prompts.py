@@ -3,7 +3,7 @@
 from pathlib import Path
 
 from refusal_atlas.atomic import write_json, write_parquet
-from refusal_atlas.entry import repo_root, run_stage, stage_parser
+from refusal_atlas.entry import run_stage, stage_parser
 from refusal_atlas.prompts import build_prompt_table, summarize_prompts
 
 STAGE = "prompts"
@@ -15,10 +15,11 @@ def main(args, params, run) -> None:
     table = build_prompt_table(manifest, cfg.splits, cfg.min_per_category)
     summary = summarize_prompts(table)
     write_parquet(args.out / "prompts.parquet", table)
+    for name, rows in table.groupby("category"):
+        write_parquet(args.out / "sets" / f"{name}.parquet", rows.reset_index(drop=True))
     write_json(args.out / "summary.json", summary)
 
-    root = repo_root()
-    run.log_input(manifest.parent, root, context="prompts")
+    run.log_input(manifest.parent, context="prompts")
     run.log_metrics({"n_prompts": summary["total"], "count": summary["by_category"]})
     run.log_artifact(args.out / "summary.json")
     print(f"prompts: {summary['total']} prompts in {len(summary['by_category'])} sets -> {args.out}")

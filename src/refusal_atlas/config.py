@@ -152,17 +152,21 @@ class Params(_Section):
     tracking: TrackingConfig = Field(default_factory=TrackingConfig, description="MLflow tracking.")
 
 
-# Which params sections each stage reads. Tracking is read by every stage but never
-# listed in dvc.yaml: where runs are logged does not change any output, so a new
-# tracking URI must not rerun the pipeline.
+# What each stage reads: whole sections, or single "section.field" keys. Tracking is read
+# by every stage but never listed in dvc.yaml: where runs are logged does not change any
+# output, so a new tracking URI must not rerun the pipeline. Downstream stages leave out
+# model.demo: its effect reaches them through the trained weights they depend on.
+_MODEL_LOAD = ("model.name", "model.revision", "model.dtype", "model.trust_remote_code", "model.allow_pickle", "model.chat_template")
+_MODEL_RUN = _MODEL_LOAD + ("model.device", "model.device_map", "model.system_prompt", "model.chat_template_kwargs",
+                            "model.max_prompt_tokens", "model.batch_size")
 STAGE_SECTIONS: dict[str, tuple[str, ...]] = {
     "prompts": ("prompts",),
-    "model": ("model",),
-    "baseline": ("model", "judge", "baseline"),
-    "activations": ("model", "activations"),
-    "directions": ("model", "directions"),
+    "model": _MODEL_LOAD + ("model.demo",),
+    "baseline": _MODEL_RUN + ("model.refusal_tokens", "judge", "baseline"),
+    "activations": _MODEL_RUN + ("activations",),
+    "directions": _MODEL_RUN + ("model.refusal_tokens", "directions"),
     "geometry": ("geometry",),
-    "steering": ("model", "judge", "steering"),
+    "steering": _MODEL_RUN + ("model.refusal_tokens", "judge", "steering"),
     "report": ("steering",),
 }
 
@@ -170,9 +174,11 @@ STAGE_SECTIONS: dict[str, tuple[str, ...]] = {
 def stage_param_keys(stage: str) -> list[str]:
     """Dotted params keys that ``stage`` reads, as listed under ``params:`` in dvc.yaml."""
     keys = []
-    for section in STAGE_SECTIONS[stage]:
-        model = Params.model_fields[section].annotation
-        keys += [f"{section}.{name}" for name in model.model_fields]
+    for item in STAGE_SECTIONS[stage]:
+        if "." in item:
+            keys.append(item)
+        else:
+            keys += [f"{item}.{name}" for name in Params.model_fields[item].annotation.model_fields]
     return sorted(keys)
 
 

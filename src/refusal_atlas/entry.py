@@ -57,3 +57,33 @@ def run_stage(stage: str, parser: argparse.ArgumentParser, main: Callable[[argpa
         fail(stage, str(err))
     except KeyboardInterrupt:
         fail(stage, "interrupted", 130)
+
+
+DEMO = "demo"
+
+
+def model_source(params: Params, weights_dir: Path) -> str:
+    """Where the model under study loads from: the demo's trained directory, or model.name."""
+    return str(weights_dir) if params.model.name == DEMO else params.model.name
+
+
+def load_stage_model(params: Params, model_dir: Path):
+    """Load the model and tokenizer for a stage, and the identity record of the model stage.
+
+    Returns ``(model, tokenizer, identity)``. Fails when the loaded model does not match
+    the identity the model stage recorded (a changed checkpoint under the same name).
+    """
+    import json
+
+    from refusal_atlas.models import ModelLoadError, compute_identity, load_model
+
+    identity = json.loads((model_dir / "identity.json").read_text())
+    model, tokenizer = load_model(params.model, model_source(params, model_dir / "weights"))
+    loaded = compute_identity(model, tokenizer, identity["model_id"], params.model.revision, params.model.chat_template)
+    for key in ("architecture", "n_layers", "d_model", "config_sha256", "template_sha256"):
+        if loaded[key] != identity[key]:
+            raise ModelLoadError(
+                f"model '{identity['model_id']}' now has {key}={loaded[key]!r} but the model stage recorded {identity[key]!r}; "
+                "rerun `dvc repro model` (or `dvc repro -f model`) so every stage sees the same model"
+            )
+    return model, tokenizer, identity

@@ -73,7 +73,7 @@ class ResidualCapture:
     """Residual vectors gathered by ``read_residual``.
 
     Each forward call appends, per layer, a CPU tensor [batch, n_positions, d_model] in the
-    model's dtype. ``stack()`` concatenates calls along the batch and returns
+    model's dtype to ``calls[layer]``. ``stack()`` concatenates calls along the batch and returns
     [batch_total, n_layers_requested, n_positions, d_model].
     """
 
@@ -82,12 +82,17 @@ class ResidualCapture:
         self.positions = list(positions)
         self.sites = [site_name(layer) for layer in self.layers]
         self.calls: dict[int, list[torch.Tensor]] = {layer: [] for layer in self.layers}
+        # Sequence length of each call at the first requested layer: the prompt length for
+        # a prefill, 1 for each cached generation step.
+        self.call_lengths: list[int] = []
 
     def _record(self, layer: int, x: torch.Tensor) -> None:
         # x: [batch, tokens, d_model]. Only the requested columns are gathered, on the
         # device, before the copy, so a long prompt never costs a full-activation copy.
         if x.shape[1] < max(-p for p in self.positions):
             raise ValueError(f"read_residual: positions {self.positions} need at least {max(-p for p in self.positions)} tokens, got a call with {x.shape[1]}")
+        if layer == self.layers[0]:
+            self.call_lengths.append(int(x.shape[1]))
         index = torch.tensor(self.positions, device=x.device)
         self.calls[layer].append(x.detach().index_select(1, index).to("cpu"))
 
@@ -103,6 +108,7 @@ class ResidualCapture:
     def clear(self) -> None:
         for layer in self.layers:
             self.calls[layer].clear()
+        self.call_lengths.clear()
 
 
 @contextmanager

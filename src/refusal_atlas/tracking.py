@@ -156,8 +156,9 @@ class StageRun:
     """Narrow logging interface handed to a stage. Every call survives a dead server:
     the first failure is kept and reported when the stage's block ends."""
 
-    def __init__(self, mlflow_module, run_id: str, uri: str):
+    def __init__(self, mlflow_module, run_id: str, uri: str, repo_root: Path):
         self._mlflow = mlflow_module
+        self.repo_root = repo_root
         self.run_id = run_id
         self.uri = uri
         self.error: Exception | None = None
@@ -186,11 +187,12 @@ class StageRun:
         if numeric:
             self._call(self._mlflow.log_metrics, numeric, step=step)
 
-    def log_input(self, path: Path, repo_root: Path, context: str = "input") -> None:
+    def log_input(self, path: Path, context: str = "input") -> None:
+        """Log a file or folder the stage read, with DVC's md5 as the dataset digest."""
         from mlflow.data.meta_dataset import MetaDataset
         from mlflow.data.sources import LocalArtifactDatasetSource
 
-        rel = os.path.relpath(path.resolve(), repo_root.resolve())
+        rel = os.path.relpath(path.resolve(), self.repo_root)
         dataset = MetaDataset(source=LocalArtifactDatasetSource(str(path.resolve())), name=rel, digest=dvc_digest(path))
         self._call(self._mlflow.log_input, dataset, context=context)
 
@@ -199,6 +201,11 @@ class StageRun:
             self._call(self._mlflow.log_artifacts, str(path), artifact_path=artifact_path)
         else:
             self._call(self._mlflow.log_artifact, str(path), artifact_path=artifact_path)
+
+    def log_identity(self, identity: dict) -> None:
+        """The model identity record, as ``model.*`` tags and an identity.json artifact."""
+        self.set_tags({f"model.{k}": v for k, v in identity.items()})
+        self.log_dict(identity, "identity.json")
 
     def log_dict(self, data: dict, name: str) -> None:
         self._call(self._mlflow.log_dict, data, name)
@@ -269,7 +276,7 @@ def stage_run(
     except Exception as err:  # noqa: BLE001 - a store that cannot open is a clear, early failure
         raise TrackingError(f"cannot open an MLflow run at {redact_uri(uri)}: {type(err).__name__}: {err}") from None
 
-    run = StageRun(mlflow, active.info.run_id, uri)
+    run = StageRun(mlflow, active.info.run_id, uri, repo_root)
     run.log_params(params)
     status = "FAILED"
     try:

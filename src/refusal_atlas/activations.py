@@ -1,0 +1,100 @@
+"""Streaming extraction of end-of-instruction residuals into an activation store.
+
+Memory does not grow with the number of prompts: the read hook gathers only the
+end-of-instruction positions on the device, each batch is written (one Zarr chunk)
+as soon as it is computed, and prompts are batched by length. Extraction resumes:
+only batches not marked done are computed, and a store built from other inputs is
+rebuilt from scratch.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from tqdm.auto import tqdm
+
+from refusal_atlas import store
+from refusal_atlas.errors import RefusalAtlasError
+from refusal_atlas.hooks import read_residual
+from refusal_atlas.models import tokenize_prompts
+
+
+class ActivationValueError(RefusalAtlasError):
+    """NaN/inf activations, or values that do not fit the storage dtype."""
+
+
+def inputs_fingerprint(prompts: pd.DataFrame, identity: dict, settings: dict) -> str:
+    """sha256 over the prompts (ids, texts, verdicts), the model identity and the extraction settings."""
+    payload = {
+        "prompts": prompts[["prompt_id", "text", "refused"]].astype(str).values.tolist(),
+        "identity": identity,
+        "settings": settings,
+    }
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def store_order(prompts: pd.DataFrame, n_tokens: Sequence[int]) -> pd.DataFrame:
+    """Prompts sorted by token length (then id), so each write batch holds similar lengths.
+
+    The order depends only on the prompts, so every run and every process agrees on
+    which prompts form which chunk.
+    """
+    out = prompts.assign(n_tokens=np.asarray(n_tokens, dtype=np.int64))
+    return out.sort_values(["n_tokens", "prompt_id"], ignore_index=True)
+
+
+def check_values(values: np.ndarray, prompt_ids: Sequence[str], layers: Sequence[int], dtype: str) -> None:
+    """Raise naming prompt ids and layers when values are NaN/inf or overflow float16."""
+    bad = ~np.isfinite(values)
+    kind = "NaN or inf"
+    if not bad.any() and dtype == "float16":
+        bad = np.abs(values) > store.FLOAT16_MAX
+        kind = f"|x| > {store.FLOAT16_MAX:g} (float16 overflow; use activations.dtype float32 or bfloat16)"
+    if bad.any():
+        rows, cols = np.nonzero(bad.any(axis=(2, 3)))
+        ids = sorted({prompt_ids[r] for r in rows})
+        bad_layers = sorted({int(layers[c]) for c in cols})
+        raise ActivationValueError(f"{kind} in activations of prompt(s) {ids[:10]} at layer(s) {bad_layers}; nothing was written for this batch")
+
+
+@torch.inference_mode()
+def extract_batch(model, tokenizer, formatted: Sequence[str], layers: Sequence[int], positions: Sequence[int], max_tokens: int) -> np.ndarray:
+    """Residuals of one batch: float32 ``[batch, layer, position, hidden]``.
+
+    Runs the decoder body only (``model.base_model``): the language-model head is not
+    needed to read the residual stream.
+    """
+    enc = tokenize_prompts(tokenizer, list(formatted), max_tokens)
+    device = model.get_input_embeddings().weight.device
+    with read_residual(model, list(layers), list(positions)) as capture:
+        model.base_model(input_ids=enc["input_ids"].to(device), attention_mask=enc["attention_mask"].to(device), use_cache=False)
+    return capture.stack().float().numpy()
+
+
+def extract_to_store(
+    model,
+    tokenizer,
+    path: Path,
+    formatted: Sequence[str],
+    prompt_ids: Sequence[str],
+    layers: Sequence[int],
+    positions: Sequence[int],
+    batches: Sequence[int],
+    batch_size: int,
+    dtype: str,
+    max_tokens: int,
+    progress: bool = True,
+) -> int:
+    """Extract the given write batches (store order) into an existing store; return how many were written."""
+    for b in tqdm(batches, desc=f"activations {path.stem}", unit="batch", disable=not progress):
+        sl = slice(b * batch_size, (b + 1) * batch_size)
+        values = extract_batch(model, tokenizer, formatted[sl], layers, positions, max_tokens)
+        check_values(values, prompt_ids[sl], layers, dtype)
+        store.write_batch(path, b, values)
+    return len(batches)

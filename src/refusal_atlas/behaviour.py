@@ -1,0 +1,85 @@
+"""What the model does with prompts: resumable batched generation, judging, refusal rates.
+
+Generation for hours on a real model must not be lost to a kill: responses are kept in
+chunk files under a parts folder keyed by a fingerprint of the inputs, and a rerun only
+generates the chunks that are missing. The parts are scratch; the stage removes them
+once its real outputs are written.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from tqdm.auto import tqdm
+
+from refusal_atlas.atomic import write_json
+from refusal_atlas.judges import judge_agreement, judge_responses
+
+
+def fingerprint(*parts: object) -> str:
+    """Short sha256 of JSON-serialisable inputs."""
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def generate_resumable(
+    generate_chunk: Callable[[list[str]], list[str]],
+    formatted: Sequence[str],
+    parts_dir: Path,
+    key: str,
+    chunk_size: int,
+    desc: str = "generate",
+    progress: bool = True,
+) -> list[str]:
+    """Responses for ``formatted``, chunk by chunk, keeping each finished chunk in ``parts_dir/key``.
+
+    Chunk files from other keys (older inputs) are never read, so old and new responses
+    cannot mix. Returns the responses in input order.
+    """
+    folder = parts_dir / key
+    out: list[str] = []
+    starts = range(0, len(formatted), chunk_size)
+    for start in tqdm(starts, desc=desc, unit="chunk", disable=not progress):
+        part = folder / f"{start:08d}.json"
+        if part.exists():
+            out += json.loads(part.read_text())
+            continue
+        responses = generate_chunk(list(formatted[start:start + chunk_size]))
+        write_json(part, responses)
+        out += responses
+    return out
+
+
+def judge_table(responses: Sequence[str], scores: np.ndarray, methods: Sequence[str], classifier=None) -> pd.DataFrame:
+    """One row per response: ``refused`` (first judge), each judge's own verdict, ``refusal_score``."""
+    verdicts = judge_responses(list(responses), list(methods), scores=scores, classifier=classifier)
+    frame = pd.DataFrame({"refused": verdicts["refused"], **{f"judge_{m}": verdicts[m] for m in methods}})
+    frame["refusal_score"] = np.asarray(scores, dtype=np.float64)
+    return frame
+
+
+def refusal_rates(table: pd.DataFrame) -> dict:
+    """Refusal rate per category, role and split, plus each judge's agreement (DVC metrics)."""
+    def rate(cols: list[str]) -> dict:
+        out: dict = {}
+        for key, value in table.groupby(cols)["refused"].mean().items():
+            key = key if isinstance(key, tuple) else (key,)
+            node = out
+            for k in key[:-1]:
+                node = node.setdefault(k, {})
+            node[key[-1]] = round(float(value), 6)
+        return out
+
+    judges = {c.removeprefix("judge_"): table[c].to_numpy() for c in table.columns if c.startswith("judge_")}
+    metrics = {
+        "refusal_rate": {"overall": round(float(table.refused.mean()), 6), "by_category": rate(["category"]),
+                         "by_role": rate(["role"]), "by_split": rate(["split"]), "by_category_split": rate(["category", "split"])},
+        "n": int(len(table)),
+    }
+    if len(judges) > 1:
+        metrics["judges"] = judge_agreement(judges)
+    return metrics

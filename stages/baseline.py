@@ -1,0 +1,57 @@
+"""DVC stage `baseline`: unsteered greedy responses to every prompt, judged for refusal.
+
+Writes responses.parquet (prompt_id, response, refused, each judge's verdict,
+refusal_score), one verdict table per prompt set under sets/ (so adding a set reruns
+only its own activations), and metrics.json with refusal rates per category, role and
+split. Finished generation chunks are kept under .parts/ until the stage completes, so
+a killed run resumes where it stopped.
+"""
+
+import shutil
+from functools import partial
+from pathlib import Path
+
+import pandas as pd
+
+from refusal_atlas.atomic import write_json, write_parquet
+from refusal_atlas.behaviour import fingerprint, generate_resumable, judge_table, refusal_rates
+from refusal_atlas.entry import load_stage_model, run_stage, stage_parser
+from refusal_atlas.generation import generate, refusal_scores, refusal_token_ids
+from refusal_atlas.models import format_prompts
+
+STAGE = "baseline"
+
+
+def main(args, params, run) -> None:
+    cfg, mcfg = params.baseline, params.model
+    table = pd.read_parquet(args.prompts)
+    model, tokenizer, identity = load_stage_model(params, args.model)
+    formatted = format_prompts(tokenizer, table.text.tolist(), mcfg.system_prompt, mcfg.chat_template, mcfg.chat_template_kwargs)
+
+    generate_chunk = partial(generate, model, tokenizer, max_new_tokens=cfg.max_new_tokens, batch_size=mcfg.batch_size, max_prompt_tokens=mcfg.max_prompt_tokens)
+    key = fingerprint(identity, formatted, cfg.model_dump(), mcfg.batch_size)
+    responses = generate_resumable(generate_chunk, formatted, args.out / ".parts", key, chunk_size=8 * mcfg.batch_size, desc="baseline", progress=not args.no_progress)
+    scores = refusal_scores(model, tokenizer, formatted, refusal_token_ids(tokenizer, mcfg.refusal_tokens), mcfg.batch_size, max_prompt_tokens=mcfg.max_prompt_tokens)
+
+    judged = judge_table(responses, scores, params.judge.method)
+    result = pd.concat([table[["prompt_id", "category", "role", "split"]], pd.Series(responses, name="response"), judged], axis=1)
+    metrics = refusal_rates(result)
+    write_parquet(args.out / "responses.parquet", result)
+    for name, rows in result.groupby("category"):
+        write_parquet(args.out / "sets" / f"{name}.parquet", rows[["prompt_id", "refused", "refusal_score"]].reset_index(drop=True))
+    write_json(args.out / "metrics.json", metrics)
+    shutil.rmtree(args.out / ".parts", ignore_errors=True)
+
+    run.log_identity(identity)
+    run.log_input(args.prompts)
+    run.log_metrics(metrics)
+    run.log_artifact(args.out / "metrics.json")
+    print(f"baseline: {len(result)} responses, refusal rate {metrics['refusal_rate']['overall']:.3f} -> {args.out}")
+
+
+if __name__ == "__main__":
+    parser = stage_parser(STAGE, __doc__)
+    parser.add_argument("--prompts", type=Path, required=True, help="artifacts/prompts/prompts.parquet")
+    parser.add_argument("--model", type=Path, required=True, help="artifacts/model")
+    parser.add_argument("--out", type=Path, required=True, help="output folder (artifacts/baseline)")
+    run_stage(STAGE, parser, main)

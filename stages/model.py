@@ -1,0 +1,53 @@
+"""DVC stage `model`: train the embedded demo model, or record a real model's identity.
+
+For `model.name: demo` it trains a small Llama-architecture chat model on the train
+split and saves it as a standard Hugging Face directory in <out>/weights. For a real
+model (hub id or local directory) the weights stay where they are; <out>/weights holds
+only SOURCE.json. Either way <out>/identity.json records what every later stage runs on.
+"""
+
+import json
+from pathlib import Path
+
+import pandas as pd
+
+from refusal_atlas.atomic import atomic_path, write_json
+from refusal_atlas.entry import DEMO, model_source, run_stage, stage_parser
+from refusal_atlas.models import compute_identity, load_model
+
+STAGE = "model"
+
+
+def main(args, params, run) -> None:
+    cfg = params.model
+    metrics: dict = {}
+    with atomic_path(args.out / "weights") as weights:
+        if cfg.name == DEMO:
+            from refusal_atlas.demo import evaluate_demo, train_demo_model
+
+            table = pd.read_parquet(args.prompts)
+            result = train_demo_model(table, cfg.demo, weights, progress=not args.no_progress)
+            pd.DataFrame(result["loss_curve"], columns=["step", "loss"]).to_csv(args.out / "loss.csv", index=False)
+            for step, loss in result["loss_curve"]:
+                run.log_metrics({"train_loss": loss}, step=step)
+            metrics = {"train": {k: v for k, v in result.items() if k != "loss_curve"}, "heldout": evaluate_demo(weights, table, split="test")}
+        else:
+            weights.mkdir()
+            (weights / "SOURCE.json").write_text(json.dumps({"model_id": cfg.name, "revision": cfg.revision}, indent=2) + "\n")
+            pd.DataFrame({"step": [], "loss": []}).to_csv(args.out / "loss.csv", index=False)
+        source = str(weights) if cfg.name == DEMO else model_source(params, weights)
+        model, tokenizer = load_model(cfg, source)
+        identity = compute_identity(model, tokenizer, cfg.name, cfg.revision, cfg.chat_template)
+    write_json(args.out / "identity.json", identity)
+    write_json(args.out / "metrics.json", metrics)
+
+    run.log_identity(identity)
+    run.log_metrics(metrics)
+    print(f"model: {identity['architecture']} with {identity['n_layers']} layers, d_model {identity['d_model']} -> {args.out}")
+
+
+if __name__ == "__main__":
+    parser = stage_parser(STAGE, __doc__)
+    parser.add_argument("--prompts", type=Path, required=True, help="artifacts/prompts/prompts.parquet")
+    parser.add_argument("--out", type=Path, required=True, help="output folder (artifacts/model)")
+    run_stage(STAGE, parser, main)
