@@ -93,7 +93,7 @@ class ResidualCapture:
             raise ValueError(f"read_residual: positions {self.positions} need at least {max(-p for p in self.positions)} tokens, got a call with {x.shape[1]}")
         if layer == self.layers[0]:
             self.call_lengths.append(int(x.shape[1]))
-        index = torch.tensor(self.positions, device=x.device)
+        index = torch.tensor([x.shape[1] + p for p in self.positions], device=x.device)
         self.calls[layer].append(x.detach().index_select(1, index).to("cpu"))
 
     def stack(self) -> torch.Tensor:
