@@ -20,7 +20,7 @@ from refusal_atlas.models import tokenize_prompts
 
 # Tokens that end an assistant turn in common chat templates; each is used as a stop token
 # only if the tokenizer has it, so no family is singled out.
-END_OF_TURN_TOKENS = ("<|eot_id|>", "<end_of_turn>", "<|im_end|>", "<|end|>", "<|eom_id|>", "</s>")
+END_OF_TURN_TOKENS = ("<|eot_id|>", "<end_of_turn>", "<|im_end|>", "<|end|>", "<|eom_id|>")
 
 
 def _input_device(model: nn.Module) -> torch.device:
@@ -53,7 +53,7 @@ def stop_token_ids(model: nn.Module, tokenizer) -> list[int]:
     return sorted(ids)
 
 
-def _greedy_config(model: nn.Module, tokenizer, max_new_tokens: int) -> GenerationConfig:
+def _greedy_config(model: nn.Module, tokenizer, max_new_tokens: int, stop_strings: list[str] | None) -> GenerationConfig:
     # transformers 5 fills every unset (None) field of a passed GenerationConfig from the
     # model's own generation_config, so penalties a model ships with (e.g. repetition_penalty)
     # would silently apply; plain greedy decoding is spelt out field by field instead.
@@ -61,6 +61,7 @@ def _greedy_config(model: nn.Module, tokenizer, max_new_tokens: int) -> Generati
         max_new_tokens=max_new_tokens, min_new_tokens=0, do_sample=False, num_beams=1,
         temperature=1.0, top_k=None, top_p=None, repetition_penalty=1.0, no_repeat_ngram_size=0,
         eos_token_id=stop_token_ids(model, tokenizer), pad_token_id=tokenizer.pad_token_id, use_cache=True,
+        stop_strings=stop_strings or None,
     )
 
 
@@ -75,7 +76,7 @@ def generate(
     response early (the text is cut before the first one). Output: n response strings in
     input order, decoded without special tokens and stripped. Deterministic.
     """
-    config = _greedy_config(model, tokenizer, max_new_tokens)
+    config = _greedy_config(model, tokenizer, max_new_tokens, stop_strings)
     device = _input_device(model)
     out: list[str | None] = [None] * len(formatted)
     batches = list(_batches(tokenizer, formatted, batch_size, max_prompt_tokens or sys.maxsize))
@@ -85,7 +86,8 @@ def generate(
         batches = tqdm(batches, desc="generate", unit="batch")
     for idx, enc in batches:
         enc = enc.to(device)
-        extra = {"stop_strings": stop_strings, "tokenizer": tokenizer} if stop_strings else {}
+        # generate() needs the tokenizer to match stop strings against token pieces.
+        extra = {"tokenizer": tokenizer} if stop_strings else {}
         ids = model.generate(**enc, generation_config=config, **extra)  # [batch, prompt_len + new]
         texts = tokenizer.batch_decode(ids[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)
         for i, text in zip(idx, texts):
@@ -114,8 +116,9 @@ def _forward_last(model: nn.Module, enc) -> torch.Tensor:
     # alone (models' forward otherwise numbers pad tokens too), so scores do not depend on
     # which prompts share its batch.
     positions = (mask.long().cumsum(-1) - 1).clamp(min=0)
-    kwargs = {"position_ids": positions}
-    if "logits_to_keep" in inspect.signature(model.forward).parameters:
+    accepted = inspect.signature(model.forward).parameters
+    kwargs = {"position_ids": positions} if "position_ids" in accepted else {}
+    if "logits_to_keep" in accepted:
         kwargs["logits_to_keep"] = 1  # avoid materialising [batch, tokens, vocab] logits
     logits = model(input_ids=enc["input_ids"], attention_mask=mask, use_cache=False, **kwargs).logits[:, -1, :]
     return torch.log_softmax(logits.float(), dim=-1)

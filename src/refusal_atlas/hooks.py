@@ -122,6 +122,8 @@ def read_residual(model: nn.Module, layers: list[int], positions: list[int]) -> 
     """
     if not positions or any(p >= 0 for p in positions):
         raise ValueError(f"positions must be negative offsets from the end (e.g. [-5, -1]), got {positions}")
+    if len(set(layers)) != len(layers):
+        raise ValueError(f"read_residual: layers {layers} list a layer twice")
     layout = find_layout(model)
     capture = ResidualCapture(layers, positions)
 
@@ -182,14 +184,15 @@ def ablate_directions(model: nn.Module, basis: torch.Tensor) -> Iterator[None]:
     cache: dict = {}
 
     def project(x: torch.Tensor) -> torch.Tensor:
-        # The coefficients are computed in float32 at least, so that bfloat16 residuals of
+        # The projection is computed in float32 at least, so that bfloat16 residuals of
         # norm ~100 do not leave a visible component behind from rounding in the dot product.
-        key = x.device
+        dtype = torch.promote_types(x.dtype, torch.float32)
+        key = (x.device, dtype)
         if key not in cache:
-            cache[key] = q64.to(device=x.device, dtype=torch.float32)
+            cache[key] = q64.to(device=x.device, dtype=dtype)
         q = cache[key]
-        coef = x.to(torch.float32) @ q  # [..., k]
-        return (x.to(torch.float32) - coef @ q.T).to(x.dtype)
+        xf = x.to(dtype)
+        return (xf - (xf @ q) @ q.T).to(x.dtype)  # (xf @ q): [..., k]
 
     def pre_hook(module, args, kwargs):
         return _set_input(args, kwargs, project(_get_input(args, kwargs)))

@@ -1,0 +1,119 @@
+"""Batched greedy generation and first-token scores on tiny models with a real chat template."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from conftest_models import make_tokenizer, tiny_model
+
+from refusal_atlas.generation import (
+    first_token_logprobs,
+    generate,
+    refusal_scores,
+    refusal_token_ids,
+    stop_token_ids,
+)
+from refusal_atlas.hooks import add_direction, read_residual
+from refusal_atlas.models import PromptTooLongError, format_prompts
+
+INSTRUCTIONS = [
+    "Tell me a story about a dragon and a knight.",
+    "Hi",
+    "How do I bake bread?",
+    "What is the capital of France? Tell me a short answer.",
+    "Write a poem",
+]
+
+
+@pytest.fixture(scope="module")
+def setup():
+    tok = make_tokenizer("llama3")
+    # Scaled weights give peaked next-token distributions, so greedy choices do not hinge on
+    # float rounding between differently padded batches.
+    model = tiny_model("llama", vocab=len(tok), scale=4.0)
+    return model, tok, format_prompts(tok, INSTRUCTIONS)
+
+
+def test_batched_equals_one_at_a_time_in_input_order(setup):
+    model, tok, formatted = setup
+    batched = generate(model, tok, formatted, max_new_tokens=8, batch_size=3)
+    single = [generate(model, tok, [f], max_new_tokens=8, batch_size=1)[0] for f in formatted]
+    assert batched == single
+    assert len(set(batched)) > 1, "different prompts should give different continuations"
+    assert all(isinstance(t, str) and t == t.strip() for t in batched)
+    assert generate(model, tok, formatted, max_new_tokens=8, batch_size=5) == batched  # deterministic
+    assert generate(model, tok, formatted[::-1], max_new_tokens=8, batch_size=2) == batched[::-1]
+
+
+def test_steering_applies_to_prompt_and_generated_tokens(setup):
+    model, tok, formatted = setup
+    plain = generate(model, tok, formatted[:2], max_new_tokens=6, batch_size=2)
+    vector = 40.0 * torch.nn.functional.normalize(torch.randn(32, generator=torch.Generator().manual_seed(0)), dim=0)
+    # The outer read sees block 1's input before the addition, the inner one after it.
+    with read_residual(model, [1], [-1]) as before, add_direction(model, 1, vector), read_residual(model, [1], [-1]) as after:
+        steered = generate(model, tok, formatted[:2], max_new_tokens=6, batch_size=2)
+    assert steered != plain
+    assert after.call_lengths[0] > 1 and after.call_lengths[1:] == [1] * (len(after.call_lengths) - 1)
+    assert len(after.call_lengths) >= 2, "the cached decoding steps must run through the hook"
+    for pre, post in zip(before.calls[1], after.calls[1]):
+        assert torch.allclose(post - pre, vector.expand_as(pre), atol=1e-5)
+
+
+def test_stop_strings_cut_the_response(setup):
+    model, tok, formatted = setup
+    [full] = generate(model, tok, formatted[:1], max_new_tokens=12, batch_size=1)
+    stop = full[4:7]
+    assert len(stop) == 3 and stop.strip()
+    [cut] = generate(model, tok, formatted[:1], max_new_tokens=12, batch_size=1, stop_strings=[stop])
+    assert cut == full.split(stop, 1)[0].strip()
+
+
+def test_generation_stops_at_end_of_turn_token(setup):
+    model, tok, formatted = setup
+    eot = tok.convert_tokens_to_ids("<|eot_id|>")
+    # This test vocabulary holds every family's end-of-turn token, so all of them count.
+    end_of_turn = set(tok.convert_tokens_to_ids(["<end_of_turn>", "<|im_end|>", "<|end|>"]))
+    assert set(stop_token_ids(model, tok)) == {tok.eos_token_id, eot, model.generation_config.eos_token_id} | end_of_turn
+    # Make <|eot_id|> the certain next token after any input: generation must stop after the
+    # prefill (one forward call) instead of running all 5 steps and emitting skipped specials.
+    handle = model.lm_head.register_forward_hook(lambda m, a, out: out.index_fill(-1, torch.tensor([eot]), 1e4))
+    try:
+        with read_residual(model, [0], [-1]) as cap:
+            assert generate(model, tok, formatted[:2], max_new_tokens=5, batch_size=2) == ["", ""]
+    finally:
+        handle.remove()
+    assert len(cap.call_lengths) == 1
+
+
+def test_prompt_limit_applies(setup):
+    model, tok, formatted = setup
+    with pytest.raises(PromptTooLongError):
+        generate(model, tok, formatted, max_new_tokens=2, batch_size=2, max_prompt_tokens=10)
+
+
+def test_refusal_token_ids_first_tokens_deduplicated():
+    tok = make_tokenizer("llama3")
+    ids = refusal_token_ids(tok, ["I", "As", "I'm sorry", "Sorry"])
+    assert len(ids) == 3 and len(set(ids)) == 3
+    first = [tok(s, add_special_tokens=False)["input_ids"][0] for s in ("I", "As", "Sorry")]
+    assert ids == first and tok.decode([ids[0]]) == "I"
+    assert tok("I'm sorry", add_special_tokens=False)["input_ids"][0] == ids[0]  # the duplicate that was dropped
+
+
+def test_refusal_scores_are_log_odds_of_first_token(setup):
+    model, tok, formatted = setup
+    ids = refusal_token_ids(tok, ["I", "As", "Sorry"])
+    scores = refusal_scores(model, tok, formatted, ids, batch_size=2)
+    assert scores.shape == (len(formatted),) and scores.dtype == np.float64 and np.isfinite(scores).all()
+    logp = first_token_logprobs(model, tok, formatted, batch_size=5)
+    assert logp.shape == (len(formatted), len(tok)) and logp.dtype == torch.float32
+    assert torch.allclose(logp.exp().sum(-1), torch.ones(len(formatted)), atol=1e-5)
+    p = logp.double().exp()[:, ids].sum(-1).numpy()
+    np.testing.assert_allclose(scores, np.log(p / (1 - p)), rtol=1e-6, atol=1e-6)
+    # Batch composition and padding do not change a prompt's score.
+    alone = np.array([refusal_scores(model, tok, [f], ids, batch_size=1)[0] for f in formatted])
+    np.testing.assert_allclose(scores, alone, atol=1e-5)
+    # And the last position is the generation step: the greedy first token is logp's argmax.
+    first = generate(model, tok, formatted[:1], max_new_tokens=1, batch_size=1)[0]
+    assert tok.decode([int(logp[0].argmax())]).strip() == first
