@@ -117,3 +117,17 @@ def test_refusal_scores_are_log_odds_of_first_token(setup):
     # And the last position is the generation step: the greedy first token is logp's argmax.
     first = generate(model, tok, formatted[:1], max_new_tokens=1, batch_size=1)[0]
     assert tok.decode([int(logp[0].argmax())]).strip() == first
+
+
+def test_model_generation_config_does_not_change_greedy_decoding(setup):
+    import copy
+
+    model, tok, formatted = setup
+    expected = generate(model, tok, formatted[:3], max_new_tokens=8, batch_size=3)
+    saved = copy.deepcopy(model.generation_config)
+    try:
+        # transformers 5 fills unset fields of the passed config from the model's own.
+        model.generation_config.update(do_sample=True, temperature=0.3, top_p=0.5, repetition_penalty=5.0)
+        assert generate(model, tok, formatted[:3], max_new_tokens=8, batch_size=3) == expected
+    finally:
+        model.generation_config = saved

@@ -59,7 +59,7 @@ def _greedy_config(model: nn.Module, tokenizer, max_new_tokens: int, stop_string
     # would silently apply; plain greedy decoding is spelt out field by field instead.
     return GenerationConfig(
         max_new_tokens=max_new_tokens, min_new_tokens=0, do_sample=False, num_beams=1,
-        temperature=1.0, top_k=None, top_p=None, repetition_penalty=1.0, no_repeat_ngram_size=0,
+        temperature=1.0, top_k=50, top_p=1.0, typical_p=1.0, repetition_penalty=1.0, no_repeat_ngram_size=0,
         eos_token_id=stop_token_ids(model, tokenizer), pad_token_id=tokenizer.pad_token_id, use_cache=True,
         stop_strings=stop_strings or None,
     )

@@ -18,10 +18,11 @@ from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer, BatchEncoding
 from transformers.pytorch_utils import Conv1D
 
+from refusal_atlas.errors import RefusalAtlasError
 from refusal_atlas.config import ModelConfig
 
 
-class ModelLoadError(RuntimeError):
+class ModelLoadError(RefusalAtlasError, RuntimeError):
     """A model or tokenizer that cannot be loaded as configured."""
 
 
@@ -33,15 +34,15 @@ class ModelNotAvailableError(ModelLoadError):
     """The model is neither a local directory nor obtainable from the hub (offline or unreachable)."""
 
 
-class UnsupportedArchitectureError(ValueError):
+class UnsupportedArchitectureError(RefusalAtlasError, ValueError):
     """No known attribute path matches the model's decoder blocks or their sublayers."""
 
 
-class ChatTemplateError(ValueError):
+class ChatTemplateError(RefusalAtlasError, ValueError):
     """The tokenizer has no chat template and none was configured, or the template rejects the messages."""
 
 
-class PromptTooLongError(ValueError):
+class PromptTooLongError(RefusalAtlasError, ValueError):
     """Some formatted prompts are longer than ``model.max_prompt_tokens``."""
 
 
@@ -73,7 +74,7 @@ def _check_weights(directory: Path, allow_pickle: bool) -> None:
         names = ", ".join(p.name for p in pickled[:5])
         raise UnsafeWeightsError(
             f"{directory} holds only pickle checkpoints ({names}); loading them runs arbitrary code. "
-            "Convert them to safetensors (e.g. load once in a sandbox and save_pretrained(..., safe_serialization=True)), "
+            "Convert them to safetensors (load once in a trusted sandbox and call save_pretrained(), which writes *.safetensors), "
             "or set model.allow_pickle: true in params.yaml if you trust the source."
         )
     raise ModelNotAvailableError(f"{directory} contains no weight files (*.safetensors); expected a Hugging Face model directory.")
@@ -120,12 +121,6 @@ def _resolve_source(cfg: ModelConfig, name: str) -> tuple[str, Path | None]:
     return name, None
 
 
-def _pick_device(cfg: ModelConfig) -> str:
-    if cfg.device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return cfg.device
-
-
 def load_model(cfg: ModelConfig, name_or_path: str | None = None) -> tuple[nn.Module, object]:
     """Load a causal LM and its tokenizer for inference.
 
@@ -153,7 +148,7 @@ def load_model(cfg: ModelConfig, name_or_path: str | None = None) -> tuple[nn.Mo
             raise UnsafeWeightsError(f"{name!r} has no safetensors weights: {err}. Set model.allow_pickle: true to load pickle weights.") from err
         raise _not_available(name, cfg.revision, f"could not be fetched from the hub ({type(err).__name__}: {err})") from err
     if cfg.device_map != "auto":
-        model = model.to(_pick_device(cfg))
+        model = model.to(("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device)
     model.eval()
     model.requires_grad_(False)
     _prepare_tokenizer(tokenizer)
@@ -239,7 +234,7 @@ def _first_child(module: nn.Module, names: tuple[str, ...]) -> nn.Module | None:
     return None
 
 
-def writes_d_model(module: nn.Module, d_model: int) -> bool:
+def _writes_d_model(module: nn.Module, d_model: int) -> bool:
     """True if ``module`` is a Linear or Conv1D whose output dimension is ``d_model``."""
     if isinstance(module, Conv1D):  # GPT-2's Conv1D stores its weight as [in, out].
         return module.weight.shape[1] == d_model
@@ -249,7 +244,7 @@ def writes_d_model(module: nn.Module, d_model: int) -> bool:
 def _projection(sub: nn.Module, names: tuple[str, ...], d_model: int) -> nn.Module | None:
     for n in names:
         child = getattr(sub, n, None)
-        if isinstance(child, nn.Module) and writes_d_model(child, d_model):
+        if isinstance(child, nn.Module) and _writes_d_model(child, d_model):
             return child
     return None
 
@@ -277,7 +272,7 @@ def find_layout(model: nn.Module) -> Layout:
     final_norm = _first_child(container, FINAL_NORM_NAMES)
     pos_embed = next((m for n in POS_EMBED_NAMES if isinstance(m := getattr(container, n, None), nn.Embedding)), None)
     if embed is None or getattr(embed, "weight", None) is None or embed.weight.ndim != 2:
-        raise UnsupportedArchitectureError(f"{cls}: found no token embedding (get_input_embeddings() or {blocks_path.rpartition('.')[0]}.{{{','.join(EMBED_NAMES)}}}).")
+        raise UnsupportedArchitectureError(f"{cls}: found no token embedding; tried get_input_embeddings() and {', '.join(EMBED_NAMES)} next to {blocks_path}.")
     if final_norm is None:
         raise UnsupportedArchitectureError(f"{cls}: found no final norm next to {blocks_path}; tried {', '.join(FINAL_NORM_NAMES)}.")
     d_model = int(embed.weight.shape[1])
@@ -397,7 +392,8 @@ def format_prompts(
 ) -> list[str]:
     """Render each instruction as a single-turn chat ending where the assistant's answer starts.
 
-    Input: n instruction strings. Output: n formatted prompt strings (including BOS if the
+    The tokenizer's own template is used; ``chat_template`` (model.chat_template) only when it
+    has none. Input: n instruction strings. Output: n formatted prompt strings (including BOS if the
     template writes it). Instructions are passed to Jinja as message *data*, never as
     template source, so braces or template syntax in a prompt are rendered literally.
     """
