@@ -1,0 +1,68 @@
+"""Tracking: the URI rules, fail-fast on an unreachable server, and no secrets in runs."""
+
+from __future__ import annotations
+
+import socket
+import sys
+import time
+
+from mlflow import MlflowClient
+
+from conftest import REPO, run
+from refusal_atlas.tracking import pipeline_key, redact_uri, resolve_tracking_uri
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_default_uri_is_absolute(tmp_path, monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    assert resolve_tracking_uri(None, tmp_path) == f"sqlite:///{tmp_path.resolve()}/mlflow.db"
+    assert resolve_tracking_uri("sqlite:///rel.db", tmp_path) == f"sqlite:///{tmp_path.resolve()}/rel.db"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:1")
+    assert resolve_tracking_uri("sqlite:///x.db", tmp_path) == "http://127.0.0.1:1"
+
+
+def test_redact_uri_hides_credentials():
+    assert redact_uri("postgresql://user:pw@db:5432/m") == "postgresql://***@db:5432/m"
+    assert redact_uri("http://127.0.0.1:5000") == "http://127.0.0.1:5000"
+
+
+def test_pipeline_key_prefers_the_experiment(tmp_path, monkeypatch):
+    monkeypatch.delenv("REFUSAL_ATLAS_PIPELINE_KEY", raising=False)
+    monkeypatch.setenv("DVC_EXP_NAME", "sweep-1")
+    assert pipeline_key(tmp_path, tmp_path / "params.yaml") == "exp:sweep-1"
+    monkeypatch.delenv("DVC_EXP_NAME")
+    (tmp_path / "params.yaml").write_text("a: 1\n")
+    key = pipeline_key(tmp_path, tmp_path / "params.yaml")
+    (tmp_path / "params.yaml").write_text("a: 2\n")
+    assert key.startswith("git:") and key != pipeline_key(tmp_path, tmp_path / "params.yaml")
+
+
+def test_unreachable_server_fails_fast_before_work(tmp_path):
+    out = tmp_path / "out"
+    start = time.monotonic()
+    proc = run([sys.executable, str(REPO / "stages/prompts.py"), "--out", str(out)], cwd=REPO, check=False,
+               env={"MLFLOW_TRACKING_URI": f"http://127.0.0.1:{_free_port()}"})
+    elapsed = time.monotonic() - start
+    assert proc.returncode == 2 and elapsed < 10, (elapsed, proc.stderr)
+    assert "cannot reach the MLflow tracking server" in proc.stderr and "Traceback" not in proc.stderr
+    assert not out.exists()
+
+
+def test_secrets_never_reach_mlflow(tmp_path):
+    db = tmp_path / "mlflow.db"
+    secrets = {"AWS_SECRET_ACCESS_KEY": "s3cr3t-value-1", "HF_TOKEN": "hf_token_value_2", "MY_API_KEY": "key-value-3"}
+    params = tmp_path / "params.yaml"
+    params.write_text(f"prompts:\n  manifest: {REPO / 'prompts/manifest.yaml'}\ntracking:\n  uri: sqlite:///{db}\n")
+    run([sys.executable, str(REPO / "stages/prompts.py"), "--params", str(params), "--out", str(tmp_path / "out")], cwd=tmp_path, env=secrets)
+    client = MlflowClient(f"sqlite:///{db}")
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    assert runs
+    for r in runs:
+        logged = " ".join(f"{k}={v}" for k, v in {**r.data.params, **r.data.tags}.items())
+        for name, value in secrets.items():
+            assert value not in logged and name not in logged
