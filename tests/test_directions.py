@@ -139,7 +139,7 @@ def test_identical_means_give_zero_direction():
 
 @pytest.mark.parametrize("method", ["pca", "probe"])
 def test_pca_and_probe_recover_planted_direction(method):
-    target, baseline, u = _planted(40, shift=2.5, seed=5)
+    target, baseline, u = _planted(80, shift=4.0, seed=5)
     unit, norm = compute_direction(target, baseline, method=method, seed=0)
     mean_unit, mean_norm = compute_direction(target, baseline)
     for l in range(3):
@@ -181,7 +181,7 @@ def test_random_controls_unit_norm_matched_seeded_and_near_orthogonal():
 
 
 def test_stability_high_for_planted_direction_low_for_noise():
-    target, baseline, _ = _planted(64, shape=(2, 2, 64), shift=4.0, seed=8)
+    target, baseline, _ = _planted(64, shape=(2, 2, 64), shift=12.0, seed=8)
     strong = stability(target, baseline, n_per_side=16, n_draws=6, seed=0)
     assert strong["mean"].shape == strong["sd"].shape == strong["split_half"].shape == (2, 2) and strong["draws"].shape == (6, 2, 2)
     assert np.all(strong["mean"] > 0.9) and np.all(strong["split_half"] > 0.9) and np.all(strong["sd"] < 0.05)
@@ -251,6 +251,9 @@ def test_select_cosmic_picks_planted_layer_and_position():
     base = rng.standard_normal((rows, n_pos, d)) * 2 + 4.0
     separation = np.array([0.0, 0.5, 1.0, 3.0, 1.0, 0.5, 6.0])  # row 6 (final) and 5 (>= 0.8 L) excluded
     layer_dirs = np.stack([_unit(d, 200 + l) for l in range(rows)])
+    # The harmless mean has no component along its layer's refusal direction, as ablation
+    # then maps the harmful mean exactly onto it.
+    base -= np.einsum("lpd,ld->lp", base, layer_dirs)[..., None] * layer_dirs[:, None, :]
     harmful = base + separation[:, None, None] * layer_dirs[:, None, :]
     units = np.stack([np.stack([_unit(d, 300 + 10 * l + p) for p in range(n_pos)]) for l in range(rows)])
     for l in range(rows):

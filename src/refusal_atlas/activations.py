@@ -63,6 +63,14 @@ def check_values(values: np.ndarray, prompt_ids: Sequence[str], layers: Sequence
         raise ActivationValueError(f"{kind} in activations of prompt(s) {ids[:10]} at layer(s) {bad_layers}; nothing was written for this batch")
 
 
+def shard_batches(batches: Sequence[int], rank: int, world: int) -> list[int]:
+    """The write batches process ``rank`` of ``world`` extracts: every world-th one.
+
+    Batches are whole chunks, so two processes never write the same chunk.
+    """
+    return [b for b in batches if b % world == rank]
+
+
 @torch.inference_mode()
 def extract_batch(model, tokenizer, formatted: Sequence[str], layers: Sequence[int], positions: Sequence[int], max_tokens: int) -> np.ndarray:
     """Residuals of one batch: float32 ``[batch, layer, position, hidden]``.

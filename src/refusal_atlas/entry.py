@@ -36,13 +36,50 @@ def fail(stage: str, message: str, code: int = 2) -> None:
     sys.exit(code)
 
 
+def process_rank() -> tuple[int, int]:
+    """(rank, world size) of this process under ``accelerate launch`` / torch.distributed, else (0, 1)."""
+    return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def relaunch_with_accelerate(num_processes: int) -> int:
+    """Run this same command under ``accelerate launch`` with ``num_processes`` processes; return its status.
+
+    Multi-node runs use the same launcher with ``--num_machines``/``--machine_rank``/
+    ``--main_process_ip`` (or an accelerate config file); see the README.
+    """
+    import subprocess
+
+    import torch
+
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(num_processes), "--num_machines", "1",
+           "--mixed_precision", "no", "--dynamo_backend", "no"]
+    if not torch.cuda.is_available():
+        cmd.append("--cpu")
+    else:
+        cmd.append("--multi_gpu")
+    return subprocess.call([*cmd, *sys.argv])
+
+
+class NullRun:
+    """Stands in for the MLflow run on ranks other than 0: only rank 0 logs."""
+
+    def __getattr__(self, name):
+        return lambda *args, **kwargs: None
+
+
 def run_stage(stage: str, parser: argparse.ArgumentParser, main: Callable[[argparse.Namespace, Params, object], None]) -> None:
-    """Parse args, validate params, open the MLflow run, call ``main(args, params, run)``."""
+    """Parse args, validate params, open the MLflow run, call ``main(args, params, run)``.
+
+    On ranks > 0 of a distributed launch, ``run`` is a ``NullRun``.
+    """
     from refusal_atlas.tracking import TrackingError, stage_run
 
     args = parser.parse_args()
     try:
         params = load_params(args.params)
+        if process_rank()[0] > 0:
+            main(args, params, NullRun())
+            return
         with stage_run(
             stage,
             params_dict(params, stage),
