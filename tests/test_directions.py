@@ -6,7 +6,6 @@ import math
 
 import numpy as np
 import pytest
-import torch
 from conftest_models import make_tokenizer, tiny_model
 
 from refusal_atlas.directions import (
@@ -150,6 +149,9 @@ def test_pca_and_probe_recover_planted_direction(method):
             md = mean_unit[l, p].astype(float) * mean_norm[l, p]
             assert norm[l, p] == pytest.approx(float(unit[l, p].astype(float) @ md), rel=1e-5) and 0 < norm[l, p] <= mean_norm[l, p] * (1 + 1e-6)
     assert np.array_equal(compute_direction(target, baseline, method=method, seed=0)[0], unit)
+    if method == "pca":  # against an SVD of the uncentred paired differences
+        top = np.linalg.svd(target[:, 1, 0].astype(float) - baseline[:, 1, 0], full_matrices=False)[2][0]
+        assert abs(_cos(unit[1, 0], top)) >= 0.99999
 
 
 def test_compute_direction_rejects_bad_input():
@@ -194,6 +196,8 @@ def test_stability_high_for_planted_direction_low_for_noise():
     # Pools smaller than n_per_side fall back to with-replacement draws instead of failing.
     small = stability(target[:5], baseline[:5], n_per_side=16, n_draws=3, seed=1)
     assert np.isfinite(small["mean"]).all() and np.isfinite(small["split_half"]).all()
+    with pytest.raises(DirectionError, match="at least 2 draws"):
+        stability(target, baseline, n_per_side=16, n_draws=1, seed=0)
 
 
 # ---------------------------------------------------------------------------------------

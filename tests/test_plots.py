@@ -37,6 +37,7 @@ def _builders() -> dict:
         "layer_curve": lambda: plots.layer_curve(range(4), {"offdiag": [0.1, 0.3, 0.5, 0.4], "max": [0.2, 0.6, 0.9, 0.8]},
                                                  ylabel="cosine", title="per layer"),
         "dendrogram": lambda: plots.dendrogram_plot(clustering["linkage"]["average"], NAMES, title="average"),
+        "dendrogram_cut": lambda: plots.dendrogram_plot(clustering["linkage"]["complete"], NAMES, n_clusters=2),
         "mds": lambda: plots.mds_scatter(mds[2]["coords"], groups=clustering["labels"]["average"][2].tolist(),
                                          stress=mds[2]["stress"]),
         "mds_plain": lambda: plots.mds_scatter(mds[2]["coords"].to_numpy(), NAMES),
@@ -89,7 +90,7 @@ def test_tradeoff_plot_styles_controls_and_pooled():
     ax = fig.axes[0]
     labels = [t.get_text() for t in ax.get_legend().get_texts()]
     assert labels.count("random controls") == 1 and "pooled" in labels and "SafetyCore" in labels
-    lines = {line.get_label(): line for line in ax.get_lines()}
+    lines = {c.get_label(): c.lines[0] for c in ax.containers}  # errorbar containers carry the labels
     assert lines["pooled"].get_color() == "black"
     assert lines["random controls"].get_linestyle() == "--"
     assert {"10", "30", "60", "100"} <= {t.get_text() for t in ax.texts}

@@ -19,6 +19,7 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
 from refusal_atlas.errors import RefusalAtlasError
 from refusal_atlas.generation import first_token_logprobs, refusal_scores
@@ -33,9 +34,7 @@ class DirectionError(RefusalAtlasError):
     """Too few prompts, a bad (layer, position) or an unknown method."""
 
 
-# ---------------------------------------------------------------------------------------
-# Drawing the two sides
-# ---------------------------------------------------------------------------------------
+# -------- Drawing the two sides --------
 
 
 def draw_sides(
@@ -73,15 +72,10 @@ def lineage(sides: Mapping[str, tuple[Sequence, Sequence]]) -> dict[str, dict]:
     Input: ``{name: (target ids, baseline ids)}`` as returned by ``draw_sides``. Output:
     ``{name: {"target_ids": [...], "baseline_ids": [...], "n_target": int, "n_baseline": int}}``.
     """
-    return {
-        name: {"target_ids": list(t), "baseline_ids": list(b), "n_target": len(t), "n_baseline": len(b)}
-        for name, (t, b) in sides.items()
-    }
+    return {name: {"target_ids": list(t), "baseline_ids": list(b), "n_target": len(t), "n_baseline": len(b)} for name, (t, b) in sides.items()}
 
 
-# ---------------------------------------------------------------------------------------
-# Directions
-# ---------------------------------------------------------------------------------------
+# -------- Directions --------
 
 
 def _check_sides(target: np.ndarray, baseline: np.ndarray) -> None:
@@ -157,7 +151,10 @@ def compute_direction(target: np.ndarray, baseline: np.ndarray, method: str = "m
         raw = np.zeros_like(diff)
         for l in range(diff.shape[0]):  # one layer at a time bounds the float64 copy
             pairs = np.moveaxis(target[:m, l].astype(np.float64) - baseline[:m, l], 0, 1)  # [P, m, d]
-            raw[l] = np.linalg.svd(pairs, full_matrices=False)[2][:, 0, :]
+            # Top eigenvector of the small [m, m] Gram matrix, mapped back to d: the top
+            # right singular vector of the pairs, without an SVD of the [m, d] matrix.
+            top = np.linalg.eigh(pairs @ pairs.transpose(0, 2, 1))[1][..., -1]  # [P, m]
+            raw[l] = np.einsum("pm,pmd->pd", top, pairs)
     else:
         raw = _probe_weights(target, baseline, defined, seed)
     unit = _unit_rows(raw, defined)
@@ -180,9 +177,7 @@ def random_controls(norms_like: np.ndarray, d_model: int, n_random: int, seed: i
     return unit.astype(np.float32), np.broadcast_to(norms_like, (n_random, *norms_like.shape)).copy()
 
 
-# ---------------------------------------------------------------------------------------
-# Stability
-# ---------------------------------------------------------------------------------------
+# -------- Stability --------
 
 
 def _two_draws(pool: int, n: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
@@ -221,6 +216,8 @@ def stability(
     [n_draws, L, P], "n_per_side", "n_draws"}``.
     """
     _check_sides(target, baseline)
+    if n_draws < 2:
+        raise DirectionError(f"directions.n_draws={n_draws}: the stability estimate needs at least 2 draws")
     n_rows, n_pos = target.shape[1:3]
     cells = [(l, p) for l in range(n_rows) for p in range(n_pos)] if at is None else [tuple(c) for c in at]
     ls, ps = np.array([c[0] for c in cells], dtype=int), np.array([c[1] for c in cells], dtype=int)
@@ -231,28 +228,19 @@ def stability(
     for k in range(n_draws):
         (t1, t2), (b1, b2) = _two_draws(len(t), n_per_side, rng), _two_draws(len(b), n_per_side, rng)
         draws[k] = _cosine(diff(t1, b1), diff(t2, b2))
-        if len(t) < 2 or len(b) < 2:
-            halves[k] = np.nan
-            continue
-        tp, bp = rng.permutation(len(t)), rng.permutation(len(b))
-        ht, hb = len(t) // 2, len(b) // 2
-        halves[k] = _cosine(diff(tp[:ht], bp[:hb]), diff(tp[ht:], bp[hb:]))
+        tp, bp, ht, hb = rng.permutation(len(t)), rng.permutation(len(b)), len(t) // 2, len(b) // 2
+        halves[k] = _cosine(diff(tp[:ht], bp[:hb]), diff(tp[ht:], bp[hb:])) if min(ht, hb) > 0 else np.nan
 
     def grid(values: np.ndarray) -> np.ndarray:  # [..., C] -> [..., L, P], NaN off the cells
         out = np.full((*values.shape[:-1], n_rows, n_pos), np.nan)
         out[..., ls, ps] = values
         return out
 
-    return {
-        "mean": grid(draws.mean(0)), "sd": grid(draws.std(0, ddof=1)) if n_draws > 1 else grid(np.full(len(cells), np.nan)),
-        "split_half": grid(halves.mean(0)), "split_half_sd": grid(halves.std(0, ddof=1)) if n_draws > 1 else grid(np.full(len(cells), np.nan)),
-        "draws": grid(draws), "n_per_side": n_per_side, "n_draws": n_draws,
-    }
+    return {"mean": grid(draws.mean(0)), "sd": grid(draws.std(0, ddof=1)), "split_half": grid(halves.mean(0)),
+            "split_half_sd": grid(halves.std(0, ddof=1)), "draws": grid(draws), "n_per_side": n_per_side, "n_draws": n_draws}
 
 
-# ---------------------------------------------------------------------------------------
-# Choosing (layer, position)
-# ---------------------------------------------------------------------------------------
+# -------- Choosing (layer, position) --------
 
 
 def select_fixed(layer: int | None, position: int | None, n_layers: int, offsets: Sequence[int]) -> dict:
@@ -317,7 +305,8 @@ def choose_candidate(rows: Sequence[dict]) -> dict:
 def _kl(base: torch.Tensor, other: torch.Tensor) -> float:
     """Mean over prompts of KL(base || other) from log-probabilities [n, vocab]."""
     base, other = base.double(), other.double()
-    return float((base.exp() * (base - other)).sum(-1).mean())
+    p = base.exp()  # 0 · log 0 terms are 0, not NaN
+    return float(torch.where(p > 0, p * (base - other), 0.0).sum(-1).mean())
 
 
 def select_arditi(
@@ -349,9 +338,6 @@ def select_arditi(
     score = lambda formatted: float(np.mean(refusal_scores(model, tokenizer, formatted, refusal_token_ids, batch_size, max_prompt_tokens)))  # noqa: E731
     base_benign = first_token_logprobs(model, tokenizer, benign_val_formatted, batch_size, max_prompt_tokens)
     result = {"baseline_harmful": score(harmful_val_formatted), "baseline_benign": score(benign_val_formatted)}
-
-    from tqdm.auto import tqdm
-
     table = []
     candidates = [(l, p) for l in range(n_layers) for p in range(len(offsets))]
     for l, p in tqdm(candidates, desc="select directions", unit="candidate", disable=not progress):
@@ -396,6 +382,10 @@ def select_cosmic(
          refuse(c) = mean_{l'∈S, p'} cos(B[l',p'] + v, H[l',p'])                (add to harmless)
          score(c)  = (comply(c) + refuse(c)) / 2.
     3. The candidate with the highest score wins.
+
+    As in COSMIC, ablation leaves the harmless mean's own component along u, so comply is
+    highest for directions along which the harmless mean barely projects. Cosines are of
+    uncentred means, so scores sit close to 1 and only their ranking matters.
 
     Returns ``{"method", "layer", "position", "position_index", "score", "eval_layers",
     "layer_similarity" [R], "table": [{layer, position, position_index, comply, refuse, score}]}``.

@@ -135,7 +135,7 @@ def distinctness_test(resamples: Mapping[str, np.ndarray], n_permutations: int =
 
     The Gram matrix of all draws is computed once; permutations only re-index it.
     Returns a dict with ``p_pair``, ``p_pair_bonferroni``, ``statistic_pair`` and
-    ``between_mean`` (k×k DataFrames, diagonal NaN or within), ``within_mean`` (Series:
+    ``between_mean`` (k×k DataFrames; diagonal NaN, or the within-mean for ``between_mean``), ``within_mean`` (Series:
     each category's mean draw–draw cosine, the study's "stability"), ``overall_p``,
     ``overall_statistic``, ``overall_within_mean``, ``overall_between_mean``,
     ``max_pair_p`` and ``exact_pairs`` (whether the pair tests were enumerated).
@@ -277,24 +277,31 @@ def kruskal_stress(dist: np.ndarray, coords: np.ndarray) -> float:
     return float(np.sqrt(np.sum((d - delta) ** 2) / max(np.sum(d**2), _EPS)))
 
 
-def mds_embedding(cos: pd.DataFrame, dims: Sequence[int] = (2, 3), seed: int = 0, n_init: int = 8) -> dict:
-    """Metric MDS of the 1 − cos distances.
+def mds_embedding(cos: pd.DataFrame, dims: Sequence[int] = (2, 3), seed: int = 0, n_init: int = 4) -> dict:
+    """Metric MDS (SMACOF) of the 1 − cos distances.
 
     Returns {dim: {"coords": DataFrame [k, dim] indexed by name, "stress": Kruskal
-    stress-1}} for each requested dimension. Seeded SMACOF with ``n_init`` random
-    starts; the stress is recomputed from the embedding (sklearn's raw stress is not
-    normalised the way the study's numbers are).
+    stress-1}} for each requested dimension. Two fits are made per dimension, one from
+    the classical (Torgerson) solution and one keeping the best of ``n_init`` seeded
+    random starts, and the one with the lower stress-1 is kept: the classical start is
+    deterministic and usually best, the random starts guard against its local minimum.
+    The stress is recomputed from the embedding because sklearn's raw stress is not
+    normalised the way the study's numbers are.
     """
     names = list(cos.index)
     dist = cosine_distance(cos)
     out = {}
     for dim in dims:
-        mds = MDS(n_components=dim, metric_mds=True, metric="precomputed", init="random", n_init=n_init,
-                  random_state=seed, max_iter=1000, eps=1e-9)
-        coords = mds.fit_transform(dist)
+        fits = []
+        for init, starts in (("classical_mds", 1), ("random", n_init)):
+            mds = MDS(n_components=dim, metric_mds=True, metric="precomputed", init=init, n_init=starts,
+                      random_state=seed, max_iter=1000, eps=1e-9)
+            coords = mds.fit_transform(dist)
+            fits.append((kruskal_stress(dist, coords), coords))
+        stress, coords = min(fits, key=lambda fit: fit[0])
         out[int(dim)] = {
             "coords": pd.DataFrame(coords, index=names, columns=[f"mds{i + 1}" for i in range(dim)]),
-            "stress": kruskal_stress(dist, coords),
+            "stress": stress,
         }
     return out
 
@@ -320,6 +327,10 @@ def principal_angles(diffs: Mapping[str, np.ndarray], top_k: int = 3) -> pd.Data
         if x.ndim != 2 or x.shape[0] < top_k:
             raise RefusalAtlasError(f"principal_angles: category {name!r} has differences of shape {x.shape}; need [n >= top_k={top_k}, d]")
         bases[name] = np.linalg.svd(x, full_matrices=False)[2][:top_k].T  # [d, top_k]
+    # Angles are unchanged by an isometry, so express every basis in one orthonormal basis
+    # of their joint span (<= k·top_k dims) first; each pair then costs nothing in d.
+    joint = np.linalg.qr(np.concatenate(list(bases.values()), axis=1))[0]  # [d, <= k·top_k]
+    bases = {name: joint.T @ b for name, b in bases.items()}
     rows = []
     for a, b in itertools.product(bases, repeat=2):
         theta = subspace_angles(bases[a], bases[b])

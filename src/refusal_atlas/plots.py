@@ -35,6 +35,18 @@ def _figure(width: float, height: float) -> tuple[Figure, object]:
     return fig, fig.add_subplot()
 
 
+def _finish(fig: Figure) -> Figure:
+    """Lay the figure out once and freeze it.
+
+    Constrained layout (and equal-aspect axes) re-solve positions on every draw, so a
+    second save of the same figure could move a colorbar by a pixel; one draw followed by
+    switching the layout engine off makes every later render byte-identical.
+    """
+    fig.canvas.draw()
+    fig.set_layout_engine("none")
+    return fig
+
+
 def png_bytes(fig: Figure) -> bytes:
     """Render ``fig`` to PNG bytes (fixed dpi, no software/time metadata)."""
     buf = io.BytesIO()
@@ -58,13 +70,13 @@ def save_png(fig: Figure, path: str | os.PathLike) -> Path:
     return path
 
 
-def _annotate(ax, values: np.ndarray, fmt: str, norm) -> None:
-    """Print each cell's value, white on dark cells and black on light ones."""
+def _annotate(ax, values: np.ndarray, fmt: str, image) -> None:
+    """Print each cell's value in white on dark cells and black on light ones, whatever the colormap."""
     for (i, j), v in np.ndenumerate(values):
         if np.isnan(v):
             continue
-        shade = norm(v)
-        dark = shade < 0.2 or shade > 0.8
+        r, g, b, _ = image.cmap(image.norm(v))
+        dark = 0.299 * r + 0.587 * g + 0.114 * b < 0.5  # perceived luminance of the cell colour
         ax.text(j, i, format(v, fmt), ha="center", va="center", fontsize=7, color="white" if dark else "black")
 
 
@@ -97,7 +109,7 @@ def matrix_heatmap(
     else:
         norm = Normalize(vmin=lo, vmax=hi if hi > lo else lo + 1e-9)
     image = ax.imshow(np.ma.masked_invalid(values), cmap=cmap, norm=norm, aspect="auto")
-    _annotate(ax, values, fmt, norm)
+    _annotate(ax, values, fmt, image)
     ax.set_xticks(range(n_cols), [str(c) for c in df.columns], rotation=45, ha="right", fontsize=8)
     ax.set_yticks(range(n_rows), [str(r) for r in df.index], fontsize=8)
     if df.columns.name:
@@ -106,7 +118,7 @@ def matrix_heatmap(
         ax.set_ylabel(str(df.index.name))
     ax.set_title(title)
     fig.colorbar(image, ax=ax, shrink=0.8, label=colorbar_label)
-    return fig
+    return _finish(fig)
 
 
 def cosine_heatmap(df: pd.DataFrame, title: str = "Cosine similarity of refusal directions") -> Figure:
@@ -128,17 +140,29 @@ def layer_curve(x: Sequence[float], ys: Mapping[str, Sequence[float]], xlabel: s
     ax.grid(alpha=0.3)
     if len(ys) > 1:
         ax.legend(fontsize=7, loc="best")
-    return fig
+    return _finish(fig)
 
 
-def dendrogram_plot(linkage: np.ndarray, names: Sequence[str], title: str = "", distance_label: str = "1 − cosine") -> Figure:
-    """Dendrogram of a scipy linkage matrix [k − 1, 4], leaves labelled by ``names``."""
+def dendrogram_plot(linkage: np.ndarray, names: Sequence[str], title: str = "", n_clusters: int | None = None,
+                    distance_label: str = "1 − cosine") -> Figure:
+    """Dendrogram of a scipy linkage matrix [k − 1, 4], leaves labelled by ``names``.
+
+    With ``n_clusters`` the branches of the cut into that many clusters are coloured
+    (the cut height is midway between the merges that separate k and k − 1 clusters);
+    without it the tree is drawn in one colour rather than scipy's arbitrary 0.7·max cut.
+    """
+    z = np.asarray(linkage, dtype=np.float64)
+    threshold = 0.0
+    if n_clusters is not None and 2 <= n_clusters <= len(names):
+        threshold = (z[-n_clusters, 2] + z[-(n_clusters - 1), 2]) / 2 if n_clusters <= len(z) else z[0, 2] / 2
     fig, ax = _figure(max(5.0, 0.45 * len(names) + 2.0), 4.0)
-    dendrogram(np.asarray(linkage), labels=list(names), ax=ax, leaf_rotation=90, leaf_font_size=8,
-               color_threshold=None, above_threshold_color="0.4")
+    dendrogram(z, labels=list(names), ax=ax, leaf_rotation=90, leaf_font_size=8, color_threshold=threshold,
+               above_threshold_color="0.35")
+    if threshold > 0:
+        ax.axhline(threshold, linestyle=":", color="0.5", linewidth=1)
     ax.set_ylabel(distance_label)
     ax.set_title(title)
-    return fig
+    return _finish(fig)
 
 
 def mds_scatter(coords: np.ndarray | pd.DataFrame, names: Sequence[str] | None = None, groups: Sequence | None = None,
@@ -168,7 +192,7 @@ def mds_scatter(coords: np.ndarray | pd.DataFrame, names: Sequence[str] | None =
     ax.set_ylabel("MDS 2")
     ax.set_title(title if stress is None else f"{title} (stress-1 = {stress:.3f})")
     ax.grid(alpha=0.3)
-    return fig
+    return _finish(fig)
 
 
 def _curve_style(name: str, index: int) -> dict:
@@ -218,7 +242,7 @@ def tradeoff_plot(curves: Mapping[str, pd.DataFrame], title: str = "Refusal vs o
     ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc="lower right", ncols=2)
-    return fig
+    return _finish(fig)
 
 
 def explained_variance_plot(cumulative: Sequence[float], title: str = "Spectrum of the direction matrix",
@@ -237,4 +261,4 @@ def explained_variance_plot(cumulative: Sequence[float], title: str = "Spectrum 
     ax.set_ylabel("share of Σ singular value²")
     ax.set_title(title if participation_ratio is None else f"{title} (participation ratio = {participation_ratio:.2f})")
     ax.legend(fontsize=7, loc="center right")
-    return fig
+    return _finish(fig)

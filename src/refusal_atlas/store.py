@@ -181,3 +181,35 @@ def load_resid(ds: xr.Dataset, **isel) -> np.ndarray:
     except Exception as err:  # noqa: BLE001 - codec errors come in many types
         raise StoreError(f"cannot read activations ({type(err).__name__}: {err}); a chunk is corrupt: delete the store and rerun `dvc repro`") from None
     return decode(raw, ds.attrs.get("logical_dtype", "float32"))
+
+
+DIRECTION_DIMS = ("direction", "layer", "position", "hidden")
+
+
+def save_directions(path: Path, ds: xr.Dataset) -> None:
+    """Write the directions Dataset (``direction`` ``(direction, layer, position, hidden)`` unit
+    vectors, ``norm``, ``n_target``, ``n_baseline``, lineage attrs) atomically, consolidated."""
+    from refusal_atlas.atomic import atomic_path
+
+    if ds["direction"].dims != DIRECTION_DIMS:
+        raise StoreError(f"directions must have dims {DIRECTION_DIMS}, got {ds['direction'].dims}")
+    with atomic_path(path) as tmp:
+        ds.to_zarr(tmp, mode="w", consolidated=True, zarr_format=3)
+
+
+def open_directions(path: Path, d_model: int | None = None) -> xr.Dataset:
+    """Open a directions file, checking its schema and (optionally) its hidden size against the model."""
+    if not Path(path).exists():
+        raise StoreError(f"{path}: no directions file; run `dvc repro directions`")
+    try:
+        ds = xr.open_zarr(path, chunks=None, consolidated=True)
+    except Exception as err:  # noqa: BLE001
+        raise StoreError(f"{path}: cannot open as a directions file ({type(err).__name__}: {err})") from None
+    if "direction" not in ds or ds["direction"].dims != DIRECTION_DIMS:
+        raise StoreError(f"{path}: expected variable 'direction' with dims {DIRECTION_DIMS}")
+    if d_model is not None and ds.sizes["hidden"] != d_model:
+        raise StoreError(
+            f"{path}: directions have hidden size {ds.sizes['hidden']} but the model has d_model {d_model}; "
+            "they were computed for another model. Rerun `dvc repro directions` for this model."
+        )
+    return ds

@@ -1,0 +1,102 @@
+"""The direction atlas: every category's direction, the pooled one and the random controls.
+
+Reads activation stores (as opened by ``store.open_store``), draws each category's two
+sides (refused targets against its baseline pool's answered prompts, train split),
+computes the directions at every layer and position, and returns one labelled
+``xarray.Dataset`` with the lineage needed to redo the computation exactly.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+
+import numpy as np
+import xarray as xr
+
+from refusal_atlas import store
+from refusal_atlas.directions import compute_direction, draw_sides, lineage, random_controls
+
+POOLED = "pooled"
+
+
+def side_ids(ds: xr.Dataset, role: str, filter_: str, split: str = "train") -> list[str]:
+    """Prompt ids of one side: targets the model refused (or all, filter 'label'), baselines it answered."""
+    mask = ds["split"].values == split
+    if filter_ == "behaviour":
+        refused = ds["refused"].values.astype(bool)
+        mask &= refused if role == "target" else ~refused
+    return [str(i) for i in ds["prompt_id"].values[mask]]
+
+
+def load_prompts(ds: xr.Dataset, ids: list[str]) -> np.ndarray:
+    """float32 ``[n, layer, position, hidden]`` of the given prompt ids, in the given order."""
+    index = {str(p): i for i, p in enumerate(ds["prompt_id"].values)}
+    return store.load_resid(ds, prompt=[index[i] for i in ids])
+
+
+def mean_resid_norm(stores: Mapping[str, xr.Dataset], sides: Mapping[str, list[str]], layer_index: int, position_index: int) -> float:
+    """Mean L2 norm of the residual at one (layer, position) over the given prompts (set → ids)."""
+    norms = [np.linalg.norm(load_prompts(stores[s], ids)[:, layer_index, position_index], axis=-1) for s, ids in sides.items() if ids]
+    return float(np.concatenate(norms).mean())
+
+
+def build_atlas(
+    stores: Mapping[str, xr.Dataset],
+    baseline_of: Mapping[str, str],
+    n_per_side: int,
+    filter_: str,
+    method: str,
+    seed: int,
+    n_random: int,
+    allow_fewer: bool = True,
+) -> xr.Dataset:
+    """One direction per category, plus ``pooled`` (all categories against ``benign``) and random controls.
+
+    ``stores``: set name → activation store; ``baseline_of``: category → baseline pool.
+    Returns a Dataset with ``direction`` (direction, layer, position, hidden) unit vectors,
+    ``norm`` (direction, layer, position), ``n_target`` and ``n_baseline`` (direction), and
+    the prompt ids of each side in the ``lineage`` attribute (JSON).
+    """
+    rng = np.random.default_rng(seed)
+    sides: dict[str, tuple[list[str], list[str]]] = {}
+    units, norms = {}, {}
+    for category, pool in baseline_of.items():
+        target_ids = side_ids(stores[category], "target", filter_)
+        baseline_ids = side_ids(stores[pool], "baseline", filter_)
+        t, b = draw_sides(target_ids, baseline_ids, n_per_side, rng, allow_fewer, label=category)
+        sides[category] = (t, b)
+        units[category], norms[category] = compute_direction(load_prompts(stores[category], t), load_prompts(stores[pool], b), method, seed)
+
+    # Pooled: refused targets of every category against the default pool's answered prompts.
+    pooled_target = [(c, i) for c in baseline_of for i in side_ids(stores[c], "target", filter_)]
+    benign_ids = side_ids(stores["benign"], "baseline", filter_)
+    keys = [f"{c}/{i}" for c, i in pooled_target]
+    t, b = draw_sides(keys, benign_ids, n_per_side * len(baseline_of), rng, allow_fewer, label=POOLED)
+    # ``t`` is sorted, so each category's ids form one block; loading block by block keeps t's order.
+    blocks = dict.fromkeys(i.split("/", 1)[0] for i in t)
+    target = np.concatenate([load_prompts(stores[c], [i.split("/", 1)[1] for i in t if i.split("/", 1)[0] == c]) for c in blocks])
+    units[POOLED], norms[POOLED] = compute_direction(target, load_prompts(stores["benign"], b), method, seed)
+    sides[POOLED] = (t, b)
+
+    r_units, r_norms = random_controls(norms[POOLED], units[POOLED].shape[-1], n_random, seed)
+    for k in range(n_random):
+        units[f"random_{k}"], norms[f"random_{k}"] = r_units[k], r_norms[k]
+        sides[f"random_{k}"] = ([], [])
+
+    names = list(units)
+    ref = stores[next(iter(baseline_of))]
+    info = lineage(sides)
+    return xr.Dataset(
+        {
+            "direction": (store.DIRECTION_DIMS, np.stack([units[n] for n in names]).astype(np.float32)),
+            "norm": (("direction", "layer", "position"), np.stack([norms[n] for n in names])),
+            "n_target": ("direction", np.array([info[n]["n_target"] for n in names], dtype=np.int64)),
+            "n_baseline": ("direction", np.array([info[n]["n_baseline"] for n in names], dtype=np.int64)),
+        },
+        coords={"direction": np.array(names, dtype=object), "layer": ref["layer"].values, "position": ref["position"].values,
+                "position_token": ("position", ref["position_token"].values.astype(object))},
+        attrs={"method": method, "filter": filter_, "n_per_side": n_per_side, "seed": seed,
+               "lineage": json.dumps({n: {"target_ids": v["target_ids"], "baseline_ids": v["baseline_ids"]} for n, v in info.items()}),
+               "baseline_of": json.dumps(dict(baseline_of))},
+    )

@@ -1,0 +1,100 @@
+"""DVC stage `directions`: one refusal direction per category, pooled, random controls; their sites.
+
+Writes directions.zarr (unit vectors at every layer and position, raw norms, counts,
+lineage), selected.json (each direction's (layer, position), the score behind it and
+the mean residual norm there, for norm-relative steering) and metrics.json (counts and
+within-category stability at the selected site).
+"""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from refusal_atlas import store
+from refusal_atlas.atlas import POOLED, build_atlas, load_prompts, mean_resid_norm, side_ids
+from refusal_atlas.atomic import write_json
+from refusal_atlas.directions import select_arditi, select_cosmic, select_fixed, stability
+from refusal_atlas.entry import load_stage_model, run_stage, stage_parser
+from refusal_atlas.generation import refusal_token_ids
+from refusal_atlas.models import format_prompts
+from refusal_atlas.prompts import load_manifest
+
+STAGE = "directions"
+
+
+def main(args, params, run) -> None:
+    cfg, mcfg = params.directions, params.model
+    manifest = load_manifest(args.manifest)
+    baseline_of = {c: manifest.baseline_of(c) for c in manifest.categories}
+    identity = json.loads((args.model / "identity.json").read_text())
+    expect = {"model_weights_fingerprint": identity["weights_fingerprint"], "template_sha256": identity["template_sha256"]}
+    stores = {name: store.open_store(args.activations / f"{name}.zarr", expect=expect) for name in manifest.sets()}
+    atlas = build_atlas(stores, baseline_of, cfg.n_per_side, cfg.filter, cfg.method, cfg.seed, cfg.n_random, cfg.allow_fewer)
+    offsets = [int(p) for p in atlas.position.values]
+    n_layers = identity["n_layers"]
+    lineage = json.loads(atlas.attrs["lineage"])
+
+    table = pd.read_parquet(args.prompts)
+    val = table[table.split == "val"]
+    groups = {**{c: ([c], [p]) for c, p in baseline_of.items()}, POOLED: (list(baseline_of), ["benign"])}
+    selected, model = {}, None
+    for name, (targets, pools) in groups.items():
+        units, norms = atlas["direction"].sel(direction=name).values, atlas["norm"].sel(direction=name).values
+        if cfg.select == "fixed":
+            site = select_fixed(cfg.layer, cfg.position, n_layers, offsets)
+        elif cfg.select == "cosmic":
+            site = select_cosmic(_means(stores, targets, "target", cfg.filter), _means(stores, pools, "baseline", cfg.filter), units, cfg.max_layer_fraction, n_layers=n_layers, offsets=offsets)
+        else:
+            if model is None:
+                model, tokenizer, _ = load_stage_model(params, args.model)
+                fmt = lambda texts: format_prompts(tokenizer, texts, mcfg.system_prompt, mcfg.chat_template, mcfg.chat_template_kwargs)  # noqa: E731
+                ids = refusal_token_ids(tokenizer, mcfg.refusal_tokens)
+            site = select_arditi(model, tokenizer, units, norms, fmt(val[val.category.isin(targets)].text.tolist()), fmt(val[val.category.isin(pools)].text.tolist()),
+                                 ids, mcfg.batch_size, cfg.max_layer_fraction, cfg.kl_threshold, offsets, mcfg.max_prompt_tokens, progress=not args.no_progress)
+        selected[name] = {k: v for k, v in site.items() if k not in ("table", "layer_similarity")}
+    for k in range(cfg.n_random):
+        selected[f"random_{k}"] = {**selected[POOLED], "method": "copied from pooled"}
+
+    metrics = {"counts": {n: {"n_target": int(atlas.n_target.sel(direction=n)), "n_baseline": int(atlas.n_baseline.sel(direction=n))} for n in atlas.direction.values}, "stability": {}}
+    for name, site in selected.items():
+        li, pi = site["layer"], offsets.index(site["position"])
+        source = name if name in baseline_of else POOLED
+        site["mean_resid_norm"] = mean_resid_norm(stores, _lineage_sides(lineage[source], groups[source]), li, pi)
+        if name in baseline_of:
+            t, b = side_ids(stores[name], "target", cfg.filter), side_ids(stores[baseline_of[name]], "baseline", cfg.filter)
+            s = stability(load_prompts(stores[name], t)[:, [li]][:, :, [pi]], load_prompts(stores[baseline_of[name]], b)[:, [li]][:, :, [pi]], cfg.n_per_side, cfg.n_draws, cfg.seed)
+            metrics["stability"][name] = {"within_cos_mean": float(s["mean"][0, 0]), "within_cos_sd": float(s["sd"][0, 0]), "split_half_cos": float(s["split_half"][0, 0])}
+
+    store.save_directions(args.out / "directions.zarr", atlas)
+    write_json(args.out / "selected.json", selected)
+    write_json(args.out / "metrics.json", metrics)
+    run.log_identity(identity)
+    run.log_input(args.activations)
+    run.log_metrics(metrics)
+    run.log_artifact(args.out / "selected.json")
+    print(f"directions: {len(atlas.direction)} directions ({cfg.method}, select {cfg.select}) -> {args.out}")
+
+
+def _means(stores, names, role, filter_):
+    return np.concatenate([load_prompts(stores[n], side_ids(stores[n], role, filter_)) for n in names]).astype(np.float64).mean(0)
+
+
+def _lineage_sides(info, group):
+    """set → prompt ids of a direction's lineage (pooled target ids are 'category/id')."""
+    targets, pools = group
+    out = {pools[0]: info["baseline_ids"]}
+    for t in targets:
+        out[t] = [i.split("/", 1)[-1] for i in info["target_ids"] if len(targets) == 1 or i.startswith(f"{t}/")]
+    return out
+
+
+if __name__ == "__main__":
+    parser = stage_parser(STAGE, __doc__)
+    parser.add_argument("--manifest", type=Path, required=True, help="prompts/manifest.yaml")
+    parser.add_argument("--prompts", type=Path, required=True, help="artifacts/prompts/prompts.parquet")
+    parser.add_argument("--activations", type=Path, required=True, help="artifacts/activations")
+    parser.add_argument("--model", type=Path, required=True, help="artifacts/model")
+    parser.add_argument("--out", type=Path, required=True, help="artifacts/directions")
+    run_stage(STAGE, parser, main)
