@@ -13,7 +13,7 @@ import numpy as np
 import pandas as pd
 
 from refusal_atlas import store
-from refusal_atlas.atlas import POOLED, build_atlas, load_prompts, mean_resid_norm, side_ids
+from refusal_atlas.atlas import POOLED, build_atlas, load_prompts, mean_resid_norm, side_ids, site_record
 from refusal_atlas.atomic import write_json
 from refusal_atlas.directions import select_arditi, select_cosmic, select_fixed, stability
 from refusal_atlas.entry import load_stage_model, run_stage, stage_parser
@@ -68,6 +68,8 @@ def main(args, params, run) -> None:
             metrics["stability"][name] = {"within_cos_mean": float(s["mean"][0, 0]), "within_cos_sd": float(s["sd"][0, 0]), "split_half_cos": float(s["split_half"][0, 0])}
 
     store.save_directions(args.out / "directions.zarr", atlas)
+    for name, site in selected.items():
+        write_json(args.out / "sites" / f"{name}.json", site_record(atlas, name, site))
     write_json(args.out / "selected.json", selected)
     write_json(args.out / "metrics.json", metrics)
     run.log_identity(identity)

@@ -85,3 +85,14 @@ def test_no_stage_reads_tracking_or_downstream_sections():
     """Changing a steering key must never rerun an upstream stage."""
     for stage in ("prompts", "model", "baseline", "activations", "directions", "geometry"):
         assert not any(k.startswith(("steering.", "tracking.")) for k in stage_param_keys(stage)), stage
+
+
+def test_dvc_sets_equal_the_manifest(repo_root):
+    from refusal_atlas.prompts import load_manifest
+
+    manifest = load_manifest(repo_root / "prompts/manifest.yaml")
+    dvc = yaml.safe_load((repo_root / "dvc.yaml").read_text())
+    declared = next(v["sets"] for v in dvc["vars"] if "sets" in v)
+    assert sorted(declared) == sorted(manifest.sets()), "dvc.yaml vars.sets must list every category and baseline pool"
+    deps = dvc["stages"]["directions"]["deps"]
+    assert all(f"artifacts/activations/{s}.zarr" in deps for s in declared)

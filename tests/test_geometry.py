@@ -160,7 +160,7 @@ def test_mds_stress_is_small_for_planar_structure_and_bounded_otherwise():
     units = np.random.default_rng(3).standard_normal((12, D))
     rand = geo.mds_embedding(geo.cosine_matrix(units, [str(i) for i in range(12)]), seed=0)
     assert 0.05 < rand[2]["stress"] <= 1.0 and 0.0 < rand[3]["stress"] < rand[2]["stress"]
-    again = geo.mds_embedding(geo.cosine_matrix(units, [str(i) for i in range(12)]), seed=0)
+    again = geo.mds_embedding(geo.cosine_matrix(units, [str(i) for i in range(12)]), dims=(2,), seed=0)
     np.testing.assert_array_equal(again[2]["coords"].to_numpy(), rand[2]["coords"].to_numpy())
 
 
@@ -247,7 +247,7 @@ def test_summarize_geometry_returns_flat_finite_numbers():
     summary = geo.summarize_geometry(
         cos,
         clustering=geo.cluster_directions(cos),
-        mds=geo.mds_embedding(cos),
+        mds=geo.mds_embedding(cos, n_init=1),
         rank=geo.effective_rank(means),
         distinctness=geo.distinctness_test(cloud, n_permutations=200),
         probe_acc=geo.probe_accuracy(data),

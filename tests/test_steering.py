@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
-
 import numpy as np
 import pandas as pd
 import pytest
@@ -84,6 +82,18 @@ def test_eval_set_empty_bucket_allowed_but_empty_side_raises():
     assert isinstance(err.value, RefusalAtlasError)
     with pytest.raises(SteeringError, match=r"harmful.*HR, HC"):
         build_eval_set(verdict_table({"HR": 0, "HC": 0, "BR": 2, "BC": 3}), n_per_bucket=3, seed=0)
+    with pytest.raises(SteeringError, match=r"harmful \(target\) and benign \(baseline\) side.*0 test prompts"):
+        build_eval_set(verdict_table({"HR": 0, "HC": 0, "BR": 0, "BC": 0}), n_per_bucket=3, seed=0)
+
+
+def test_eval_set_rejects_bad_tables():
+    table = verdict_table({"HR": 3, "HC": 3, "BR": 3, "BC": 3})
+    with pytest.raises(SteeringError, match="lacks columns.*refused"):
+        build_eval_set(table.drop(columns="refused"), 2, 0)
+    with pytest.raises(SteeringError, match="duplicated prompt_ids"):
+        build_eval_set(pd.concat([table, table[table.split == "test"].iloc[:1]]), 2, 0)
+    with pytest.raises(SteeringError, match="roles.*benign"):
+        build_eval_set(table.assign(role=table.role.replace("baseline", "benign")), 2, 0)
 
 
 # ---------------------------------------------------------------------------------------

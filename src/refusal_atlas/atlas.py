@@ -100,3 +100,45 @@ def build_atlas(
                "lineage": json.dumps({n: {"target_ids": v["target_ids"], "baseline_ids": v["baseline_ids"]} for n, v in info.items()}),
                "baseline_of": json.dumps(dict(baseline_of))},
     )
+
+
+def site_record(atlas: xr.Dataset, name: str, site: dict) -> dict:
+    """What steering needs of one direction: its unit vector at the selected site, and the site.
+
+    One small file per direction, so a change to one direction reruns only its own
+    steering instance.
+    """
+    unit = atlas["direction"].sel(direction=name, layer=site["layer"], position=site["position"]).values
+    return {"name": name, **{k: site[k] for k in ("layer", "position", "mean_resid_norm")}, "d_model": int(unit.shape[0]), "unit": unit.astype(float).tolist()}
+
+
+def load_site(path, d_model: int) -> dict:
+    """Read a direction's site record and check its hidden size against the model's ``d_model``."""
+    from pathlib import Path
+
+    path = Path(path)
+    if not path.exists():
+        raise store.StoreError(f"{path}: no such direction site; is the direction listed in dvc.yaml vars.directions and produced by the directions stage?")
+    record = json.loads(path.read_text())
+    if len(record["unit"]) != d_model:
+        raise store.StoreError(
+            f"{path}: direction has hidden size {len(record['unit'])} but the model has d_model {d_model}; "
+            "it was computed for another model. Rerun `dvc repro directions` for this model."
+        )
+    return record
+
+
+def site_arrays(stores: Mapping[str, xr.Dataset], names: list[str], role: str, filter_: str, split: str, layer_index: int, position_index: int) -> dict[str, np.ndarray]:
+    """set → float32 ``[n, hidden]`` residuals of one side at one (layer, position)."""
+    return {n: load_prompts(stores[n], side_ids(stores[n], role, filter_, split))[:, layer_index, position_index] for n in names}
+
+
+def resample_directions(target: np.ndarray, baseline: np.ndarray, n_per_side: int, n_draws: int, rng: np.random.Generator) -> np.ndarray:
+    """``[n_draws, hidden]`` unit difference-of-means directions from independent draws of both sides."""
+    out = []
+    for _ in range(n_draws):
+        t = target[rng.choice(len(target), min(n_per_side, len(target)), replace=False)]
+        b = baseline[rng.choice(len(baseline), min(n_per_side, len(baseline)), replace=False)]
+        d = t.astype(np.float64).mean(0) - b.astype(np.float64).mean(0)
+        out.append(d / (np.linalg.norm(d) or 1.0))
+    return np.stack(out)

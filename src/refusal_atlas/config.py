@@ -116,6 +116,7 @@ class DirectionsConfig(_Section):
 
 
 class GeometryConfig(_Section):
+    n_draws: int = Field(10, ge=2, description="Resampled directions per category for the distinctness test (n_per_side from the directions file).")
     n_permutations: int = Field(1000, ge=10, description="Permutations of the distinctness test.")
     top_k: int = Field(3, ge=1, description="Principal components spanning each category subspace (principal angles).")
     max_clusters: int = Field(6, ge=2, description="Largest k of the hierarchical-clustering silhouette sweep.")

@@ -22,6 +22,7 @@ from sklearn.metrics import silhouette_score
 from sklearn.model_selection import StratifiedKFold, cross_val_score
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
+from threadpoolctl import threadpool_limits
 
 from .errors import RefusalAtlasError
 
@@ -379,15 +380,20 @@ def probe_accuracy(X_by_category: Mapping[str, tuple[np.ndarray, np.ndarray]], c
     stratified and shuffled with ``seed``; the number of folds is capped by the smaller
     class so tiny categories still run. Returns a Series of mean accuracy by category.
     """
-    acc = {}
-    for name, (xt, xb) in X_by_category.items():
-        x, y = _xy(xt, xb)
-        folds = min(cv_folds, int(np.bincount(y).min()))
-        if folds < 2:
-            raise RefusalAtlasError(f"probe_accuracy: category {name!r} has {len(xt)} target and {len(xb)} baseline rows; need >= 2 of each")
-        cv = StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed)
-        acc[name] = float(cross_val_score(_probe(seed, c), x, y, cv=cv, scoring="accuracy").mean())
-    return pd.Series(acc, name="probe_accuracy")
+    # Probe problems are tiny (n ~ 10^2 rows): multi-threaded BLAS only adds overhead, and on
+    # a shared machine oversubscribed threads made these fits ~10x slower, so pin one thread.
+    with threadpool_limits(limits=1):
+        return pd.Series({name: _cv_accuracy(name, xt, xb, cv_folds, seed, c) for name, (xt, xb) in X_by_category.items()},
+                         name="probe_accuracy")
+
+
+def _cv_accuracy(name: str, xt: np.ndarray, xb: np.ndarray, cv_folds: int, seed: int, c: float) -> float:
+    x, y = _xy(xt, xb)
+    folds = min(cv_folds, int(np.bincount(y).min()))
+    if folds < 2:
+        raise RefusalAtlasError(f"probe_accuracy: category {name!r} has {len(xt)} target and {len(xb)} baseline rows; need >= 2 of each")
+    cv = StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed)
+    return float(cross_val_score(_probe(seed, c), x, y, cv=cv, scoring="accuracy").mean())
 
 
 def probe_transfer(X_by_category: Mapping[str, tuple[np.ndarray, np.ndarray]], cv_folds: int = 5, seed: int = 0, c: float = 1.0) -> pd.DataFrame:
@@ -402,10 +408,11 @@ def probe_transfer(X_by_category: Mapping[str, tuple[np.ndarray, np.ndarray]], c
     out = pd.DataFrame(np.nan, index=pd.Index(names, name="train"), columns=pd.Index(names, name="test"))
     diag = probe_accuracy(X_by_category, cv_folds=cv_folds, seed=seed, c=c)
     test_sets = {n: _xy(*X_by_category[n]) for n in names}
-    for i in names:
-        model = _probe(seed, c).fit(*test_sets[i])
-        for j in names:
-            out.loc[i, j] = diag[i] if i == j else float(model.score(*test_sets[j]))
+    with threadpool_limits(limits=1):  # tiny fits; see probe_accuracy
+        for i in names:
+            model = _probe(seed, c).fit(*test_sets[i])
+            for j in names:
+                out.loc[i, j] = diag[i] if i == j else float(model.score(*test_sets[j]))
     return out
 
 

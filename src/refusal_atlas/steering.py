@@ -332,7 +332,9 @@ def teacher_forced_kl(
         base = _response_logprobs(model, ids, mask, keep)[:, :-1]
         with hook_factory():
             steered = _response_logprobs(model, ids, mask, keep)[:, :-1]
-        kl = _kl_rows(base.double(), steered.double()).cpu()  # [batch, keep - 1]
+        # float32 on the model's device: [batch, keep-1, vocab] in double would double the
+        # memory of the largest tensors here for no useful precision.
+        kl = _kl_rows(base, steered).double().cpu()  # [batch, keep - 1]
         # Column c predicts the token at position width - keep + c + 1, a response token
         # exactly when c >= keep - 1 - n_resp.
         offset = torch.arange(keep - 1)
@@ -401,7 +403,7 @@ def shared_knob(
     within the harmful and the benign side, the same draw for every direction; replicates
     whose overlap is narrower than 0.05 are dropped. Verdict: 'no overlap' if the observed
     overlap is narrower than 0.05; 'same knob' if mean_hi < tolerance; 'different' if
-    mean_lo > tolerance; else 'inconclusive'.
+    mean_lo > tolerance; else 'inconclusive' (the statistics are NaN where there is no overlap).
     Output columns: a, b, max_abs_diff, max_lo, max_hi, mean_abs_diff, mean_lo, mean_hi,
     overlap_lo, overlap_hi, verdict.
     """

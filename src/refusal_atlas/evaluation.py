@@ -1,0 +1,97 @@
+"""One direction's steering evaluation: every intervention, judged, styled, with KL cost.
+
+The 'baseline' intervention is the unsteered behaviour already measured by the baseline
+stage (its verdicts define the buckets), so it is not generated again here. Every other
+intervention (activation addition at each alpha, directional ablation) generates
+greedily under its hook context, chunk by chunk, resumably.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from functools import partial
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+from refusal_atlas.behaviour import fingerprint, generate_resumable, judge_table
+from refusal_atlas.generation import first_token_logprobs, generate, refusal_scores
+from refusal_atlas.steering import (
+    compute_rates,
+    intervention,
+    intervention_alpha,
+    kl_first_token,
+    teacher_forced_kl,
+    transition_matrix,
+)
+
+
+def evaluate_direction(
+    model,
+    tokenizer,
+    frame: pd.DataFrame,
+    formatted: Sequence[str],
+    baseline_responses: Sequence[str],
+    baseline_verdicts: pd.DataFrame,
+    names: Sequence[str],
+    unit: np.ndarray,
+    layer: int,
+    mean_norm: float,
+    *,
+    alpha_unit: str,
+    max_new_tokens: int,
+    batch_size: int,
+    max_prompt_tokens: int,
+    refusal_ids: Sequence[int],
+    judges: Sequence[str],
+    n_bootstrap: int,
+    seed: int,
+    parts_dir: Path,
+    key: object,
+    classify: Callable[[Sequence[str], np.ndarray], np.ndarray],
+    progress: bool = True,
+) -> tuple[pd.DataFrame, dict]:
+    """Run every intervention in ``names`` on the eval ``frame`` (one row per prompt, with ``formatted``).
+
+    Returns the long response table (prompt_id, intervention, alpha, response, refused,
+    each judge's verdict, refusal_score, style) and the metrics: rates with CIs per
+    intervention, bucket transitions, first-token and teacher-forced KL on benign prompts.
+    """
+    direction = torch.from_numpy(np.asarray(unit, dtype=np.float32))
+    benign = (frame.role == "baseline").to_numpy()
+    benign_prompts = [f for f, b in zip(formatted, benign) if b]
+    benign_responses = [r for r, b in zip(baseline_responses, benign) if b]
+    with torch.inference_mode():
+        base_logprobs = first_token_logprobs(model, tokenizer, benign_prompts, batch_size, max_prompt_tokens)
+
+    rows, metrics = [], {"interventions": {}}
+    for name in names:
+        if name == "baseline":
+            responses = list(baseline_responses)
+            judged = baseline_verdicts.reset_index(drop=True)
+        else:
+            hooks = partial(intervention, model, name, layer, direction, alpha_unit, mean_norm)
+
+            def generate_chunk(chunk, hooks=hooks):
+                with hooks():
+                    return generate(model, tokenizer, chunk, max_new_tokens, batch_size, max_prompt_tokens=max_prompt_tokens)
+
+            responses = generate_resumable(generate_chunk, formatted, parts_dir, fingerprint(key, name), 4 * batch_size, desc=name, progress=progress)
+            with hooks():
+                scores = refusal_scores(model, tokenizer, list(formatted), list(refusal_ids), batch_size, max_prompt_tokens=max_prompt_tokens)
+                steered = first_token_logprobs(model, tokenizer, benign_prompts, batch_size, max_prompt_tokens)
+            judged = judge_table(responses, scores, judges)
+        refused = judged["refused"].to_numpy()
+        styles = classify(responses, refused)
+        entry = {**compute_rates(refused, frame, n_bootstrap, seed), "alpha": intervention_alpha(name)}
+        entry["transitions"] = transition_matrix(frame, refused).to_dict()
+        if name != "baseline":
+            entry["kl_first_token"] = float(np.nanmean(kl_first_token(base_logprobs, steered)))
+            entry["kl_teacher_forced"] = float(np.nanmean(teacher_forced_kl(model, tokenizer, benign_prompts, benign_responses, hooks, batch_size, max_prompt_tokens)))
+        metrics["interventions"][name] = entry
+        rows.append(pd.DataFrame({"prompt_id": frame.prompt_id.to_numpy(), "category": frame.category.to_numpy(), "bucket": frame.bucket.to_numpy(),
+                                  "in_buckets": frame.in_buckets.to_numpy(), "intervention": name, "alpha": entry["alpha"],
+                                  "response": responses, **{c: judged[c].to_numpy() for c in judged.columns}, "style": styles}))
+    return pd.concat(rows, ignore_index=True), metrics

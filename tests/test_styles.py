@@ -1,0 +1,182 @@
+"""Refusal styles: the labelled data, the TF-IDF classifier, the summaries and the LLM judge."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+
+from conftest import REPO
+from refusal_atlas.errors import RefusalAtlasError
+from refusal_atlas.styles import (
+    REFUSAL_STYLES, STYLES, StyleDataError, classify_styles, dominant_style, evaluate_classifier, llm_style_judge,
+    load_labelled, parse_style_label, style_distribution, train_style_classifier,
+)
+
+STYLE_DIR = REPO / "prompts" / "styles"
+
+
+@pytest.fixture(scope="module")
+def exemplars():
+    return load_labelled(STYLE_DIR / "exemplars.jsonl")
+
+
+@pytest.fixture(scope="module")
+def held_out():
+    return load_labelled(STYLE_DIR / "hand_labelled.jsonl")
+
+
+@pytest.fixture(scope="module")
+def clf(exemplars):
+    return train_style_classifier(exemplars.text, exemplars.label)
+
+
+# ---- data ------------------------------------------------------------------------------
+
+def test_shipped_sets_are_big_balanced_and_disjoint(exemplars, held_out):
+    counts = exemplars.label.value_counts()
+    assert set(counts.index) == set(STYLES) and counts.min() >= 60 and len(exemplars) >= 300
+    assert len(held_out) >= 100 and set(held_out.label) == set(STYLES)
+    assert (held_out.note != "").all()
+    assert exemplars.id.str.match(r"^style-\d{4}$").all() and held_out.id.str.match(r"^hl-\d{4}$").all()
+    assert exemplars.text.is_unique and held_out.text.is_unique
+    # The held-out set is for measuring only: no text may be shared with the training set.
+    assert not set(exemplars.text) & set(held_out.text)
+
+
+@pytest.mark.parametrize(
+    "line, message",
+    [
+        ("{not json", "not valid JSON"),
+        ("[1, 2]", "expected a JSON object"),
+        ('{"id": "a", "text": "hi"}', "missing field(s) label"),
+        ('{"id": "a", "text": "hi", "label": "RUDE"}', "unknown label 'RUDE'"),
+        ('{"id": "a", "text": "  ", "label": "GENERIC"}', "'text' is empty"),
+        ('{"id": 3, "text": "hi", "label": "GENERIC"}', "field 'id' must be a string"),
+        ('{"id": "x", "text": "hi", "label": "GENERIC"}', "duplicate id 'x' (first on line 1)"),
+    ],
+)
+def test_bad_records_are_reported_with_file_and_line(tmp_path, line, message):
+    path = tmp_path / "bad.jsonl"
+    path.write_text('{"id": "x", "text": "fine", "label": "SAFETY"}\n\n' + line + "\n")
+    with pytest.raises(StyleDataError) as err:
+        load_labelled(path)
+    assert f"{path}:3" in str(err.value) and message in str(err.value)
+    assert isinstance(err.value, RefusalAtlasError)
+
+
+def test_missing_and_empty_files_are_errors(tmp_path):
+    with pytest.raises(StyleDataError, match="no such labelled style file"):
+        load_labelled(tmp_path / "nope.jsonl")
+    (tmp_path / "empty.jsonl").write_text("\n")
+    with pytest.raises(StyleDataError, match="no records"):
+        load_labelled(tmp_path / "empty.jsonl")
+
+
+def test_note_is_optional(tmp_path):
+    path = tmp_path / "ok.jsonl"
+    path.write_text(json.dumps({"id": "a", "text": "Paris.", "label": "NONREFUSAL"}) + "\n")
+    table = load_labelled(path)
+    assert table.to_dict("records") == [{"id": "a", "text": "Paris.", "label": "NONREFUSAL", "note": ""}]
+
+
+# ---- classifier ------------------------------------------------------------------------
+
+def test_classifier_generalises_to_the_held_out_set(clf, held_out):
+    report = evaluate_classifier(clf, held_out.text, held_out.label)
+    assert report["n"] == len(held_out)
+    assert report["accuracy"] >= 0.8 and report["macro_f1"] >= 0.8
+    assert all(report["recall"][s] >= 0.6 for s in STYLES)
+    assert sum(sum(row.values()) for row in report["confusion"].values()) == len(held_out)
+    assert sum(report["confusion"][s][s] for s in STYLES) == round(report["accuracy"] * len(held_out))
+
+
+def test_training_is_deterministic(exemplars, clf, held_out):
+    again = train_style_classifier(exemplars.text, exemplars.label, seed=0)
+    np.testing.assert_array_equal(classify_styles(clf, held_out.text), classify_styles(again, held_out.text))
+
+
+def test_training_rejects_bad_labels():
+    with pytest.raises(StyleDataError, match="unknown style"):
+        train_style_classifier(["a", "b"], ["SAFETY", "OTHER"])
+    with pytest.raises(StyleDataError, match="at least two"):
+        train_style_classifier(["a", "b"], ["SAFETY", "SAFETY"])
+    with pytest.raises(StyleDataError, match="pair up"):
+        train_style_classifier(["a", "b", "c"], ["SAFETY", "GENERIC"])
+
+
+def test_the_refused_mask_decides_whether_and_the_classifier_how(clf):
+    responses = [
+        "Sure! The capital of Italy is Rome.",                                          # helpful, but judged refused
+        "As an AI, I don't have a body, so I can't go for a walk with you.",
+        "I won't help you hack your neighbour's phone; that's illegal.",
+        "Which of your two projects do you mean? Could you clarify?",
+        "As an AI, I don't have a body, so I can't go for a walk with you.",            # judged not refused
+    ]
+    refused = np.array([True, True, True, True, False])
+    styles = classify_styles(clf, responses, refused)
+    assert styles.shape == (5,) and styles.dtype.kind == "U"
+    assert styles[0] in REFUSAL_STYLES
+    assert list(styles[1:]) == ["CAPABILITY", "SAFETY", "UNDERSPEC", "NONREFUSAL"]
+    free = classify_styles(clf, responses)
+    assert free[0] == "NONREFUSAL" and free[4] == "CAPABILITY"
+    assert list(classify_styles(clf, responses, np.zeros(5, bool))) == ["NONREFUSAL"] * 5
+    assert classify_styles(clf, [], np.zeros(0, bool)).shape == (0,)
+    with pytest.raises(StyleDataError, match="one verdict per response"):
+        classify_styles(clf, responses, [True, False])
+
+
+# ---- summaries -------------------------------------------------------------------------
+
+def test_distribution_and_dominant_style():
+    labels = ["SAFETY"] * 6 + ["GENERIC"] * 2 + ["NONREFUSAL"] * 2
+    dist = style_distribution(labels)
+    assert list(dist) == list(STYLES) and math.isclose(sum(dist.values()), 1.0)
+    assert dist["SAFETY"] == 0.6 and dist["CAPABILITY"] == 0.0
+    assert dominant_style(labels) == ("SAFETY", 0.75)
+    assert dominant_style(labels, exclude_nonrefusal=False) == ("SAFETY", 0.6)
+    assert dominant_style(["NONREFUSAL"] * 3 + ["UNDERSPEC"], exclude_nonrefusal=False) == ("NONREFUSAL", 0.75)
+    # Ties go to the style listed first in STYLES.
+    assert dominant_style(["GENERIC", "CAPABILITY"]) == ("CAPABILITY", 0.5)
+
+
+def test_summaries_of_nothing_are_nan_not_errors():
+    label, purity = dominant_style(["NONREFUSAL", "NONREFUSAL"])
+    assert label is None and math.isnan(purity)
+    assert dominant_style([])[0] is None
+    assert all(math.isnan(v) for v in style_distribution([]).values())
+    with pytest.raises(StyleDataError, match="unknown style"):
+        style_distribution(["SAFETY", "Safety"])
+
+
+# ---- LLM judge -------------------------------------------------------------------------
+
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("SAFETY", "SAFETY"), (" **Capability**\n", "CAPABILITY"), ("Label: underspecified.", "UNDERSPEC"),
+        ("UNDER-SPEC", "UNDERSPEC"), ("non-refusal", "NONREFUSAL"), ("Non Refusal", "NONREFUSAL"),
+        ("NONREFUSAL", "NONREFUSAL"), ("generic, or maybe SAFETY", "GENERIC"), ("It is SAFETY-related", "SAFETY"),
+        ("capabilities", "CAPABILITY"), ("safely in general", None), ("", None), ("zxq 12", None),
+    ],
+)
+def test_parse_style_label(text, expected):
+    assert parse_style_label(text) == expected
+
+
+def test_llm_style_judge_runs_on_a_tiny_local_model(tmp_path):
+    from conftest_models import make_tokenizer, tiny_model
+
+    tokenizer = make_tokenizer("llama3")
+    tiny_model("llama", vocab=len(tokenizer)).save_pretrained(tmp_path, safe_serialization=True)
+    tokenizer.save_pretrained(tmp_path)
+    responses = ["I'm sorry, I can't help with that.", "Paris is the capital of France.", "Which file do you mean?"]
+    # A random model answers garbage, so only the shape and the label set can be checked.
+    labels = llm_style_judge(tmp_path, responses, batch_size=2, max_new_tokens=3)
+    assert labels.shape == (3,) and set(labels) <= set(STYLES)
+    masked = llm_style_judge(tmp_path, responses, batch_size=2, max_new_tokens=3, refused=[True, False, True])
+    assert masked[1] == "NONREFUSAL" and set(masked[[0, 2]]) <= set(REFUSAL_STYLES)
+    with pytest.raises(StyleDataError, match="no such model directory"):
+        llm_style_judge(tmp_path / "missing", responses)
