@@ -57,8 +57,6 @@ def main(args, params, run) -> None:
     with atomic_path(out / "tables") as tables:
         tables.mkdir()
         cos.to_csv(tables / "cosine.csv")
-        cos.stack().rename("cosine").rename_axis(["a", "b"]).reset_index().to_csv(tables / "cosine_long.csv", index=False)
-        pd.DataFrame({"layer": atlas.layer.values[:-1], "mean_offdiag_cosine": per_layer}).to_csv(tables / "layer_curve.csv", index=False)
         distinct["p_pair"].to_csv(tables / "distinctness_p.csv")
         angles.to_csv(tables / "principal_angles.csv", index=False)
         transfer.to_csv(tables / "probe_transfer.csv")
@@ -74,6 +72,9 @@ def main(args, params, run) -> None:
         plots.save_png(plots.matrix_heatmap(transfer, "Probe transfer (train → test)", "viridis", ".2f", 0, 1), figures / "probe_transfer.png")
         plots.save_png(plots.matrix_heatmap(select, "Selectivity: projection minus benign", "RdBu_r", ".1f", center=0), figures / "selectivity.png")
         plots.save_png(plots.explained_variance_plot(rank["cumulative"], participation_ratio=rank["participation_ratio"]), figures / "explained_variance.png")
+    # The two DVC plots (heatmap, layer curve) sit beside the tables folder.
+    cos.stack().rename("cosine").rename_axis(["a", "b"]).reset_index().to_csv(out / "cosine_long.csv", index=False)
+    pd.DataFrame({"layer": atlas.layer.values[:-1], "mean_offdiag_cosine": per_layer}).to_csv(out / "layer_curve.csv", index=False)
     write_json(out / "metrics.json", metrics)
 
     run.log_input(args.directions / "directions.zarr")

@@ -131,6 +131,7 @@ class SteeringConfig(_Section):
     max_new_tokens: int = Field(48, ge=1, description="Tokens generated per steered response.")
     n_bootstrap: int = Field(1000, ge=100, description="Bootstrap resamples for confidence intervals.")
     seed: int = Field(0, description="Seed of bucket sampling and the bootstrap.")
+    knob_tolerance: float = Field(0.1, gt=0, le=1, description="Shared-knob verdict threshold on the mean |ORR difference| at matched RR.")
 
 
 class TrackingConfig(_Section):
