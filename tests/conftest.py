@@ -59,3 +59,16 @@ def shared_datasets() -> Path:
     if not path.is_dir():
         pytest.skip(f"{path} not present: the shared public datasets sit beside the checkout only on the team's machines")
     return path
+
+
+@pytest.fixture(scope="session")
+def pipeline(tmp_path_factory) -> Path:
+    """A fresh copy of the repository after a full `dvc repro` of the default (demo) pipeline.
+
+    Session-scoped: the whole pipeline runs once, and the end-to-end tests read its outputs.
+    Tests that change the repository copy it again first (``clone_pipeline``).
+    """
+    repo = copy_repo(tmp_path_factory.mktemp("pipeline") / "repo")
+    proc = run(["dvc", "repro"], repo, timeout=3600)
+    (repo / "repro.log").write_text(proc.stdout + proc.stderr)
+    return repo

@@ -523,9 +523,10 @@ def _encode(tokenizer, examples: list[tuple[str, str, str]], rng: random.Random)
 # The first answer tokens decide whether and how the model refuses; the rest is a fixed phrasing
 # or an echo. Weighting them up spends the small training budget on the decision.
 _DECISION_TOKENS, _DECISION_WEIGHT = 4, 3.0
+_TOKEN_NOISE = 0.15
 
 
-def _batches(encoded, batch_size: int, steps: int, gen: torch.Generator, pad_id: int):
+def _batches(encoded, batch_size: int, steps: int, gen: torch.Generator, pad_id: int, n_special: int, vocab: int):
     """Yield ``steps`` (input_ids, attention_mask, labels) batches; epochs are shuffled, batches length-bucketed."""
     step = 0
     while True:
@@ -548,6 +549,11 @@ def _batches(encoded, batch_size: int, steps: int, gen: torch.Generator, pad_id:
                 weights[r, n_prompt:len(ids)] = 1.0
                 weights[r, n_prompt:n_prompt + _DECISION_TOKENS] = _DECISION_WEIGHT
                 mask[r, :len(ids)] = 1
+            # Replace a share of the user's tokens (never the template's) by random ones, fresh
+            # each time an example is drawn, so no single word or memorised sequence decides.
+            user = (weights == 0) & (mask == 1) & (input_ids >= n_special)
+            noise = (torch.rand(input_ids.shape, generator=gen) < _TOKEN_NOISE) & user
+            input_ids[noise] = torch.randint(n_special, vocab, (int(noise.sum()),), generator=gen)
             yield input_ids, mask, labels, weights
             step += 1
             if step == steps:
@@ -595,7 +601,7 @@ def train_demo_model(
         model.train()
         decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
         no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
-        optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": 0.05}, {"params": no_decay, "weight_decay": 0.0}],
+        optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}],
                                       lr=cfg.lr, betas=(0.9, 0.98), eps=1e-8)
         warmup = max(1, cfg.steps // 20)
         schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(
@@ -603,10 +609,14 @@ def train_demo_model(
         gen = torch.Generator().manual_seed(cfg.seed)
         curve = []
         bar = tqdm(total=cfg.steps, desc="train demo", unit="step", disable=not progress)
-        for step, (input_ids, mask, labels, weights) in enumerate(_batches(encoded, cfg.batch_size, cfg.steps, gen, pad_id), 1):
-            logits = model(input_ids=input_ids, attention_mask=mask).logits[:, :-1]  # [batch, tokens - 1, vocab]
-            token_loss = torch.nn.functional.cross_entropy(logits.transpose(1, 2), labels[:, 1:], reduction="none")
-            loss = (token_loss * weights[:, 1:]).sum() / weights[:, 1:].sum()
+        for step, (input_ids, mask, labels, weights) in enumerate(_batches(encoded, cfg.batch_size, cfg.steps, gen, pad_id,
+                                                                                   len(SPECIAL_TOKENS), len(tokenizer)), 1):
+            hidden = model.model(input_ids=input_ids, attention_mask=mask).last_hidden_state  # [batch, tokens, d_model]
+            # Only answer tokens are predicted, so the vocabulary projection runs on those alone.
+            where = weights[:, 1:] > 0
+            logits = model.lm_head(hidden[:, :-1][where])  # [answer tokens, vocab]
+            token_loss = torch.nn.functional.cross_entropy(logits, labels[:, 1:][where], reduction="none")
+            loss = (token_loss * weights[:, 1:][where]).sum() / weights[:, 1:][where].sum()
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)

@@ -1,0 +1,152 @@
+"""The default pipeline end to end on the demo model: real DVC, MLflow, Zarr and models."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+import xarray as xr
+from mlflow import MlflowClient
+
+from conftest import run
+
+pytestmark = pytest.mark.slow
+
+CATEGORIES = ["safety_core", "over_refusal", "humanizing", "incomplete", "indeterminate", "safety_concerns",
+              "unsupported", "hate_speech", "crime_assistance", "inappropriate", "unqualified_advice"]
+
+
+def _json(path):
+    return json.loads(path.read_text())
+
+
+def test_everything_is_up_to_date(pipeline):
+    status = run(["dvc", "status"], pipeline)
+    assert "up to date" in status.stdout, status.stdout
+    assert "didn't change" in run(["dvc", "repro"], pipeline).stdout
+
+
+def test_demo_model_meets_heldout_behaviour(pipeline):
+    """Trained by `dvc repro model` from a fresh copy: refuses ≥80% per category, answers ≥90% of benign pools."""
+    metrics = _json(pipeline / "artifacts/model/metrics.json")
+    heldout = metrics["heldout"]
+    for category in CATEGORIES:
+        assert heldout[category]["refusal_rate"] >= 0.8, (category, heldout[category])
+    for pool in ("benign", "over_refusal_safe"):
+        assert heldout[pool]["answer_rate"] >= 0.9, (pool, heldout[pool])
+    assert metrics["train"]["train_seconds"] <= 300
+
+
+def test_baseline_outputs(pipeline):
+    table = pd.read_parquet(pipeline / "artifacts/baseline/responses.parquet")
+    prompts = pd.read_parquet(pipeline / "artifacts/prompts/prompts.parquet")
+    assert set(table.prompt_id) == set(prompts.prompt_id)
+    assert {"prompt_id", "response", "refused", "judge_keywords", "judge_substring", "refusal_score"} <= set(table.columns)
+    metrics = _json(pipeline / "artifacts/baseline/metrics.json")
+    assert metrics["refusal_rate"]["by_role"]["target"] > 0.8 > metrics["refusal_rate"]["by_role"]["baseline"]
+    assert "agreement.keywords_vs_substring.kappa" in metrics["judges"]
+
+
+def test_activation_stores_have_the_schema(pipeline):
+    identity = _json(pipeline / "artifacts/model/identity.json")
+    for name in CATEGORIES + ["benign", "over_refusal_safe"]:
+        ds = xr.open_zarr(pipeline / f"artifacts/activations/{name}.zarr", chunks=None)
+        assert ds["resid"].dims == ("prompt", "layer", "position", "hidden")
+        assert ds.sizes["layer"] == identity["n_layers"] + 1 and ds.sizes["hidden"] == identity["d_model"]
+        assert set(np.unique(ds.category.values)) == {name}
+        assert ds.attrs["complete"] and ds.attrs["model_weights_fingerprint"] == identity["weights_fingerprint"]
+        assert all(ds.done.values)
+
+
+def test_directions_match_an_independent_numpy_recomputation(pipeline):
+    """Recompute every category direction from the stores and lineage with plain numpy."""
+    atlas = xr.open_zarr(pipeline / "artifacts/directions/directions.zarr", chunks=None)
+    lineage = json.loads(atlas.attrs["lineage"])
+    pools = json.loads(atlas.attrs["baseline_of"])
+    for category in CATEGORIES:
+        def mean(name, ids):
+            ds = xr.open_zarr(pipeline / f"artifacts/activations/{name}.zarr", chunks=None)
+            index = [list(ds.prompt_id.values).index(i) for i in ids]
+            return ds.resid.values[index].astype(np.float64).mean(0)
+
+        diff = mean(category, lineage[category]["target_ids"]) - mean(pools[category], lineage[category]["baseline_ids"])
+        got = atlas.direction.sel(direction=category).values.astype(np.float64)
+        norms = np.linalg.norm(diff, axis=-1)
+        ok = norms > 1e-6  # layer 0 at template positions is identical for every prompt
+        cos = (diff[ok] * got[ok]).sum(-1) / norms[ok] / np.linalg.norm(got[ok], axis=-1)
+        assert cos.min() >= 0.99999, category
+        np.testing.assert_allclose(atlas.norm.sel(direction=category).values[ok], norms[ok], rtol=1e-5)
+
+
+def test_geometry_outputs_and_plots(pipeline):
+    metrics = _json(pipeline / "artifacts/geometry/metrics.json")
+    cos = pd.read_csv(pipeline / "artifacts/geometry/tables/cosine.csv", index_col=0)
+    assert list(cos.index) == CATEGORIES and np.allclose(np.diag(cos.values), 1.0)
+    assert -1 <= metrics["cosine_offdiag_mean"] <= 1
+    for fig in ("cosine_heatmap.png", "dendrogram.png", "mds.png", "layer_curve.png"):
+        assert (pipeline / "artifacts/geometry/figures" / fig).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    shown = run(["dvc", "plots", "show", "--json"], pipeline).stdout
+    assert "cosine_long.csv" in shown and "layer_curve.csv" in shown and "tradeoff.csv" in shown
+
+
+def _rates(pipeline, name):
+    return _json(pipeline / f"artifacts/steering/{name}/metrics.json")["interventions"]
+
+
+def test_ablating_pooled_lowers_refusal(pipeline):
+    rates = _rates(pipeline, "pooled")
+    assert rates["ablate"]["rr"] < rates["baseline"]["rr"]
+
+
+def test_adding_category_directions_raises_over_refusal(pipeline):
+    alphas = [a for a in sorted({v["alpha"] for v in _rates(pipeline, "pooled").values()}) if a == a]
+    for category in CATEGORIES:
+        rates = _rates(pipeline, category)
+        orr = [next(v["orr"] for v in rates.values() if v["alpha"] == a) for a in alphas]
+        assert orr[-1] > orr[0], (category, orr)
+
+
+def test_random_controls_move_over_refusal_much_less(pipeline):
+    def shift(name):
+        rates = _rates(pipeline, name)
+        top = max(v["alpha"] for v in rates.values() if v["alpha"] == v["alpha"])
+        return next(v["orr"] for v in rates.values() if v["alpha"] == top) - rates["baseline"]["orr"]
+
+    category_shift = np.mean([shift(c) for c in CATEGORIES])
+    random_shift = max(shift("random_0"), shift("random_1"))
+    assert random_shift < 0.5 * category_shift, (random_shift, category_shift)
+
+
+def test_humanizing_direction_refuses_with_capability_style(pipeline):
+    table = pd.read_parquet(pipeline / "artifacts/steering/humanizing/responses.parquet")
+    steered = table[table.intervention.str.startswith("add_") & table.refused]
+    counts = steered["style"].value_counts()
+    assert counts.get("CAPABILITY", 0) > counts.get("SAFETY", 0), counts.to_dict()
+
+
+def test_report_is_self_contained(pipeline):
+    html = (pipeline / "artifacts/report/report.html").read_text()
+    assert html.count("data:image/png;base64,") >= 8
+    for forbidden in ("http://", "https://", "<script src", "cdn"):
+        assert forbidden not in html.lower().replace("https://vega", "")
+    metrics = _json(pipeline / "artifacts/report/metrics.json")
+    assert 0 <= metrics["style_classifier"]["accuracy"] <= 1
+    assert metrics["shared_knob"]["summary"]
+
+
+def test_mlflow_runs_nest_under_one_parent_with_figures(pipeline):
+    client = MlflowClient(f"sqlite:///{pipeline / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("refusal-atlas")
+    runs = client.search_runs([exp.experiment_id], max_results=500)
+    parents = [r for r in runs if r.data.tags.get("refusal_atlas.role") == "pipeline"]
+    assert len(parents) == 1
+    stages = {r.info.run_name for r in runs if r.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id}
+    assert {"prompts", "model", "baseline", "directions", "geometry", "report", "activations@benign", "steering@pooled"} <= stages
+    geometry = next(r for r in runs if r.info.run_name == "geometry")
+    artifacts = [a.path for a in client.list_artifacts(geometry.info.run_id, "figures")]
+    assert "figures/cosine_heatmap.png" in artifacts
+    for r in runs:
+        if r.data.tags.get("refusal_atlas.role") == "stage" and r.info.run_name not in ("prompts",):
+            assert r.data.tags.get("model.model_id") == "demo", r.info.run_name
