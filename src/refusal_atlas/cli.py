@@ -30,6 +30,32 @@ def _cmd_check(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_abliterate(args: argparse.Namespace) -> int:
+    import torch
+
+    from refusal_atlas.atlas import load_site
+    from refusal_atlas.atomic import atomic_path
+    from refusal_atlas.config import load_params, params_dict
+    from refusal_atlas.entry import load_stage_model, repo_root
+    from refusal_atlas.hooks import orthogonalize_weights
+    from refusal_atlas.tracking import stage_run
+
+    params = load_params(args.params)
+    with stage_run("abliterate", {**params_dict(params, "model"), "direction": args.direction, "out": str(args.out)}, repo_root(),
+                   uri=params.tracking.uri, experiment=params.tracking.experiment, timeout_s=params.tracking.timeout_s, params_path=args.params) as run:
+        model, tokenizer, identity = load_stage_model(params, args.artifacts / "model")
+        site = load_site(args.artifacts / "directions" / "sites" / f"{args.direction}.json", identity["d_model"])
+        edited = orthogonalize_weights(model, torch.tensor(site["unit"], dtype=torch.float32), strict=not args.approximate)
+        with atomic_path(args.out) as tmp:
+            edited.save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)
+        run.log_identity(identity)
+        run.set_tags({"abliterate.direction": args.direction, "abliterate.layer": site["layer"], "abliterate.position": site["position"]})
+        run.log_artifact(args.out / "config.json")
+    print(f"wrote a weight-orthogonalised copy of {identity['model_id']} without direction '{args.direction}' to {args.out}")
+    return 0
+
+
 def server_command(repo_root: Path, host: str, port: int, backend: str | None = None) -> list[str]:
     """The ``mlflow server`` command line that serves the project's store (default: its sqlite file)."""
     from refusal_atlas.tracking import artifact_root
@@ -66,6 +92,15 @@ def build_parser() -> argparse.ArgumentParser:
     check = sub.add_parser("check-params", help="validate params.yaml", description="Validate params.yaml against the typed config and report every problem.")
     check.add_argument("--params", type=Path, default=Path("params.yaml"))
     check.set_defaults(func=_cmd_check)
+
+    abl = sub.add_parser("abliterate", help="export a model with one refusal direction projected out of its weights",
+                         description="Write a standard safetensors model directory whose weights have the direction's unit vector projected out of the embedding, every attention output and every MLP down projection (equivalent to hook ablation).")
+    abl.add_argument("--direction", required=True, help="a direction name from artifacts/directions/sites (a category, pooled)")
+    abl.add_argument("--out", type=Path, required=True, help="output model directory")
+    abl.add_argument("--params", type=Path, default=Path("params.yaml"))
+    abl.add_argument("--artifacts", type=Path, default=Path("artifacts"), help="the pipeline's artifacts folder")
+    abl.add_argument("--approximate", action="store_true", help="allow architectures (Gemma-2/3, OLMo-2) where weight editing only approximates hook ablation")
+    abl.set_defaults(func=_cmd_abliterate)
 
     ui = sub.add_parser("ui", help="serve the MLflow UI over the project's tracking store", description="Start `mlflow server` on the project's sqlite store and artifact root.")
     ui.add_argument("--host", default="127.0.0.1")

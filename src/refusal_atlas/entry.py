@@ -15,7 +15,7 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from refusal_atlas.config import ConfigError, Params, load_params, params_dict
+from refusal_atlas.config import Params, load_params, params_dict
 from refusal_atlas.errors import RefusalAtlasError
 
 
@@ -72,7 +72,7 @@ def run_stage(stage: str, parser: argparse.ArgumentParser, main: Callable[[argpa
 
     On ranks > 0 of a distributed launch, ``run`` is a ``NullRun``.
     """
-    from refusal_atlas.tracking import TrackingError, stage_run
+    from refusal_atlas.tracking import stage_run
 
     args = parser.parse_args()
     try:
@@ -90,7 +90,7 @@ def run_stage(stage: str, parser: argparse.ArgumentParser, main: Callable[[argpa
             params_path=args.params,
         ) as run:
             main(args, params, run)
-    except (ConfigError, RefusalAtlasError, TrackingError) as err:
+    except RefusalAtlasError as err:
         fail(stage, str(err))
     except KeyboardInterrupt:
         fail(stage, "interrupted", 130)

@@ -27,12 +27,14 @@ from contextlib import contextmanager
 from importlib import metadata
 from pathlib import Path
 
+from refusal_atlas.errors import RefusalAtlasError
+
 PIPELINE_KEY_TAG = "refusal_atlas.pipeline_key"
 TRACKED_PACKAGES = ("refusal-atlas", "torch", "transformers", "accelerate", "dvc", "mlflow", "zarr", "xarray", "scikit-learn", "numpy")
 SECRET_MARKERS = ("KEY", "TOKEN", "SECRET", "PASSWORD", "CREDENTIAL")
 
 
-class TrackingError(RuntimeError):
+class TrackingError(RefusalAtlasError, RuntimeError):
     """The tracking server is unreachable or failed during the run."""
 
 
