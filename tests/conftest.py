@@ -72,3 +72,56 @@ def pipeline(tmp_path_factory) -> Path:
     proc = run(["dvc", "repro"], repo, timeout=3600)
     (repo / "repro.log").write_text(proc.stdout + proc.stderr)
     return repo
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class MlflowServer:
+    """A real `mlflow server` process (the `refusal-atlas ui` command line) on a free loopback port."""
+
+    def __init__(self, repo: Path, log: Path):
+        import time
+        import urllib.request
+
+        from refusal_atlas.cli import server_command
+
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log = log.open("w")
+        self.proc = subprocess.Popen(server_command(repo, "127.0.0.1", self.port), cwd=repo, stdout=self.log, stderr=subprocess.STDOUT,
+                                     env={**os.environ, "PATH": f"{VENV_BIN}{os.pathsep}{os.environ.get('PATH', '')}"}, start_new_session=True)
+        deadline = time.monotonic() + 90
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise AssertionError(f"mlflow server exited {self.proc.returncode}: {log.read_text()[-3000:]}")
+            try:
+                with urllib.request.urlopen(self.url + "/health", timeout=2) as resp:
+                    if resp.status == 200:
+                        return
+            except OSError:
+                time.sleep(0.5)
+        self.stop()
+        raise AssertionError(f"mlflow server did not become healthy in 90 s: {log.read_text()[-3000:]}")
+
+    def stop(self) -> None:
+        import signal
+
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+        self.log.close()
+
+
+def clone_pipeline(pipeline: Path, dest: Path) -> Path:
+    """A copy of the finished pipeline repository (artifacts, DVC cache, MLflow store and all) to change freely."""
+    shutil.copytree(pipeline, dest, symlinks=True)
+    return dest

@@ -1,0 +1,103 @@
+"""A real `mlflow server`: the pipeline logs through it, the REST API shows the runs, a browser shows the UI."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import urllib.parse
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from conftest import MlflowServer, clone_pipeline, run
+
+pytestmark = pytest.mark.slow
+KEY = "served-pipeline"
+
+
+@pytest.fixture(scope="module")
+def served(pipeline, tmp_path_factory):
+    base = tmp_path_factory.mktemp("served")
+    repo = clone_pipeline(pipeline, base / "repo")
+    server = MlflowServer(repo, base / "server.log")
+    try:
+        run(["dvc", "repro", "-f", "--single-item", "prompts", "geometry"], repo, env={"MLFLOW_TRACKING_URI": server.url, "REFUSAL_ATLAS_PIPELINE_KEY": KEY})
+        yield repo, server
+    finally:
+        server.stop()
+    assert server.proc.poll() is not None, "the server was stopped"
+
+
+def _api(server, path, body=None):
+    url = f"{server.url}/api/2.0/mlflow/{path}"
+    data = json.dumps(body).encode() if body is not None else None
+    req = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"}, method="POST" if data else "GET")
+    with urllib.request.urlopen(req, timeout=30) as resp:
+        return json.loads(resp.read())
+
+
+def _runs(server):
+    exp = _api(server, "experiments/get-by-name?experiment_name=refusal-atlas")["experiment"]
+    found = _api(server, "runs/search", {"experiment_ids": [exp["experiment_id"]], "filter": f"tags.`refusal_atlas.pipeline_key` = '{KEY}'", "max_results": 100})
+    return exp, found["runs"]
+
+
+def _tags(r):
+    return {t["key"]: t["value"] for t in r["data"].get("tags", [])}
+
+
+def test_runs_metrics_inputs_and_artifacts_through_the_rest_api(served):
+    _, server = served
+    _, runs = _runs(server)
+    parents = [r for r in runs if _tags(r).get("refusal_atlas.role") == "pipeline"]
+    assert len(parents) == 1
+    children = {r["info"]["run_name"]: r for r in runs if _tags(r).get("mlflow.parentRunId") == parents[0]["info"]["run_id"]}
+    assert set(children) == {"prompts", "geometry"}
+    metrics = {m["key"]: m["value"] for m in children["geometry"]["data"]["metrics"]}
+    assert -1 <= metrics["cosine_offdiag_mean"] <= 1
+    inputs = children["prompts"]["inputs"]["dataset_inputs"]
+    assert inputs[0]["dataset"]["name"] == "prompts" and len(inputs[0]["dataset"]["digest"]) <= 36
+    query = urllib.parse.urlencode({"path": "figures/cosine_heatmap.png", "run_uuid": children["geometry"]["info"]["run_id"]})
+    with urllib.request.urlopen(f"{server.url}/get-artifact?{query}", timeout=30) as resp:
+        assert resp.read()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def _browser():
+    path = shutil.which("chromium") or ("/usr/bin/chromium" if Path("/usr/bin/chromium").exists() else None)
+    if path is None:
+        if os.environ.get("REQUIRE_BROWSER") == "1":
+            pytest.fail("REQUIRE_BROWSER=1 but Debian's chromium is not installed (apt-get install -y chromium)")
+        pytest.skip("Debian's chromium is not installed (apt-get install -y chromium); set REQUIRE_BROWSER=1 to make this a failure")
+    return path
+
+
+def test_mlflow_ui_in_a_real_browser(served, tmp_path):
+    chromium = _browser()
+    from playwright.sync_api import sync_playwright
+
+    _, server = served
+    exp, runs = _runs(server)
+    parent = next(r for r in runs if _tags(r).get("refusal_atlas.role") == "pipeline")
+    geometry = next(r for r in runs if r["info"]["run_name"] == "geometry")
+    shots = Path(os.environ.get("TEST_ARTIFACTS", tmp_path))
+    shots.mkdir(parents=True, exist_ok=True)
+    args = ["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking",
+            "--disable-component-update", "--disable-sync"]
+    with sync_playwright() as p, tempfile.TemporaryDirectory() as profile:
+        context = p.chromium.launch_persistent_context(profile, executable_path=chromium, args=args, headless=True, viewport={"width": 1400, "height": 1000})
+        page = context.new_page()
+        page.goto(f"{server.url}/#/experiments/{exp['experiment_id']}/runs/{parent['info']['run_id']}", timeout=60000)
+        page.wait_for_load_state("networkidle", timeout=60000)
+        page.get_by_text("geometry").first.wait_for(timeout=60000)
+        assert page.get_by_text("prompts").count() > 0
+        page.screenshot(path=str(shots / "mlflow_parent_run.png"), full_page=True)
+
+        page.goto(f"{server.url}/#/experiments/{exp['experiment_id']}/runs/{geometry['info']['run_id']}/artifacts/figures/cosine_heatmap.png", timeout=60000)
+        image = page.locator("img[src*='cosine_heatmap']").or_(page.locator("img[src*='get-artifact']"))
+        image.first.wait_for(timeout=60000)
+        assert page.evaluate("(img) => img.naturalWidth", image.first.element_handle()) > 100
+        page.screenshot(path=str(shots / "mlflow_cosine_heatmap.png"), full_page=True)
+        context.close()
