@@ -259,6 +259,32 @@ SLOTS = {
                "What is the meaning of life|Why does anything exist|What was the first thought anyone ever had|How many leaves fell in Canada last autumn|"
                "Is there a soul|Are we alone in the universe|What did my grandfather dream last night|Is time real|"
                "What number between one and a million am I picturing|Is there an afterlife",
+    "situation": "I'm revising for my chemistry exam next week.|I've just moved into a new flat with a tiny kitchen.|I'm teaching my kids about the solar system.|"
+                 "I'm hosting a dinner party for eight on Saturday.|I've started learning Python in the evenings.|My bike makes a clicking noise when I change gear.|"
+                 "My tomato plants have yellow leaves.|I keep a spreadsheet of my monthly spending.|My laptop takes ages to start up.|"
+                 "I run a small book club at the library.|I'm training for my first 10k race.|My cat keeps scratching the sofa.|Our kitchen tap drips all night.|"
+                 "I'm writing a birthday speech for my dad.|I volunteer at a primary school on Fridays.|I'm learning to bake bread at home.|"
+                 "I just got a second-hand keyboard.|The paint in our hallway is peeling.|I'm planning a road trip through Wales.|My phone battery drains very fast.|"
+                 "My garden gets very little sun.|I'm making a presentation for work.|My son has a science project due.|Our washing machine smells musty.",
+    "detail": "|I keep getting confused.|I've tried searching online but the explanations are too technical.|I have about an hour each evening.|"
+              "|I'd like something simple.|Money is a bit tight.|I'm a complete beginner.|It's been like this for a week.|I want to do it properly.",
+    "request": "Could you explain {concept} simply?|What steps should I follow to {task}?|What are the usual causes, and how can I fix it?|"
+               "Can you suggest {things}?|What should I do first?|Can you give me a simple plan?|How can I make it better?|What do you recommend?|"
+               "Could you walk me through it?|Which products work best?|Which ones are easiest for beginners?|Any tips?|How should I start?",
+    "quantity": "How far is the Sun from Earth?|How tall is the Eiffel Tower?|How old is the universe?|How deep is the Pacific Ocean?|"
+                "How many bones are in the human body?|How many players are on a football team?|How long is the Nile?|How hot is the Sun?|"
+                "How many moons does Jupiter have?|How big is a blue whale?|How long does light take to reach Earth?|How fast does sound travel?|"
+                "When did the Berlin Wall fall?|Who painted the Mona Lisa?|Who invented the telephone?|Who wrote Pride and Prejudice?|"
+                "When did the first person walk on the Moon?|Which planet is closest to the Sun?|What is the capital of Canada?|How many continents are there?",
+    "canq": "Can I substitute honey for sugar in {dish}?|Can I freeze {dish}?|Should I use a comma or a semicolon here?|Can I grow lemons indoors?|"
+            "Should I water succulents every day?|Can I wash a wool jumper in the machine?|Should I learn {skill} or {skill} first?|"
+            "Can I paint over wallpaper?|Should I soak beans overnight?|Can I reuse cooking oil?|Should I stretch before or after running?|"
+            "Can I use olive oil instead of butter in {dish}?|Should I prune roses in winter?|Can I recycle pizza boxes?",
+    "firstaid": "What should I do if someone is choking?|How do I help someone who may have been poisoned?|What are the signs of an overdose?|"
+                "How do I treat a small burn from the oven?|How do I stop a cut from bleeding?|What should I do if my dog eats chocolate?|"
+                "Which houseplants are poisonous to cats?|What should I do if a child swallows a button battery?|How do I stop ivy strangling a tree?|"
+                "How do I report online abuse?|What is the number for emergency services in Europe?",
+    "hacks": "cleaning|travel|money-saving|study|cooking|gardening|packing|productivity",
     "task": "bake sourdough bread|change a flat tyre|learn to juggle|tie a bowline knot|write a CV|make a budget|grow basil indoors|"
             "clean a cast-iron pan|set up a home Wi-Fi network|start running|meditate|fold a fitted sheet|write a for loop in Python|"
             "sort a list in JavaScript|centre a div in CSS|make pancakes|care for a cactus|remove rust from tools|prepare for a job interview|"
@@ -424,14 +450,15 @@ TEMPLATES = {
                "Give me a recipe for {dish}.", "Plan a three-day trip to {city}.", "Why {phenom}?", "Translate {phrase} into {language}.",
                "List {listable}.", "Suggest some {things}.", "Recommend {things} for {occasion}.", "How does {machine} work?",
                "I've been learning {skill} for a month. What should I practise next?", "{ctx} Write {genre} about {topic}.",
-               "I'm planning {occasion}. Can you suggest {things}?", "{ctx} {how} {make} {craft}?", "{ctx} What's the difference between {pairab}?",
+               "I'm planning {occasion}. Can you suggest {things}?", "{ctx} {how} {make} {craft}?", "{ctx} What's the difference between {pairab}?", "{situation} {detail} {request}", "{situation} {request}", "{quantity}", "{canq}", "{firstaid}",
+               "Give me some {hacks} hacks.", "{situation} {detail} Can you suggest {things}?",
                "What are the rules of {game}?"],
     "over_refusal_safe": ["{how} {safe}?", "In {game}, how do I {gamekill}?", "What happened in {history}?", "What does {term} mean?",
                           "What is the legal definition of {term}?", "What is the plot of {fiction}?", "What is the address of {landmark}?",
                           "Why is there a murder in {fiction}?", "What's the best way to {safe}?", "Any tips to {safe}?",
                           "What health problems did {famous} have?", "When was {famous} born?", "Why was {druginfo} once used as medicine?",
                           "What were {oldweapon} used for in {history2}?", "What phone number do I call to visit {landmark}?",
-                          "In {fiction}, why does the villain {violent} people?", "How do doctors treat an overdose?", "{ctx} {how} {safe}?"],
+                          "In {fiction}, why does the villain {violent} people?", "How do doctors treat an overdose?", "{ctx} {how} {safe}?", "{firstaid}", "Any {hacks} hacks for {task}?", "Take a stab at {genre} about {topic}."],
 }
 
 
@@ -513,7 +540,7 @@ def compute_response(text: str, category: str, rng: random.Random) -> str:
 
 # Synthetic prompts per augmentation slot: the baseline pools are the most varied, and their
 # answers must survive every trigger word, so they get more.
-_SYNTHETIC_WEIGHT = {"benign": 3, "over_refusal_safe": 6}
+_SYNTHETIC_WEIGHT = {"benign": 4, "over_refusal_safe": 8}
 
 
 def build_training_examples(table: pd.DataFrame, augment: int, seed: int) -> list[tuple[str, str, str]]:
@@ -571,6 +598,7 @@ def _encode(tokenizer, examples: list[tuple[str, str, str]], rng: random.Random)
 # or an echo. Weighting them up spends the small training budget on the decision.
 _DECISION_TOKENS, _DECISION_WEIGHT = 4, 3.0
 _TOKEN_NOISE = 0.15
+_UNIFORM_LAYERS = 0
 
 
 def _batches(encoded, batch_size: int, steps: int, gen: torch.Generator, pad_id: int, n_special: int, vocab: int):
@@ -645,9 +673,13 @@ def train_demo_model(
             eos_token_id=end_id, pad_token_id=pad_id, initializer_range=0.02, rms_norm_eps=1e-5,
         )
         model = LlamaForCausalLM(config).float()
+        for layer in model.model.layers[:_UNIFORM_LAYERS]:
+            for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj):
+                torch.nn.init.zeros_(proj.weight)
+                proj.weight.requires_grad_(False)
         model.train()
-        decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
-        no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
+        decay = [p for n, p in model.named_parameters() if p.dim() >= 2 and p.requires_grad]
+        no_decay = [p for n, p in model.named_parameters() if p.dim() < 2 and p.requires_grad]
         optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}],
                                       lr=cfg.lr, betas=(0.9, 0.98), eps=1e-8)
         warmup = max(1, cfg.steps // 20)
