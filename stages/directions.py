@@ -41,7 +41,7 @@ def main(args, params, run) -> None:
     groups = {**{c: ([c], [p]) for c, p in baseline_of.items()}, POOLED: (list(baseline_of), ["benign"])}
     selected, model = {}, None
     for name, (targets, pools) in groups.items():
-        units, norms = atlas["direction"].sel(direction=name).values, atlas["norm"].sel(direction=name).values
+        units, norms = atlas["direction"].sel(direction_name=name).values, atlas["norm"].sel(direction_name=name).values
         if cfg.select == "fixed":
             site = select_fixed(cfg.layer, cfg.position, n_layers, offsets)
         elif cfg.select == "cosmic":
@@ -57,7 +57,7 @@ def main(args, params, run) -> None:
     for k in range(cfg.n_random):
         selected[f"random_{k}"] = {**selected[POOLED], "method": "copied from pooled"}
 
-    metrics = {"counts": {n: {"n_target": int(atlas.n_target.sel(direction=n)), "n_baseline": int(atlas.n_baseline.sel(direction=n))} for n in atlas.direction.values}, "stability": {}}
+    metrics = {"counts": {n: {"n_target": int(atlas.n_target.sel(direction_name=n)), "n_baseline": int(atlas.n_baseline.sel(direction_name=n))} for n in atlas.direction_name.values}, "stability": {}}
     for name, site in selected.items():
         li, pi = site["layer"], offsets.index(site["position"])
         source = name if name in baseline_of else POOLED
@@ -76,7 +76,7 @@ def main(args, params, run) -> None:
     run.log_input(args.activations)
     run.log_metrics(metrics)
     run.log_artifact(args.out / "selected.json")
-    print(f"directions: {len(atlas.direction)} directions ({cfg.method}, select {cfg.select}) -> {args.out}")
+    print(f"directions: {atlas.sizes['direction']} directions ({cfg.method}, select {cfg.select}) -> {args.out}")
 
 
 def _means(stores, names, role, filter_):

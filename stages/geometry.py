@@ -31,7 +31,7 @@ def main(args, params, run) -> None:
     site = json.loads((args.directions / "selected.json").read_text())[POOLED]
     li, pi = list(atlas.layer.values).index(site["layer"]), list(atlas.position.values).index(site["position"])
     stores = {n: store.open_store(args.activations / f"{n}.zarr") for n in manifest.sets()}
-    units = atlas["direction"].sel(direction=cats).values  # [k, layer, position, hidden]
+    units = atlas["direction"].sel(direction_name=cats).values  # [k, layer, position, hidden]
     filter_, n_per_side = atlas.attrs["filter"], int(atlas.attrs["n_per_side"])
 
     cos = g.cosine_matrix(units[:, li, pi], cats)

@@ -31,7 +31,7 @@ def test_everything_is_up_to_date(pipeline):
 def test_demo_model_meets_heldout_behaviour(pipeline):
     """Trained by `dvc repro model` from a fresh copy: refuses ≥80% per category, answers ≥90% of benign pools."""
     metrics = _json(pipeline / "artifacts/model/metrics.json")
-    heldout = metrics["heldout"]
+    heldout = metrics["heldout"]["categories"]
     for category in CATEGORIES:
         assert heldout[category]["refusal_rate"] >= 0.8, (category, heldout[category])
     for pool in ("benign", "over_refusal_safe"):
@@ -62,7 +62,7 @@ def test_activation_stores_have_the_schema(pipeline):
 
 def test_directions_match_an_independent_numpy_recomputation(pipeline):
     """Recompute every category direction from the stores and lineage with plain numpy."""
-    atlas = xr.open_zarr(pipeline / "artifacts/directions/directions.zarr", chunks=None)
+    atlas = xr.open_zarr(pipeline / "artifacts/directions/directions.zarr", chunks=None).set_xindex("direction_name")
     lineage = json.loads(atlas.attrs["lineage"])
     pools = json.loads(atlas.attrs["baseline_of"])
     for category in CATEGORIES:
@@ -72,12 +72,12 @@ def test_directions_match_an_independent_numpy_recomputation(pipeline):
             return ds.resid.values[index].astype(np.float64).mean(0)
 
         diff = mean(category, lineage[category]["target_ids"]) - mean(pools[category], lineage[category]["baseline_ids"])
-        got = atlas.direction.sel(direction=category).values.astype(np.float64)
+        got = atlas.direction.sel(direction_name=category).values.astype(np.float64)
         norms = np.linalg.norm(diff, axis=-1)
         ok = norms > 1e-6  # layer 0 at template positions is identical for every prompt
         cos = (diff[ok] * got[ok]).sum(-1) / norms[ok] / np.linalg.norm(got[ok], axis=-1)
         assert cos.min() >= 0.99999, category
-        np.testing.assert_allclose(atlas.norm.sel(direction=category).values[ok], norms[ok], rtol=1e-5)
+        np.testing.assert_allclose(atlas.norm.sel(direction_name=category).values[ok], norms[ok], rtol=1e-5)
 
 
 def test_geometry_outputs_and_plots(pipeline):

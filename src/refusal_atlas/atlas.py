@@ -87,6 +87,8 @@ def build_atlas(
     names = list(units)
     ref = stores[next(iter(baseline_of))]
     info = lineage(sides)
+    # The dimension is `direction`; the names live in the `direction_name` coordinate (a
+    # variable cannot share its name with a dimension coordinate), indexed for .sel().
     return xr.Dataset(
         {
             "direction": (store.DIRECTION_DIMS, np.stack([units[n] for n in names]).astype(np.float32)),
@@ -94,12 +96,12 @@ def build_atlas(
             "n_target": ("direction", np.array([info[n]["n_target"] for n in names], dtype=np.int64)),
             "n_baseline": ("direction", np.array([info[n]["n_baseline"] for n in names], dtype=np.int64)),
         },
-        coords={"direction": np.array(names, dtype=object), "layer": ref["layer"].values, "position": ref["position"].values,
+        coords={"direction_name": ("direction", np.array(names, dtype=object)), "layer": ref["layer"].values, "position": ref["position"].values,
                 "position_token": ("position", ref["position_token"].values.astype(object))},
         attrs={"method": method, "filter": filter_, "n_per_side": n_per_side, "seed": seed,
                "lineage": json.dumps({n: {"target_ids": v["target_ids"], "baseline_ids": v["baseline_ids"]} for n, v in info.items()}),
                "baseline_of": json.dumps(dict(baseline_of))},
-    )
+    ).set_xindex("direction_name")
 
 
 def site_record(atlas: xr.Dataset, name: str, site: dict) -> dict:
@@ -108,7 +110,7 @@ def site_record(atlas: xr.Dataset, name: str, site: dict) -> dict:
     One small file per direction, so a change to one direction reruns only its own
     steering instance.
     """
-    unit = atlas["direction"].sel(direction=name, layer=site["layer"], position=site["position"]).values
+    unit = atlas["direction"].sel(direction_name=name, layer=site["layer"], position=site["position"]).values
     return {"name": name, **{k: site[k] for k in ("layer", "position", "mean_resid_norm")}, "d_model": int(unit.shape[0]), "unit": unit.astype(float).tolist()}
 
 

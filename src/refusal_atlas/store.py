@@ -194,7 +194,7 @@ def save_directions(path: Path, ds: xr.Dataset) -> None:
     if ds["direction"].dims != DIRECTION_DIMS:
         raise StoreError(f"directions must have dims {DIRECTION_DIMS}, got {ds['direction'].dims}")
     with atomic_path(path) as tmp:
-        ds.to_zarr(tmp, mode="w", consolidated=True, zarr_format=3)
+        ds.drop_indexes("direction_name", errors="ignore").to_zarr(tmp, mode="w", consolidated=True, zarr_format=3)
 
 
 def open_directions(path: Path, d_model: int | None = None) -> xr.Dataset:
@@ -207,6 +207,8 @@ def open_directions(path: Path, d_model: int | None = None) -> xr.Dataset:
         raise StoreError(f"{path}: cannot open as a directions file ({type(err).__name__}: {err})") from None
     if "direction" not in ds or ds["direction"].dims != DIRECTION_DIMS:
         raise StoreError(f"{path}: expected variable 'direction' with dims {DIRECTION_DIMS}")
+    if "direction_name" in ds.coords:
+        ds = ds.set_xindex("direction_name")
     if d_model is not None and ds.sizes["hidden"] != d_model:
         raise StoreError(
             f"{path}: directions have hidden size {ds.sizes['hidden']} but the model has d_model {d_model}; "
