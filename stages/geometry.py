@@ -35,7 +35,10 @@ def main(args, params, run) -> None:
     filter_, n_per_side = atlas.attrs["filter"], int(atlas.attrs["n_per_side"])
 
     cos = g.cosine_matrix(units[:, li, pi], cats)
-    per_layer = g.offdiag_mean_per_layer(units[:, :-1], position=pi)
+    # Block inputs only, and only layers where every direction is defined: at layer 0 the
+    # template tokens embed identically for every prompt, so their difference is zero.
+    layers = [l for l in range(units.shape[1] - 1) if (np.linalg.norm(units[:, l, pi], axis=-1) > 0).all()]
+    per_layer = g.offdiag_mean_per_layer(units[:, layers], position=pi)
     target = site_arrays(stores, cats, "target", filter_, "train", li, pi)
     pools = {c: manifest.baseline_of(c) for c in cats}
     base = site_arrays(stores, sorted(set(pools.values())), "baseline", filter_, "train", li, pi)
@@ -66,7 +69,7 @@ def main(args, params, run) -> None:
     with atomic_path(out / "figures") as figures:
         figures.mkdir()
         plots.save_png(plots.cosine_heatmap(cos), figures / "cosine_heatmap.png")
-        plots.save_png(plots.layer_curve(atlas.layer.values[:-1], {"mean off-diagonal cosine": per_layer}, ylabel="cosine", title="Category directions across layers"), figures / "layer_curve.png")
+        plots.save_png(plots.layer_curve(atlas.layer.values[layers], {"mean off-diagonal cosine": per_layer}, ylabel="cosine", title="Category directions across layers"), figures / "layer_curve.png")
         plots.save_png(plots.dendrogram_plot(clustering["linkage"]["average"], cats, "Average linkage on 1 - cos", clustering["best_k"]["average"]), figures / "dendrogram.png")
         plots.save_png(plots.mds_scatter(mds[2]["coords"], cats, title="Metric MDS", stress=mds[2]["stress"]), figures / "mds.png")
         plots.save_png(plots.matrix_heatmap(transfer, "Probe transfer (train → test)", "viridis", ".2f", 0, 1), figures / "probe_transfer.png")
@@ -74,7 +77,7 @@ def main(args, params, run) -> None:
         plots.save_png(plots.explained_variance_plot(rank["cumulative"], participation_ratio=rank["participation_ratio"]), figures / "explained_variance.png")
     # The two DVC plots (heatmap, layer curve) sit beside the tables folder.
     cos.stack().rename("cosine").rename_axis(["a", "b"]).reset_index().to_csv(out / "cosine_long.csv", index=False)
-    pd.DataFrame({"layer": atlas.layer.values[:-1], "mean_offdiag_cosine": per_layer}).to_csv(out / "layer_curve.csv", index=False)
+    pd.DataFrame({"layer": atlas.layer.values[layers], "mean_offdiag_cosine": per_layer}).to_csv(out / "layer_curve.csv", index=False)
     write_json(out / "metrics.json", metrics)
 
     run.log_input(args.directions / "directions.zarr")
