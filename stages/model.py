@@ -30,7 +30,9 @@ def main(args, params, run) -> None:
             pd.DataFrame(result["loss_curve"], columns=["step", "loss"]).to_csv(args.out / "loss.csv", index=False)
             for step, loss in result["loss_curve"]:
                 run.log_metrics({"train_loss": loss}, step=step)
-            metrics = {"train": {k: v for k, v in result.items() if k != "loss_curve"}, "heldout": evaluate_demo(weights, table, split="test")}
+            heldout = evaluate_demo(weights, table, split="test")
+            heldout.pop("responses", None)  # the rates are the metrics; the responses would swamp them
+            metrics = {"train": {k: v for k, v in result.items() if k != "loss_curve"}, "heldout": heldout}
         else:
             weights.mkdir()
             (weights / "SOURCE.json").write_text(json.dumps({"model_id": cfg.name, "revision": cfg.revision}, indent=2) + "\n")

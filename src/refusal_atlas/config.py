@@ -68,7 +68,7 @@ class ModelConfig(_Section):
     chat_template_kwargs: dict[str, bool | int | float | str] = Field(default_factory=dict, description="Extra variables for the chat template, e.g. enable_thinking: false.")
     max_prompt_tokens: int = Field(128, ge=8, description="Longest formatted prompt, in tokens; longer prompts are an error.")
     refusal_tokens: list[str] = Field(default_factory=lambda: ["I", "As", "Sorry"], min_length=1, description="Strings whose first tokens count as refusal tokens for the first-token refusal score.")
-    batch_size: int = Field(16, ge=1, description="Prompts per forward/generation batch.")
+    batch_size: int = Field(32, ge=1, description="Prompts per forward/generation batch.")
     demo: DemoConfig = Field(default_factory=DemoConfig, description="Training settings of the embedded demo model (used only when name is 'demo').")
 
 
@@ -128,7 +128,7 @@ class SteeringConfig(_Section):
     alphas: list[float] = Field(default_factory=lambda: [0.25, 0.5, 1.0], min_length=1, description="Activation-addition strengths.")
     alpha_unit: Literal["norm", "raw"] = Field("norm", description="'norm': alpha times the mean residual norm at the layer; 'raw': alpha as is.")
     n_per_bucket: int = Field(50, ge=1, description="Prompts per HR/HC/BR/BC bucket of the controlled evaluation set.")
-    max_new_tokens: int = Field(48, ge=1, description="Tokens generated per steered response.")
+    max_new_tokens: int = Field(32, ge=1, description="Tokens generated per steered response.")
     n_bootstrap: int = Field(1000, ge=100, description="Bootstrap resamples for confidence intervals.")
     seed: int = Field(0, description="Seed of bucket sampling and the bootstrap.")
     knob_tolerance: float = Field(0.1, gt=0, le=1, description="Shared-knob verdict threshold on the mean |ORR difference| at matched RR.")

@@ -97,18 +97,26 @@ def all_layers(model) -> list[int]:
     return list(range(model.config.num_hidden_layers + 1))
 
 
-def extract_with_store(model, tokenizer, path: Path, prompts: pd.DataFrame, batches: list[int] | None = None) -> None:
-    """refusal-atlas extraction as the pipeline runs it: create the store, ``extract_to_store``
-    (tokenise, hooked forward of ``model.base_model``, value check, ``store.write_batch`` per
-    batch), then ``finalize_store`` when every batch was written."""
-    layers = all_layers(model)
-    store.create_store(path, prompts, layers, POSITIONS, [f"tok{p}" for p in POSITIONS], model.config.hidden_size,
+def create_bench_store(model, path: Path, prompts: pd.DataFrame) -> None:
+    """An empty float32 store for ``prompts`` (store order), all L+1 sites, the 5 positions."""
+    store.create_store(path, prompts, all_layers(model), POSITIONS, [f"tok{p}" for p in POSITIONS], model.config.hidden_size,
                        STORE_DTYPE, BATCH_SIZE, {"inputs_fingerprint": "bench"})
-    todo = list(range(n_batches(len(prompts)))) if batches is None else batches
-    extract_to_store(model, tokenizer, path, prompts["formatted"].tolist(), prompts["prompt_id"].tolist(), layers, POSITIONS,
-                     todo, BATCH_SIZE, STORE_DTYPE, MAX_LEN, progress=False)
-    if batches is None:
-        store.finalize_store(path)
+
+
+def extract_batches(model, tokenizer, path: Path, prompts: pd.DataFrame, batches: list[int]) -> None:
+    """The library's ``extract_to_store`` on the given write batches: per batch, tokenise
+    (``tokenize_prompts``), hooked forward of ``model.base_model`` (``read_residual``),
+    ``check_values``, ``store.write_batch``."""
+    extract_to_store(model, tokenizer, path, prompts["formatted"].tolist(), prompts["prompt_id"].tolist(), all_layers(model),
+                     POSITIONS, batches, BATCH_SIZE, STORE_DTYPE, MAX_LEN, progress=False)
+
+
+def extract_with_store(model, tokenizer, path: Path, prompts: pd.DataFrame) -> None:
+    """refusal-atlas extraction as the pipeline runs it: create the store, extract every
+    batch into it, ``finalize_store``."""
+    create_bench_store(model, path, prompts)
+    extract_batches(model, tokenizer, path, prompts, list(range(n_batches(len(prompts)))))
+    store.finalize_store(path)
 
 
 def n_params(module: torch.nn.Module) -> int:

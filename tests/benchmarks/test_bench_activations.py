@@ -25,9 +25,12 @@ the final pre-norm residual) at the last 5 positions, over the same batches:
             modules it wraps, so it gets its own copy with the same weights), saving
             ``layers[l].input`` and ``norm.input`` at the 5 positions, copy to numpy.
 
-Each method is warmed up on one batch; then the methods run round-robin (the order rotates
-each repeat, so drift on a shared machine hits all of them alike) and the median wall time
-of ``BENCH_REPEATS`` repeats is reported. Peak RSS of extracting 2048 vs 256 prompts with (b)
+Each method is warmed up on one batch. Then, per repeat, the methods are interleaved batch
+by batch (all five on batch 0, in an order that rotates every batch, then batch 1, ...), so
+that load drift on a shared machine hits all of them alike; a method's time for a repeat is
+its sum over the batches (for ours plus creating and finalising that repeat's store). The
+median over ``BENCH_REPEATS`` repeats is what the targets use; the paired per-batch ratio
+and overhead (method vs floor on the same batch, back to back) are reported alongside. Peak RSS of extracting 2048 vs 256 prompts with (b)
 is measured in fresh subprocesses (rss_worker.py) with the smaller ``BENCH_MEM_MODEL``.
 
 Environment knobs (for dry runs on a busy machine):
@@ -54,10 +57,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import xarray as xr
 
 from bench_common import (
-    BATCH_SIZE, MAX_LEN, MIN_LEN, POSITIONS, PRESETS, all_layers, build_model, build_tokenizer, extract_with_store,
-    machine_info, make_prompts, n_params, tokenized_batches,
+    BATCH_SIZE, MAX_LEN, MIN_LEN, POSITIONS, PRESETS, all_layers, build_model, build_tokenizer, create_bench_store,
+    extract_batches, machine_info, make_prompts, n_params, tokenized_batches,
 )
 from refusal_atlas import store
 from refusal_atlas.activations import check_values, extract_batch
@@ -187,32 +191,47 @@ def test_extraction_benchmark(tmp_path):
     np.testing.assert_allclose(hs0, ours0, rtol=0, atol=1e-5)
     np.testing.assert_allclose(nn0, ours0, rtol=0, atol=1e-5)
 
-    runs = {"a_floor_base_model": 0, "a_ref_full_model_lm_head": 0, "b_ours_extract_to_zarr": 0, "c_output_hidden_states": 0, "d_nnsight": 0}
-    store_dirs = iter(range(10**6))
-
-    def ours(bs):
-        # the real path tokenises the prompt strings itself; len(bs) batches of them
-        extract_with_store(model, tok, tmp_path / f"ours{next(store_dirs)}.zarr", prompts.iloc[:len(bs) * BATCH_SIZE].reset_index(drop=True))
-
-    methods = {
-        "a_floor_base_model": lambda bs: floor_body(model, bs),
-        "a_ref_full_model_lm_head": lambda bs: floor_full(model, bs),
-        "b_ours_extract_to_zarr": ours,
-        "c_output_hidden_states": lambda bs: hidden_states(model, bs),
-        "d_nnsight": lambda bs: nnsight_all(traced, n_layers, bs),
+    nb = len(batches)
+    # One step = one method on one batch. Ours writes into the store of the current repeat.
+    steps = {
+        "a_floor_base_model": lambda b, path: floor_body(model, [batches[b]]),
+        "a_ref_full_model_lm_head": lambda b, path: floor_full(model, [batches[b]]),
+        "b_ours_extract_to_zarr": lambda b, path: extract_batches(model, tok, path, prompts, [b]),
+        "c_output_hidden_states": lambda b, path: hidden_states(model, [batches[b]]),
+        "d_nnsight": lambda b, path: nnsight_all(traced, n_layers, [batches[b]]),
     }
+    names = list(steps)
 
     # Warm-up: one batch each.
-    warmup = {name: timed(lambda fn=fn: fn(batches[:1])) for name, fn in methods.items()}
+    warm_path = tmp_path / "warmup.zarr"
+    create_bench_store(model, warm_path, prompts)
+    warmup = {name: timed(lambda fn=fn: fn(0, warm_path)) for name, fn in steps.items()}
 
-    times: dict[str, list[float]] = {name: [] for name in methods}
-    names = list(methods)
+    # Timed repeats. Methods are interleaved batch by batch, in an order that rotates every
+    # batch, so that the load of a shared machine drifts over all of them alike; a method's
+    # time for a repeat is the sum over batches (plus, for ours, creating and finalising
+    # the store of that repeat).
+    per_batch = {name: np.zeros((REPEATS, nb)) for name in names}
+    store_fixed = {"create_store": [], "finalize_store": []}
     for r in range(REPEATS):
-        order = names[r % len(names):] + names[:r % len(names)]
-        for name in order:
-            times[name].append(timed(lambda fn=methods[name]: fn(batches)))
-            runs[name] += 1
-            print(f"  repeat {r + 1}/{REPEATS} {name:28s} {times[name][-1]:8.2f} s", flush=True)
+        path = tmp_path / f"ours{r}.zarr"
+        store_fixed["create_store"].append(timed(lambda: create_bench_store(model, path, prompts)))
+        for b in range(nb):
+            k = (r * nb + b) % len(names)
+            for name in names[k:] + names[:k]:
+                per_batch[name][r, b] = timed(lambda fn=steps[name]: fn(b, path))
+        store_fixed["finalize_store"].append(timed(lambda: store.finalize_store(path)))
+        opened = xr.open_zarr(path, chunks=None, consolidated=True)
+        assert bool(opened.attrs["complete"]) and opened["resid"].shape == (N_PROMPTS, n_layers + 1, len(POSITIONS), model.config.hidden_size)
+        np.testing.assert_array_equal(opened["resid"][:BATCH_SIZE].values, ours0)
+        print(f"  repeat {r + 1}/{REPEATS}: " + ", ".join(f"{name} {per_batch[name][r].sum():.2f} s" for name in names), flush=True)
+
+    times = {name: per_batch[name].sum(axis=1).tolist() for name in names}
+    times["b_ours_extract_to_zarr"] = [t + c + f for t, c, f in zip(times["b_ours_extract_to_zarr"], store_fixed["create_store"], store_fixed["finalize_store"])]
+    # Paired per-batch view: method minus floor on the same batch, back to back.
+    floor_pb = per_batch["a_floor_base_model"]
+    overhead_ms = {name: float(np.median(per_batch[name] - floor_pb)) * 1e3 for name in names}
+    paired_ratio = {name: float(np.median(per_batch[name] / floor_pb)) for name in names}
 
     # Diagnostics for (b): what tokenisation, the value check and the Zarr store cost alone.
     t_tok = timed(lambda: [tokenize_prompts(tok, formatted[b * BATCH_SIZE:(b + 1) * BATCH_SIZE], MAX_LEN) for b in range(len(batches))])
@@ -273,7 +292,9 @@ def test_extraction_benchmark(tmp_path):
             "layers": layers, "positions": POSITIONS, "repeats": REPEATS, "store_dtype": "float32",
             "mem_model_preset": MEM_PRESET, "mem_model_config": PRESETS[MEM_PRESET], "mem_sizes": list(MEM_SIZES),
         },
-        "seconds": {"median": med, "all": times, "warmup_one_batch": warmup},
+        "seconds": {"median": med, "all": times, "warmup_one_batch": warmup, "per_batch": {k: v.tolist() for k, v in per_batch.items()},
+                    "ours_store_create": store_fixed["create_store"], "ours_store_finalize": store_fixed["finalize_store"]},
+        "paired_per_batch": {"median_ratio_to_floor": paired_ratio, "median_overhead_ms_per_batch": overhead_ms},
         "diagnostics_seconds": {
             "b_tokenize_all_batches": t_tok, "b_check_values_all_batches": t_check,
             "b_zarr_create_write_finalize_all_batches": t_zarr,
@@ -291,9 +312,12 @@ def test_extraction_benchmark(tmp_path):
           f"{len(batches)} batches of {BATCH_SIZE}, {n_layers + 1} sites x {len(POSITIONS)} positions; "
           f"median of {REPEATS}; torch threads {info_start['torch_threads']}, cpus {info_start['cpu_count']}, "
           f"loadavg {info_start['loadavg_1_5_15'][0]:.2f} -> {info_end['loadavg_1_5_15'][0]:.2f}")
-    print(f"{'method':32s} {'median s':>9s} {'min s':>8s} {'x floor':>8s}")
+    print(f"{'method':28s} {'median s':>9s} {'min s':>8s} {'max s':>8s} {'x floor':>8s} {'paired x':>9s} {'+ms/batch':>10s}")
     for name in names:
-        print(f"{name:32s} {med[name]:9.2f} {min(times[name]):8.2f} {med[name] / floor:8.3f}")
+        print(f"{name:28s} {med[name]:9.2f} {min(times[name]):8.2f} {max(times[name]):8.2f} {med[name] / floor:8.3f} "
+              f"{paired_ratio[name]:9.3f} {overhead_ms[name]:10.1f}")
+    print("  (x floor: ratio of medians of repeat totals; paired x / +ms/batch: median over batches of the same batch's "
+          "time over / minus the floor's, run back to back)")
     print(f"  (b) parts alone: tokenise {t_tok:.3f} s, check_values {t_check:.3f} s, Zarr create+write+finalize {t_zarr:.3f} s")
     print(f"ours/floor {ratios['ours_over_floor']:.3f} (target <= {TARGET_OURS_OVER_FLOOR}); ours/hidden_states "
           f"{ratios['ours_over_hidden_states']:.3f}; ours/nnsight {ratios['ours_over_nnsight']:.3f} (targets < 1)")
