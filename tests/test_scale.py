@@ -1,0 +1,73 @@
+"""Real parts at scale: a DVC remote round trip, experiment sweeps, multi-process extraction."""
+
+from __future__ import annotations
+
+import hashlib
+import sys
+
+import numpy as np
+import pytest
+import yaml
+from mlflow import MlflowClient
+
+from conftest import REPO, clone_pipeline, run
+from refusal_atlas import store
+
+pytestmark = pytest.mark.slow
+GIT = ["git", "-c", "user.email=t@example.com", "-c", "user.name=test"]
+
+
+def _digests(root):
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted((root / "artifacts").rglob("*")) if p.is_file()}
+
+
+def test_dvc_remote_round_trip(pipeline, tmp_path):
+    origin = clone_pipeline(pipeline, tmp_path / "origin")
+    run(["dvc", "remote", "add", "-d", "shared", str(tmp_path / "remote")], origin)
+    run([*GIT, "add", "-A"], origin)
+    run([*GIT, "commit", "-q", "-m", "pipeline results"], origin)
+    run(["dvc", "push"], origin)
+
+    fresh = tmp_path / "fresh"
+    run(["git", "clone", "-q", str(origin), str(fresh)], tmp_path)
+    run(["dvc", "pull"], fresh)
+    assert "up to date" in run(["dvc", "status"], fresh).stdout
+    repro = run(["dvc", "repro"], fresh).stdout
+    assert "Running stage" not in repro, repro
+    original, pulled = _digests(origin), _digests(fresh)
+    assert sorted(set(original) - set(pulled)) == []
+    assert [k for k, v in original.items() if pulled[k] != v] == []
+
+
+def test_steering_only_experiment_reruns_only_steering_and_report(pipeline, tmp_path):
+    repo = clone_pipeline(pipeline, tmp_path / "exp")
+    run([*GIT, "add", "-A"], repo)
+    run([*GIT, "commit", "-q", "-m", "results"], repo)
+    dry = run(["dvc", "exp", "run", "--dry", "-S", "steering.alphas=[0.5,2.0]"], repo).stdout
+    ran = {line.split("'")[1] for line in dry.splitlines() if line.startswith("Running stage")}
+    assert ran and all(s.startswith("steering@") or s == "report" for s in ran), ran
+    assert not any(s.startswith(("activations@", "directions", "baseline", "model")) for s in ran)
+
+    out = run(["dvc", "exp", "run", "-n", "alpha-sweep", "-S", "steering.alphas=[0.5,2.0]", "steering@pooled"], repo).stdout
+    assert "Running stage 'steering@pooled'" in out and "Running stage 'activations@" not in out
+    client = MlflowClient(f"sqlite:///{repo / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("refusal-atlas")
+    tagged = client.search_runs([exp.experiment_id], filter_string="tags.`dvc.exp_name` = 'alpha-sweep'")
+    assert [r.info.run_name for r in tagged] == ["steering@pooled"]
+    assert client.get_run(tagged[0].data.tags["mlflow.parentRunId"]).data.tags["refusal_atlas.pipeline_key"] == "exp:alpha-sweep"
+
+
+def test_two_process_extraction_equals_one(pipeline, tmp_path):
+    repo = clone_pipeline(pipeline, tmp_path / "dp")
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    params["activations"]["num_processes"] = 2
+    (repo / "params2.yaml").write_text(yaml.safe_dump(params))
+    out = tmp_path / "benign2.zarr"
+    args = ["--name", "benign", "--prompts", "artifacts/prompts/sets/benign.parquet", "--verdicts", "artifacts/baseline/sets/benign.parquet",
+            "--model", "artifacts/model", "--out", str(out), "--no-progress"]
+    proc = run([sys.executable, str(repo / "stages/activations.py"), "--params", "params2.yaml", *args], repo, env={"OMP_NUM_THREADS": "1"})
+    assert "2 process(es)" in proc.stdout
+    two = store.open_store(out)
+    one = store.open_store(repo / "artifacts/activations/benign.zarr")
+    assert list(two.prompt_id.values) == list(one.prompt_id.values)
+    np.testing.assert_array_equal(store.load_resid(two), store.load_resid(one))
