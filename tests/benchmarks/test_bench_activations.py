@@ -1,7 +1,10 @@
 """Extraction benchmark: refusal-atlas against a bare forward pass, output_hidden_states and nnsight.
 
 Run with ``make bench`` (``pytest -q -s -p no:cacheprovider tests/benchmarks -m bench``);
-a plain ``pytest`` skips it (tests/benchmarks/conftest.py).
+a plain ``pytest`` (make test) skips it: the autouse fixture below skips unless the ``-m``
+expression selects the bench marker. (It is not a tests/benchmarks/conftest.py because the
+suite imports helpers with ``from conftest import ...``, and a second conftest module
+would shadow tests/conftest.py.)
 
 Setup: a randomly initialised ~110M-parameter Llama (float32, eval, ``torch.manual_seed(0)``),
 256 prompts of random token ids (48–128 tokens), sorted by length (``store_order``),
@@ -48,6 +51,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import re
 import statistics
 import subprocess
 import sys
@@ -87,6 +91,16 @@ def scaled(n: int) -> int:
 
 N_PROMPTS = scaled(256)
 MEM_SIZES = (scaled(256), scaled(2048))
+
+
+_SELECTS_BENCH = re.compile(r"(?<!not )\bbench\b")
+
+
+@pytest.fixture(autouse=True)
+def _only_when_bench_selected(request):
+    """Skip unless ``-m`` names the bench marker other than as ``not bench``."""
+    if not _SELECTS_BENCH.search(request.config.getoption("-m") or ""):
+        pytest.skip("benchmark: run it with `make bench` (pytest -m bench)")
 
 
 def output_path() -> Path:
