@@ -33,8 +33,11 @@ by batch (all five on batch 0, in an order that rotates every batch, then batch 
 that load drift on a shared machine hits all of them alike; a method's time for a repeat is
 its sum over the batches (for ours plus creating and finalising that repeat's store). The
 median over ``BENCH_REPEATS`` repeats is what the targets use; the paired per-batch ratio
-and overhead (method vs floor on the same batch, back to back) are reported alongside. Peak RSS of extracting 2048 vs 256 prompts with (b)
-is measured in fresh subprocesses (rss_worker.py) with the smaller ``BENCH_MEM_MODEL``.
+and overhead (method vs floor on the same batch, back to back) are reported alongside.
+
+Peak RSS of extracting 2048 vs 256 prompts with (b) is measured in fresh subprocesses
+(rss_worker.py) with the smaller ``BENCH_MEM_MODEL`` (~11M parameters, so that 2048 prompts
+take minutes, not an hour, on CPU).
 
 Environment knobs (for dry runs on a busy machine):
   BENCH_SCALE      multiplies every prompt count (default 1; e.g. 0.125 → 32 and 256/32 prompts)
@@ -254,7 +257,7 @@ def test_extraction_benchmark(tmp_path):
 
     def zarr_only():
         path = tmp_path / "zarr_only.zarr"
-        store.create_store(path, prompts, layers, POSITIONS, [f"tok{p}" for p in POSITIONS], model.config.hidden_size, "float32", BATCH_SIZE, {"inputs_fingerprint": "bench"})
+        create_bench_store(model, path, prompts)
         for b, v in enumerate(values):
             store.write_batch(path, b, v)
         store.finalize_store(path)
