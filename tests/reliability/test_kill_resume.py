@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import time
@@ -40,6 +41,7 @@ def test_killed_extraction_resumes_to_identical_data(pipeline, tmp_path):
     run(["dvc", "repro", "--single-item", STAGE], reference)
 
     store_path = killed / "artifacts/activations/benign.zarr"
+    shutil.rmtree(store_path)  # so the poll below watches the new store fill, not the old one
     env = {**os.environ, "PATH": f"{VENV_BIN}{os.pathsep}{os.environ['PATH']}", "HF_HUB_OFFLINE": "1"}
     env.pop("MLFLOW_TRACKING_URI", None)
     proc = subprocess.Popen(["dvc", "repro", "--single-item", STAGE], cwd=killed, env=env, start_new_session=True,
