@@ -8,6 +8,7 @@ With activations.num_processes > 1 the stage relaunches itself under `accelerate
 launch`; each process extracts a chunk-aligned shard and rank 0 finalises the store.
 """
 
+import os
 import sys
 from pathlib import Path
 
@@ -76,6 +77,6 @@ if __name__ == "__main__":
         n = load_params(known.params).activations.num_processes
     except ConfigError:
         n = 1  # run_stage reports the bad params
-    if n > 1 and process_rank()[1] == 1:
+    if n > 1 and process_rank()[1] == 1 and not os.environ.get("REFUSAL_ATLAS_LAUNCHED"):
         sys.exit(relaunch_with_accelerate(n))
     run_stage(STAGE, parser, main)

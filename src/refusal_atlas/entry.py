@@ -57,7 +57,8 @@ def relaunch_with_accelerate(num_processes: int) -> int:
         cmd.append("--cpu")
     else:
         cmd.append("--multi_gpu")
-    return subprocess.call([*cmd, *sys.argv])
+    # The children must never relaunch again, whatever the launcher sets in their environment.
+    return subprocess.call([*cmd, *sys.argv], env={**os.environ, "REFUSAL_ATLAS_LAUNCHED": "1"})
 
 
 class NullRun:

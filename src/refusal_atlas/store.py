@@ -152,6 +152,9 @@ def open_store(path: Path, expect: dict | None = None) -> xr.Dataset:
     """
     if not Path(path).exists():
         raise StoreError(f"{path}: no activation store here; run `dvc repro` to build it")
+    attrs = read_attrs(path)
+    if attrs and not attrs.get("complete"):
+        raise StoreError(f"{path}: the store is unfinished (extraction was interrupted); rerun `dvc repro` to resume it")
     try:
         ds = xr.open_zarr(path, chunks=None, consolidated=True)
     except Exception as err:  # noqa: BLE001 - any failure to open is a corrupt or foreign store
