@@ -62,7 +62,9 @@ def _barrier(world: int) -> None:
     if world > 1:
         from accelerate import PartialState
 
-        PartialState().wait_for_everyone()
+        import torch
+
+        PartialState(cpu=not torch.cuda.is_available()).wait_for_everyone()
 
 
 if __name__ == "__main__":

@@ -42,21 +42,23 @@ def process_rank() -> tuple[int, int]:
 
 
 def relaunch_with_accelerate(num_processes: int) -> int:
-    """Run this same command under ``accelerate launch`` with ``num_processes`` processes; return its status.
+    """Run this same command in ``num_processes`` data-parallel processes; return the launcher's status.
 
-    Multi-node runs use the same launcher with ``--num_machines``/``--machine_rank``/
-    ``--main_process_ip`` (or an accelerate config file); see the README.
+    On GPUs it is ``accelerate launch --multi_gpu``. On CPU, accelerate's ``--cpu`` launcher
+    starts a single process (multi-CPU there means mpirun), so it is torch.distributed's own
+    launcher (torchrun, gloo) with accelerate's ``PartialState`` inside. Multi-node runs use
+    the same launchers with ``--num_machines``/``--machine_rank``/``--main_process_ip``
+    (or torchrun's ``--nnodes``/``--rdzv-endpoint``); see the README.
     """
     import subprocess
 
     import torch
 
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(num_processes), "--num_machines", "1",
-           "--mixed_precision", "no", "--dynamo_backend", "no"]
-    if not torch.cuda.is_available():
-        cmd.append("--cpu")
+    if torch.cuda.is_available():
+        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(num_processes),
+               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
     else:
-        cmd.append("--multi_gpu")
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(num_processes)]
     # The children must never relaunch again, whatever the launcher sets in their environment.
     return subprocess.call([*cmd, *sys.argv], env={**os.environ, "REFUSAL_ATLAS_LAUNCHED": "1"})
 
