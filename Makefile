@@ -28,7 +28,7 @@ repro: setup
 	@echo "Done. Results:"
 	@echo "  artifacts/          every stage's outputs (tracked in dvc.lock)"
 	@echo "  dvc metrics show    the metrics;  dvc plots show  writes dvc_plots/index.html"
-	@echo "  artifacts/report/report.html   the self-contained report (once the report stage exists)"
+	@echo "  artifacts/report/report.html   the self-contained report"
 	@echo "  make ui             browse the MLflow runs at http://127.0.0.1:5000"
 
 test: setup

@@ -30,7 +30,9 @@ def main(args, params, run) -> None:
     atlas = store.open_directions(args.directions / "directions.zarr")
     site = json.loads((args.directions / "selected.json").read_text())[POOLED]
     li, pi = list(atlas.layer.values).index(site["layer"]), list(atlas.position.values).index(site["position"])
-    stores = {n: store.open_store(args.activations / f"{n}.zarr") for n in manifest.sets()}
+    identity = json.loads((args.model / "identity.json").read_text())
+    expect = {"model_weights_fingerprint": identity["weights_fingerprint"], "template_sha256": identity["template_sha256"]}
+    stores = {n: store.open_store(args.activations / f"{n}.zarr", expect=expect) for n in manifest.sets()}
     units = atlas["direction"].sel(direction_name=cats).values  # [k, layer, position, hidden]
     filter_, n_per_side = atlas.attrs["filter"], int(atlas.attrs["n_per_side"])
 
@@ -80,6 +82,7 @@ def main(args, params, run) -> None:
     pd.DataFrame({"layer": atlas.layer.values[layers], "mean_offdiag_cosine": per_layer}).to_csv(out / "layer_curve.csv", index=False)
     write_json(out / "metrics.json", metrics)
 
+    run.log_identity(identity)
     run.log_input(args.directions / "directions.zarr")
     run.log_metrics(metrics)
     run.log_artifact(out / "figures", "figures")
@@ -92,5 +95,6 @@ if __name__ == "__main__":
     parser.add_argument("--manifest", type=Path, required=True, help="prompts/manifest.yaml")
     parser.add_argument("--directions", type=Path, required=True, help="artifacts/directions")
     parser.add_argument("--activations", type=Path, required=True, help="artifacts/activations")
+    parser.add_argument("--model", type=Path, required=True, help="artifacts/model (its identity.json)")
     parser.add_argument("--out", type=Path, required=True, help="artifacts/geometry")
     run_stage(STAGE, parser, main)

@@ -50,7 +50,7 @@ def main(args, params, run) -> None:
 
     figures = {
         "tradeoff.png": plots.tradeoff_plot({n: c[c.alpha.notna()] for n, c in curves.items()}),
-        "style_matrix.png": plots.matrix_heatmap(style, "Refusal style of steered refusals (share)", "Blues", ".2f", 0, 1),
+        "style_matrix.png": plots.matrix_heatmap(style, "Style of the refusals each direction induces (share)", "Blues", ".2f", 0, 1),
     }
     with atomic_path(args.out / "figures") as folder:
         folder.mkdir()
@@ -103,7 +103,8 @@ def _sections(args, figures, tradeoff, knob, verdict_line, style, ablation, kl, 
         Section("Steering: refusal vs over-refusal", [verdict_line], figures={"RR against ORR for every direction (95% bootstrap CIs)": plots.png_bytes(figures["tradeoff.png"])},
                 tables={"Trade-off curves": tradeoff.set_index(["direction", "intervention"])[["alpha", "rr", "rr_lo", "rr_hi", "orr", "orr_lo", "orr_hi", "acc"]],
                         "Shared-knob statistic per pair": knob.set_index(["a", "b"]), "Directional ablation": ablation}),
-        Section("Refusal style", [f"Offline style classifier accuracy on {style_eval['n']} hand-labelled responses: {style_eval['accuracy']:.3f} (macro-F1 {style_eval['macro_f1']:.3f})."],
+        Section("Refusal style", ["Style of the refusals each direction induces: prompts the unsteered model answered and refuses under activation addition (all alphas).",
+                                  f"Offline style classifier accuracy on {style_eval['n']} hand-labelled responses: {style_eval['accuracy']:.3f} (macro-F1 {style_eval['macro_f1']:.3f})."],
                 figures={"Direction × style": plots.png_bytes(figures["style_matrix.png"])}, tables={"Style shares": style}),
         Section("KL cost", ["Mean first-token KL(base || steered) on benign prompts, per intervention."], tables={"First-token KL": kl}),
         Section("Lineage", [f"Code commit {git_state(repo_root())['git_commit']} (dirty: {git_state(repo_root())['git_dirty']}); package versions are tagged on every MLflow run."],

@@ -46,10 +46,15 @@ def main(args, params, run) -> None:
         seed=cfg.seed, parts_dir=args.out / ".parts", key=(identity, args.name, site, cfg.model_dump(), params.judge.model_dump()),
         classify=lambda responses, refused: classify_styles(clf, responses, refused), progress=not args.no_progress,
     )
-    steered = table[(table.intervention != "baseline") & table.refused & (table.intervention != "ablate")]
-    dominant, purity = dominant_style(steered["style"].to_numpy())
+    # How this direction makes the model refuse: the refusals it induces under activation addition,
+    # i.e. of prompts the unsteered model answered. Prompts it already refused keep their own style.
+    added = table[table.intervention.str.startswith("add_") & table.refused]
+    answered = set(frame.prompt_id[~rows.refused.to_numpy(dtype=bool)])
+    induced = added[added.prompt_id.isin(answered)]
+    dominant, purity = dominant_style(induced["style"].to_numpy())
     metrics.update({"direction": args.name, "site": site, "eval_counts": counts,
-                    "style": {"distribution": style_distribution(steered["style"].to_numpy()), "dominant": dominant, "purity": purity}})
+                    "style": {"distribution": style_distribution(induced["style"].to_numpy()), "dominant": dominant, "purity": purity,
+                              "n_induced": len(induced), "all_refusals": style_distribution(added["style"].to_numpy())}})
     write_parquet(args.out / "responses.parquet", table)
     write_json(args.out / "metrics.json", metrics)
     shutil.rmtree(args.out / ".parts", ignore_errors=True)

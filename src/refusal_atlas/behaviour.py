@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -43,6 +44,9 @@ def generate_resumable(
     folder = parts_dir / key
     out: list[str] = []
     starts = range(0, len(formatted), chunk_size)
+    resumed = sum((folder / f"{start:08d}.json").exists() for start in starts)
+    if resumed:
+        print(f"{desc}: resuming, {resumed} of {len(starts)} chunks already generated in {folder}", file=sys.stderr)
     for start in tqdm(starts, desc=desc, unit="chunk", disable=not progress):
         part = folder / f"{start:08d}.json"
         if part.exists():

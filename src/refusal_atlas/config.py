@@ -47,11 +47,11 @@ class DemoConfig(_Section):
     n_layers: int = Field(4, ge=1, description="Decoder blocks of the demo Llama model.")
     d_model: int = Field(128, ge=16, description="Hidden size of the demo model.")
     n_heads: int = Field(4, ge=1, description="Attention heads of the demo model.")
-    vocab_size: int = Field(2048, ge=256, description="BPE vocabulary size of the demo tokenizer.")
-    steps: int = Field(600, ge=1, description="Optimiser steps of demo training.")
+    vocab_size: int = Field(4096, ge=256, description="BPE vocabulary size of the demo tokenizer.")
+    steps: int = Field(2000, ge=1, description="Optimiser steps of demo training.")
     batch_size: int = Field(32, ge=1, description="Training batch size.")
     lr: float = Field(3e-3, gt=0, description="Peak AdamW learning rate.")
-    augment: int = Field(6, ge=0, description="Templated augmentations per training prompt.")
+    augment: int = Field(24, ge=0, description="Templated augmentations per training prompt.")
     seed: int = Field(0, description="Seed of tokenizer training, initialisation, augmentation and batching.")
 
 

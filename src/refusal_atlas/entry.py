@@ -75,6 +75,8 @@ def run_stage(stage: str, parser: argparse.ArgumentParser, main: Callable[[argpa
 
     On ranks > 0 of a distributed launch, ``run`` is a ``NullRun``.
     """
+    import errno
+
     from refusal_atlas.tracking import stage_run
 
     args = parser.parse_args()
@@ -95,6 +97,13 @@ def run_stage(stage: str, parser: argparse.ArgumentParser, main: Callable[[argpa
             main(args, params, run)
     except RefusalAtlasError as err:
         fail(stage, str(err))
+    except OSError as err:
+        if err.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        # A write error often carries no file name; the stage's output is where it was writing.
+        where = err.filename or getattr(args, "out", None) or repo_root()
+        what = "no space left on the device" if err.errno == errno.ENOSPC else "disk quota exceeded"
+        fail(stage, f"{what} while writing {where}; free space on that disk (or move the output to a bigger one) and rerun `dvc repro`")
     except KeyboardInterrupt:
         fail(stage, "interrupted", 130)
 

@@ -71,7 +71,11 @@ def create_store(
     coords.update({"layer": np.asarray(layers, dtype=np.int64), "position": np.asarray(positions, dtype=np.int64),
                    "position_token": ("position", np.asarray(position_tokens, dtype=object))})
     skeleton = xr.Dataset(coords=coords)
-    skeleton.attrs.update({**attrs, "dtype": STORAGE_DTYPES[dtype], "logical_dtype": dtype, "complete": False, "batch_size": int(batch_size)})
+    # The fingerprint is written last: a store cut short while being created (disk full, kill)
+    # has none, so is_resumable() rejects it and the next run rebuilds it.
+    fingerprint = attrs.get("inputs_fingerprint")
+    skeleton.attrs.update({**{k: v for k, v in attrs.items() if k != "inputs_fingerprint"},
+                           "dtype": STORAGE_DTYPES[dtype], "logical_dtype": dtype, "complete": False, "batch_size": int(batch_size)})
     skeleton.to_zarr(path, mode="w", consolidated=False, zarr_format=3)
     group = zarr.open_group(path, mode="a")
     n = len(prompts)
@@ -80,6 +84,8 @@ def create_store(
         dtype=STORAGE_DTYPES[dtype], compressors=ZstdCodec(level=1), dimension_names=list(DIMS), fill_value=0,
     )
     group.create_array("done", shape=(n,), chunks=(batch_size,), dtype="bool", dimension_names=["prompt"], fill_value=False)
+    if fingerprint is not None:
+        group.attrs["inputs_fingerprint"] = fingerprint
 
 
 def _column(series: pd.Series) -> np.ndarray:
