@@ -15,6 +15,7 @@ import pandas as pd
 
 from refusal_atlas.atomic import write_json, write_parquet
 from refusal_atlas.behaviour import fingerprint, generate_resumable, judge_table, refusal_rates
+from refusal_atlas.classifier import load_judge_classifier
 from refusal_atlas.entry import load_stage_model, run_stage, stage_parser
 from refusal_atlas.generation import generate, refusal_scores, refusal_token_ids
 from refusal_atlas.models import format_prompts
@@ -26,6 +27,8 @@ def main(args, params, run) -> None:
     cfg, mcfg = params.baseline, params.model
     table = pd.read_parquet(args.prompts)
     model, tokenizer, identity = load_stage_model(params, args.model)
+    # Loaded before generating, so a bad judge.classifier_path fails in seconds, not after hours.
+    classifier = load_judge_classifier(params.judge, mcfg)
     formatted = format_prompts(tokenizer, table.text.tolist(), mcfg.system_prompt, mcfg.chat_template, mcfg.chat_template_kwargs)
 
     generate_chunk = partial(generate, model, tokenizer, max_new_tokens=cfg.max_new_tokens, batch_size=mcfg.batch_size, max_prompt_tokens=mcfg.max_prompt_tokens)
@@ -33,7 +36,7 @@ def main(args, params, run) -> None:
     responses = generate_resumable(generate_chunk, formatted, args.out / ".parts", key, chunk_size=8 * mcfg.batch_size, desc="baseline", progress=not args.no_progress)
     scores = refusal_scores(model, tokenizer, formatted, refusal_token_ids(tokenizer, mcfg.refusal_tokens), mcfg.batch_size, max_prompt_tokens=mcfg.max_prompt_tokens)
 
-    judged = judge_table(responses, scores, params.judge.method)
+    judged = judge_table(responses, scores, params.judge.method, classifier=classifier, prompts=table.text.tolist())
     result = pd.concat([table[["prompt_id", "category", "role", "split"]], pd.Series(responses, name="response"), judged], axis=1)
     metrics = refusal_rates(result)
     write_parquet(args.out / "responses.parquet", result)

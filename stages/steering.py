@@ -14,6 +14,7 @@ import pandas as pd
 
 from refusal_atlas.atlas import load_site
 from refusal_atlas.atomic import write_json, write_parquet
+from refusal_atlas.classifier import load_judge_classifier
 from refusal_atlas.entry import load_stage_model, run_stage, stage_parser
 from refusal_atlas.evaluation import evaluate_direction
 from refusal_atlas.generation import refusal_token_ids
@@ -27,6 +28,7 @@ STAGE = "steering"
 def main(args, params, run) -> None:
     cfg, mcfg = params.steering, params.model
     model, tokenizer, identity = load_stage_model(params, args.model)
+    classifier = load_judge_classifier(params.judge, mcfg)
     site = load_site(args.site, identity["d_model"])
     unit = np.asarray(site.pop("unit"), dtype=np.float32)
 
@@ -44,7 +46,8 @@ def main(args, params, run) -> None:
         alpha_unit=cfg.alpha_unit, max_new_tokens=cfg.max_new_tokens, batch_size=mcfg.batch_size, max_prompt_tokens=mcfg.max_prompt_tokens,
         refusal_ids=refusal_token_ids(tokenizer, mcfg.refusal_tokens), judges=params.judge.method, n_bootstrap=cfg.n_bootstrap,
         seed=cfg.seed, parts_dir=args.out / ".parts", key=(identity, args.name, site, cfg.model_dump(), params.judge.model_dump()),
-        classify=lambda responses, refused: classify_styles(clf, responses, refused), progress=not args.no_progress,
+        classify=lambda responses, refused: classify_styles(clf, responses, refused), prompts=texts, classifier=classifier,
+        progress=not args.no_progress,
     )
     # How this direction makes the model refuse: the refusals it induces under activation addition,
     # i.e. of prompts the unsteered model answered. Prompts it already refused keep their own style.

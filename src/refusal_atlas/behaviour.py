@@ -19,7 +19,7 @@ import pandas as pd
 from tqdm.auto import tqdm
 
 from refusal_atlas.atomic import write_json
-from refusal_atlas.judges import judge_agreement, judge_responses
+from refusal_atlas.judges import ClassifierJudge, judge_agreement, judge_responses
 
 
 def fingerprint(*parts: object) -> str:
@@ -58,9 +58,19 @@ def generate_resumable(
     return out
 
 
-def judge_table(responses: Sequence[str], scores: np.ndarray, methods: Sequence[str], classifier=None) -> pd.DataFrame:
-    """One row per response: ``refused`` (first judge), each judge's own verdict, ``refusal_score``."""
-    verdicts = judge_responses(list(responses), list(methods), scores=scores, classifier=classifier)
+def judge_table(
+    responses: Sequence[str],
+    scores: np.ndarray,
+    methods: Sequence[str],
+    classifier: ClassifierJudge | None = None,
+    prompts: Sequence[str] | None = None,
+) -> pd.DataFrame:
+    """One row per response: ``refused`` (first judge), each judge's own verdict, ``refusal_score``.
+
+    ``classifier`` and ``prompts`` (the raw user prompts, one per response) are needed only
+    when ``methods`` includes ``classifier``; see ``judge_responses``.
+    """
+    verdicts = judge_responses(list(responses), list(methods), scores=scores, classifier=classifier, prompts=prompts)
     frame = pd.DataFrame({"refused": verdicts["refused"], **{f"judge_{m}": verdicts[m] for m in methods}})
     frame["refusal_score"] = np.asarray(scores, dtype=np.float64)
     return frame

@@ -18,6 +18,7 @@ import torch
 
 from refusal_atlas.behaviour import fingerprint, generate_resumable, judge_table
 from refusal_atlas.generation import first_token_logprobs, generate, refusal_scores
+from refusal_atlas.judges import ClassifierJudge
 from refusal_atlas.steering import (
     compute_rates,
     intervention,
@@ -51,9 +52,15 @@ def evaluate_direction(
     parts_dir: Path,
     key: object,
     classify: Callable[[Sequence[str], np.ndarray], np.ndarray],
+    prompts: Sequence[str] | None = None,
+    classifier: ClassifierJudge | None = None,
     progress: bool = True,
 ) -> tuple[pd.DataFrame, dict]:
     """Run every intervention in ``names`` on the eval ``frame`` (one row per prompt, with ``formatted``).
+
+    ``prompts`` (the raw user prompts behind ``formatted``) and ``classifier`` are needed
+    only when ``judges`` includes ``classifier``; the judge model then sees each prompt
+    with its steered response.
 
     Returns the long response table (prompt_id, intervention, alpha, response, refused,
     each judge's verdict, refusal_score, style) and the metrics: rates with CIs per
@@ -82,7 +89,7 @@ def evaluate_direction(
             with hooks():
                 scores = refusal_scores(model, tokenizer, list(formatted), list(refusal_ids), batch_size, max_prompt_tokens=max_prompt_tokens)
                 steered = first_token_logprobs(model, tokenizer, benign_prompts, batch_size, max_prompt_tokens)
-            judged = judge_table(responses, scores, judges)
+            judged = judge_table(responses, scores, judges, classifier=classifier, prompts=prompts)
         refused = judged["refused"].to_numpy()
         styles = classify(responses, refused)
         entry = {**compute_rates(refused, frame, n_bootstrap, seed), "alpha": intervention_alpha(name)}

@@ -3,7 +3,8 @@
 ``substring`` is the JailbreakBench prefix match used by Arditi et al.; ``keywords``
 is a broader marker list that also covers the non-safety refusal styles of the
 reference study (capability, underspecification, "no single answer"); ``refusal_score``
-thresholds the first-token log-odds; ``classifier`` asks a local judge model.
+thresholds the first-token log-odds; ``classifier`` asks a local judge model, which
+``refusal_atlas.classifier`` loads and passes in as a callable.
 """
 
 from __future__ import annotations
@@ -12,6 +13,8 @@ import re
 from collections.abc import Callable, Sequence
 
 import numpy as np
+
+from refusal_atlas.errors import RefusalAtlasError
 
 # The 12 JailbreakBench refusal prefixes (../shared/RESEARCH.md).
 JBB_PREFIXES = (
@@ -66,16 +69,27 @@ def judge_refusal_score(score: float) -> bool:
 TEXT_JUDGES: dict[str, Callable[[str], bool]] = {"substring": judge_substring, "keywords": judge_keywords}
 
 
+class JudgeError(RefusalAtlasError, ValueError):
+    """Judges asked for without what they need (scores, a classifier, prompts), or an unknown judge."""
+
+
+# The classifier judge: (prompts, responses) -> one refused verdict per response. It is
+# built outside this module (refusal_atlas.classifier) so that judging stays pure.
+ClassifierJudge = Callable[[Sequence[str], Sequence[str]], Sequence[bool]]
+
+
 def judge_responses(
     responses: Sequence[str],
     methods: Sequence[str],
     scores: Sequence[float] | None = None,
-    classifier: Callable[[Sequence[str]], Sequence[bool]] | None = None,
+    classifier: ClassifierJudge | None = None,
+    prompts: Sequence[str] | None = None,
 ) -> dict[str, np.ndarray]:
-    """Apply every judge in ``methods``; return ``{method: bool array}`` plus ``refused``.
+    """Apply every judge in ``methods``; return ``{method: bool array [n]}`` plus ``refused``.
 
     ``refused`` is the verdict of the first method. ``scores`` are needed for
-    ``refusal_score``; ``classifier`` (responses → verdicts) for ``classifier``.
+    ``refusal_score``; ``classifier`` ((prompts, responses) → verdicts) and ``prompts``
+    (the raw user prompts, one per response, not chat-formatted) for ``classifier``.
     """
     verdicts: dict[str, np.ndarray] = {}
     for method in methods:
@@ -83,16 +97,26 @@ def judge_responses(
             verdicts[method] = np.array([TEXT_JUDGES[method](r) for r in responses], dtype=bool)
         elif method == "refusal_score":
             if scores is None:
-                raise ValueError("the refusal_score judge needs first-token refusal scores")
+                raise JudgeError("the refusal_score judge needs first-token refusal scores")
             verdicts[method] = np.array([judge_refusal_score(s) for s in scores], dtype=bool)
         elif method == "classifier":
-            if classifier is None:
-                raise ValueError("the classifier judge needs judge.classifier_path set to a local model directory")
-            verdicts[method] = np.asarray(classifier(responses), dtype=bool)
+            verdicts[method] = _run_classifier(classifier, prompts, responses)
         else:
-            raise ValueError(f"unknown judge '{method}'; choose from substring, keywords, refusal_score, classifier")
+            raise JudgeError(f"unknown judge '{method}'; choose from substring, keywords, refusal_score, classifier")
     verdicts["refused"] = verdicts[methods[0]]
     return verdicts
+
+
+def _run_classifier(classifier: ClassifierJudge | None, prompts: Sequence[str] | None, responses: Sequence[str]) -> np.ndarray:
+    if classifier is None:
+        raise JudgeError("the classifier judge needs a loaded judge model; set judge.classifier_path to a local model directory")
+    if prompts is None or len(prompts) != len(responses):
+        got = "no prompts" if prompts is None else f"{len(prompts)} prompts"
+        raise JudgeError(f"the classifier judge needs the user prompt of every response: got {got} for {len(responses)} responses")
+    out = np.asarray(classifier(list(prompts), list(responses)), dtype=bool)
+    if out.shape != (len(responses),):
+        raise JudgeError(f"the classifier judge returned verdicts of shape {out.shape}; expected ({len(responses)},), one per response")
+    return out
 
 
 def judge_agreement(verdicts: dict[str, np.ndarray]) -> dict[str, float | int]:
