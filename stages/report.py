@@ -107,7 +107,7 @@ def _sections(args, figures, tradeoff, knob, verdict_line, style, ablation, kl, 
                                   f"Offline style classifier accuracy on {style_eval['n']} hand-labelled responses: {style_eval['accuracy']:.3f} (macro-F1 {style_eval['macro_f1']:.3f})."],
                 figures={"Direction × style": plots.png_bytes(figures["style_matrix.png"])}, tables={"Style shares": style}),
         Section("KL cost", ["Mean first-token KL(base || steered) on benign prompts, per intervention."], tables={"First-token KL": kl}),
-        Section("Lineage", [f"Code commit {git_state(repo_root())['git_commit']} (dirty: {git_state(repo_root())['git_dirty']}); package versions are tagged on every MLflow run."],
+        Section("Lineage", [f"Code commit {git_state(repo_root())['git_commit']}; whether the working tree was dirty, and the package versions, are tagged on every MLflow run."],
                 tables={"Model identity": pd.Series(identity).to_frame("value"), "Prompt-set digests": pd.Series(_digests(args.prompts / "sets")).to_frame("sha256")}),
     ]
 

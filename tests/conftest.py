@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import subprocess
@@ -125,3 +126,29 @@ def clone_pipeline(pipeline: Path, dest: Path) -> Path:
     """A copy of the finished pipeline repository (artifacts, DVC cache, MLflow store and all) to change freely."""
     shutil.copytree(pipeline, dest, symlinks=True)
     return dest
+
+
+@contextlib.contextmanager
+def browser_page(width: int = 1400, height: int = 1000):
+    """A page in Debian's headless Chromium, driven by Playwright (which downloads no browser of its own).
+
+    Skips when Chromium is missing, unless REQUIRE_BROWSER=1 (set by .ci/run) makes that a failure.
+    """
+    import tempfile
+
+    path = shutil.which("chromium") or ("/usr/bin/chromium" if Path("/usr/bin/chromium").exists() else None)
+    if path is None:
+        if os.environ.get("REQUIRE_BROWSER") == "1":
+            pytest.fail("REQUIRE_BROWSER=1 but Debian's chromium is not installed (apt-get install -y chromium)")
+        pytest.skip("Debian's chromium is not installed (apt-get install -y chromium); set REQUIRE_BROWSER=1 to make this a failure")
+    from playwright.sync_api import sync_playwright
+
+    args = ["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking",
+            "--disable-component-update", "--disable-sync"]
+    with sync_playwright() as p, tempfile.TemporaryDirectory() as profile:
+        context = p.chromium.launch_persistent_context(profile, executable_path=path, args=args, headless=True,
+                                                       viewport={"width": width, "height": height})
+        try:
+            yield context.new_page()
+        finally:
+            context.close()

@@ -4,15 +4,13 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 import urllib.parse
 import urllib.request
 from pathlib import Path
 
 import pytest
 
-from conftest import MlflowServer, clone_pipeline, run
+from conftest import MlflowServer, browser_page, clone_pipeline, run
 
 pytestmark = pytest.mark.slow
 KEY = "served-pipeline"
@@ -65,30 +63,14 @@ def test_runs_metrics_inputs_and_artifacts_through_the_rest_api(served):
         assert resp.read()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def _browser():
-    path = shutil.which("chromium") or ("/usr/bin/chromium" if Path("/usr/bin/chromium").exists() else None)
-    if path is None:
-        if os.environ.get("REQUIRE_BROWSER") == "1":
-            pytest.fail("REQUIRE_BROWSER=1 but Debian's chromium is not installed (apt-get install -y chromium)")
-        pytest.skip("Debian's chromium is not installed (apt-get install -y chromium); set REQUIRE_BROWSER=1 to make this a failure")
-    return path
-
-
 def test_mlflow_ui_in_a_real_browser(served, tmp_path):
-    chromium = _browser()
-    from playwright.sync_api import sync_playwright
-
     _, server = served
     exp, runs = _runs(server)
     parent = next(r for r in runs if _tags(r).get("refusal_atlas.role") == "pipeline")
     geometry = next(r for r in runs if r["info"]["run_name"] == "geometry")
     shots = Path(os.environ.get("TEST_ARTIFACTS", tmp_path))
     shots.mkdir(parents=True, exist_ok=True)
-    args = ["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking",
-            "--disable-component-update", "--disable-sync"]
-    with sync_playwright() as p, tempfile.TemporaryDirectory() as profile:
-        context = p.chromium.launch_persistent_context(profile, executable_path=chromium, args=args, headless=True, viewport={"width": 1400, "height": 1000})
-        page = context.new_page()
+    with browser_page() as page:
         page.goto(f"{server.url}/#/experiments/{exp['experiment_id']}/runs/{parent['info']['run_id']}", timeout=60000)
         page.wait_for_load_state("domcontentloaded", timeout=60000)
         page.get_by_text("Child runs").first.wait_for(timeout=60000)
@@ -103,4 +85,3 @@ def test_mlflow_ui_in_a_real_browser(served, tmp_path):
         image.first.wait_for(timeout=60000)
         assert page.evaluate("(img) => img.complete && img.naturalWidth", image.first.element_handle()) > 100
         page.screenshot(path=str(shots / "mlflow_cosine_heatmap.png"), full_page=True)
-        context.close()

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
 import re
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -12,7 +14,7 @@ import xarray as xr
 import yaml
 from mlflow import MlflowClient
 
-from conftest import run
+from conftest import browser_page, run
 from refusal_atlas.demo import STYLE_OF
 
 pytestmark = pytest.mark.slow
@@ -149,13 +151,34 @@ def test_geometry_outputs_and_plots(pipeline):
     assert "cosine_long.csv" in shown and "layer_curve.csv" in shown and "tradeoff.csv" in shown
 
 
+def test_dvc_plots_render_offline_in_a_browser(pipeline, tmp_path):
+    """`dvc plots show` uses the project's offline template (.dvc/config plots.html_template):
+    Vega is inlined, and every plot renders in Chromium with all network requests blocked."""
+    out = tmp_path / "plots"
+    run(["dvc", "plots", "show", "-o", str(out)], pipeline)
+    html = (out / "index.html").read_text()
+    assert "<script src" not in html and "cdn.jsdelivr" not in html
+    n_plots = html.count("vegaEmbed(")
+    assert n_plots >= 4, n_plots  # loss curve, cosine heatmap, layer curve, trade-off curves
+    blocked = []
+    with browser_page() as page:
+        page.route("**/*", lambda route: route.continue_() if route.request.url.startswith("file:") else (blocked.append(route.request.url), route.abort()))
+        page.goto((out / "index.html").as_uri())
+        page.wait_for_function(f"document.querySelectorAll('.vega-embed svg, .vega-embed canvas').length >= {n_plots}", timeout=60000)
+        marks = page.evaluate("document.querySelectorAll('.vega-embed .mark-rect path, .vega-embed .mark-line path, .vega-embed .mark-symbol path').length")
+        shots = Path(os.environ.get("TEST_ARTIFACTS", tmp_path))
+        shots.mkdir(parents=True, exist_ok=True)
+        page.screenshot(path=str(shots / "dvc_plots.png"), full_page=True)
+    assert marks > 0 and blocked == []
+
+
 def _rates(pipeline, name):
     return _json(pipeline / f"artifacts/steering/{name}/metrics.json")["interventions"]
 
 
 def _additions(rates):
     """The activation-addition interventions in order of alpha."""
-    return sorted((v for v in rates.values() if v["alpha"] == v["alpha"]), key=lambda v: v["alpha"])
+    return sorted((v for name, v in rates.items() if name.startswith("add_")), key=lambda v: v["alpha"])
 
 
 def test_ablating_pooled_lowers_refusal(pipeline):

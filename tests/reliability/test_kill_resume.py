@@ -73,7 +73,12 @@ def _parts(folder) -> int:
 
 
 def _kill_when(repo, stage, ready, timeout=600):
-    """Start `dvc repro --single-item stage`, SIGKILL its process group once ``ready()``; return whether it was still running."""
+    """Start `dvc repro --single-item stage`, SIGKILL its process group once ``ready()``; return whether it was still running.
+
+    DVC's run cache is emptied first: it holds the finished pipeline's run of this stage, and
+    would restore that instead of running the stage again after the kill.
+    """
+    shutil.rmtree(repo / ".dvc/cache/runs", ignore_errors=True)
     env = {**os.environ, "PATH": f"{VENV_BIN}{os.pathsep}{os.environ['PATH']}", "HF_HUB_OFFLINE": "1"}
     env.pop("MLFLOW_TRACKING_URI", None)
     proc = subprocess.Popen(["dvc", "repro", "--force", "--single-item", stage], cwd=repo, env=env, start_new_session=True,
@@ -119,7 +124,7 @@ def test_killed_demo_training_reruns_to_identical_weights(pipeline, tmp_path):
     delay = float(np.random.default_rng().uniform(5, 30))
     assert _kill_when(repo, "model", lambda: time.monotonic() - started > delay), "model training finished before the kill"
     assert not weights.exists() or not any(weights.glob("*.safetensors"))
-    run(["dvc", "repro", "--single-item", "model"], repo)
+    assert "Running stage 'model'" in run(["dvc", "repro", "--single-item", "model"], repo).stdout
     for name in ("model.safetensors", "tokenizer.json", "config.json"):
         assert (weights / name).read_bytes() == (pipeline / "artifacts/model/weights" / name).read_bytes(), name
     assert run(["dvc", "status", "model"], repo).stdout.strip().endswith("up to date.")
