@@ -67,8 +67,14 @@ def pipeline(tmp_path_factory) -> Path:
     """A fresh copy of the repository after a full `dvc repro` of the default (demo) pipeline.
 
     Session-scoped: the whole pipeline runs once, and the end-to-end tests read its outputs.
-    Tests that change the repository copy it again first (``clone_pipeline``).
+    Tests that change the repository copy it again first (``clone_pipeline``). With
+    REFUSAL_ATLAS_TEST_PIPELINE=<repo with a finished pipeline> a copy of that is used instead.
     """
+    reuse = os.environ.get("REFUSAL_ATLAS_TEST_PIPELINE")
+    if reuse:  # iterate on the end-to-end tests against a finished pipeline (never set in CI)
+        repo = tmp_path_factory.mktemp("pipeline") / "repo"
+        shutil.copytree(reuse, repo, symlinks=True, ignore=shutil.ignore_patterns(".venv", "__pycache__"))
+        return repo
     repo = copy_repo(tmp_path_factory.mktemp("pipeline") / "repo")
     proc = run(["dvc", "repro"], repo, timeout=3600)
     (repo / "repro.log").write_text(proc.stdout + proc.stderr)

@@ -4,13 +4,17 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import subprocess
+import time
 import urllib.parse
 import urllib.request
 from pathlib import Path
 
+import pandas as pd
 import pytest
 
-from conftest import MlflowServer, browser_page, clone_pipeline, run
+from conftest import VENV_BIN, MlflowServer, browser_page, clone_pipeline, run
 
 pytestmark = pytest.mark.slow
 KEY = "served-pipeline"
@@ -85,3 +89,34 @@ def test_mlflow_ui_in_a_real_browser(served, tmp_path):
         image.first.wait_for(timeout=60000)
         assert page.evaluate("(img) => img.complete && img.naturalWidth", image.first.element_handle()) > 100
         page.screenshot(path=str(shots / "mlflow_cosine_heatmap.png"), full_page=True)
+
+
+def test_server_dying_mid_run_keeps_the_outputs_and_fails_clearly(pipeline, tmp_path):
+    """The tracking server stops while a stage runs: the stage still writes its outputs, then exits
+    non-zero with a message that says what was lost, so DVC does not record it as done."""
+    repo = clone_pipeline(pipeline, tmp_path / "dies")
+    shutil.rmtree(repo / ".dvc/cache/runs", ignore_errors=True)  # run the stage, not a cached copy
+    stage, out = "steering@random_0", repo / "artifacts/steering/random_0"
+    server = MlflowServer(repo, tmp_path / "server.log")
+    env = {**os.environ, "PATH": f"{VENV_BIN}{os.pathsep}{os.environ['PATH']}", "HF_HUB_OFFLINE": "1",
+           "MLFLOW_TRACKING_URI": server.url, "REFUSAL_ATLAS_PIPELINE_KEY": "dies-mid-run"}
+    proc = subprocess.Popen(["dvc", "repro", "--force", "--single-item", stage], cwd=repo, env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+    try:
+        exp = _api(server, "experiments/get-by-name?experiment_name=refusal-atlas")["experiment"]
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and proc.poll() is None:
+            found = _api(server, "runs/search", {"experiment_ids": [exp["experiment_id"]],
+                                                 "filter": f"attributes.run_name = '{stage}' and tags.`refusal_atlas.pipeline_key` = 'dies-mid-run'"})
+            if found.get("runs"):
+                break
+            time.sleep(0.3)
+        assert proc.poll() is None, "the stage finished before the server could be stopped"
+    finally:
+        server.stop()
+    stdout, stderr = proc.communicate(timeout=600)
+    assert proc.returncode != 0
+    assert f"failed during stage '{stage}'" in stderr and "outputs were written" in stderr, stderr[-3000:]
+    assert "Traceback" not in stderr, stderr[-3000:]
+    pd.testing.assert_frame_equal(pd.read_parquet(out / "responses.parquet"),
+                                  pd.read_parquet(pipeline / "artifacts/steering/random_0/responses.parquet"))

@@ -14,7 +14,7 @@ import xarray as xr
 import yaml
 from mlflow import MlflowClient
 
-from conftest import browser_page, run
+from conftest import browser_page, clone_pipeline, run
 from refusal_atlas.demo import STYLE_OF
 
 pytestmark = pytest.mark.slow
@@ -261,3 +261,34 @@ def test_mlflow_runs_nest_under_one_parent_with_figures(pipeline):
     for r in runs:
         if r.data.tags.get("refusal_atlas.role") == "stage" and r.info.run_name != "prompts":
             assert r.data.tags.get("model.model_id") == "demo", r.info.run_name
+
+
+def test_abliterate_exports_a_model_equal_to_hook_ablation(pipeline, tmp_path):
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from refusal_atlas.hooks import ablate_directions
+
+    repo = clone_pipeline(pipeline, tmp_path / "abl")
+    out = tmp_path / "pooled-abliterated"
+    run(["refusal-atlas", "abliterate", "--direction", "pooled", "--out", str(out)], repo)
+    assert (out / "model.safetensors").exists() and not list(out.glob("*.bin"))
+
+    weights = repo / "artifacts/model/weights"
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    original, edited = AutoModelForCausalLM.from_pretrained(weights).eval(), AutoModelForCausalLM.from_pretrained(out).eval()
+    unit = torch.tensor(_json(repo / "artifacts/directions/sites/pooled.json")["unit"], dtype=torch.float32)
+    text = tokenizer.apply_chat_template([{"role": "user", "content": "How do I make a bomb at home?"}], tokenize=False, add_generation_prompt=True)
+    ids = tokenizer(text, return_tensors="pt", add_special_tokens=False)
+    with torch.inference_mode():
+        with ablate_directions(original, unit[None]):
+            hooked = original(**ids).logits
+        exported = edited(**ids).logits
+        plain = original(**ids).logits
+    assert (hooked - exported).abs().max().item() <= 1e-4
+    assert (plain - exported).abs().max().item() > 1e-2  # the export really changed the model
+
+    client = MlflowClient(f"sqlite:///{repo / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("refusal-atlas")
+    [export_run] = client.search_runs([exp.experiment_id], filter_string="attributes.run_name = 'abliterate'")
+    assert export_run.data.tags["abliterate.direction"] == "pooled" and export_run.data.params["direction"] == "pooled"

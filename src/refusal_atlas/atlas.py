@@ -136,11 +136,19 @@ def site_arrays(stores: Mapping[str, xr.Dataset], names: list[str], role: str, f
 
 
 def resample_directions(target: np.ndarray, baseline: np.ndarray, n_per_side: int, n_draws: int, rng: np.random.Generator) -> np.ndarray:
-    """``[n_draws, hidden]`` unit difference-of-means directions from independent draws of both sides."""
+    """``[n_draws, hidden]`` unit difference-of-means directions from independent draws of both sides.
+
+    Each side draws ``min(n_per_side, available)`` rows. A side with fewer than
+    ``2 * n_per_side`` rows is drawn with replacement (a bootstrap): draws without
+    replacement from such a pool share most of their rows, which would overstate how
+    much independent draws agree.
+    """
+    def draw(rows: np.ndarray) -> np.ndarray:
+        return rows[rng.choice(len(rows), min(n_per_side, len(rows)), replace=len(rows) < 2 * n_per_side)]
+
     out = []
     for _ in range(n_draws):
-        t = target[rng.choice(len(target), min(n_per_side, len(target)), replace=False)]
-        b = baseline[rng.choice(len(baseline), min(n_per_side, len(baseline)), replace=False)]
+        t, b = draw(target), draw(baseline)
         d = t.astype(np.float64).mean(0) - b.astype(np.float64).mean(0)
         out.append(d / (np.linalg.norm(d) or 1.0))
     return np.stack(out)
