@@ -75,13 +75,17 @@ def _parts(folder) -> int:
 def _kill_when(repo, stage, ready, timeout=600):
     """Start `dvc repro --single-item stage`, SIGKILL its process group once ``ready()``; return whether it was still running.
 
-    DVC's run cache is emptied first: it holds the finished pipeline's run of this stage, and
-    would restore that instead of running the stage again after the kill.
+    The stage is made to look never run: its dvc.lock entry and DVC's run cache are removed
+    first. Otherwise the rerun after the kill would just check the finished pipeline's outputs
+    out of the DVC cache ("Stage ... is cached") instead of running, and prove nothing.
     """
+    lock = yaml.safe_load((repo / "dvc.lock").read_text())
+    del lock["stages"][stage]
+    (repo / "dvc.lock").write_text(yaml.safe_dump(lock, sort_keys=False))
     shutil.rmtree(repo / ".dvc/cache/runs", ignore_errors=True)
     env = {**os.environ, "PATH": f"{VENV_BIN}{os.pathsep}{os.environ['PATH']}", "HF_HUB_OFFLINE": "1"}
     env.pop("MLFLOW_TRACKING_URI", None)
-    proc = subprocess.Popen(["dvc", "repro", "--force", "--single-item", stage], cwd=repo, env=env, start_new_session=True,
+    proc = subprocess.Popen(["dvc", "repro", "--single-item", stage], cwd=repo, env=env, start_new_session=True,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline and not ready() and proc.poll() is None:
