@@ -251,6 +251,18 @@ def test_report_is_self_contained(pipeline):
     assert metrics["shared_knob"]["summary"]
 
 
+def test_report_opens_offline_with_every_figure(pipeline):
+    html = pipeline / "artifacts/report/report.html"
+    blocked = []
+    with browser_page() as page:
+        page.route("**/*", lambda route: route.continue_() if route.request.url.startswith(("file:", "data:")) else (blocked.append(route.request.url), route.abort()))
+        page.goto(html.as_uri())
+        page.wait_for_load_state("load")
+        images = page.evaluate("Array.from(document.images).map(i => i.complete && i.naturalWidth > 100 && i.naturalHeight > 100)")
+    assert len(images) == html.read_text().count("data:image/png;base64,") >= 8 and all(images), images
+    assert blocked == []
+
+
 def test_mlflow_runs_nest_under_one_parent_with_figures(pipeline):
     client = MlflowClient(f"sqlite:///{pipeline / 'mlflow.db'}")
     exp = client.get_experiment_by_name("refusal-atlas")
@@ -262,6 +274,8 @@ def test_mlflow_runs_nest_under_one_parent_with_figures(pipeline):
     geometry = next(r for r in runs if r.info.run_name == "geometry")
     artifacts = [a.path for a in client.list_artifacts(geometry.info.run_id, "figures")]
     assert "figures/cosine_heatmap.png" in artifacts
+    report = next(r for r in runs if r.info.run_name == "report" and r.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id)
+    assert {"report.html", "tradeoff.png", "style_matrix.png", "tradeoff.csv"} <= {a.path for a in client.list_artifacts(report.info.run_id)}
     for r in runs:
         if r.data.tags.get("refusal_atlas.role") == "stage" and r.info.run_name != "prompts":
             assert r.data.tags.get("model.model_id") == "demo", r.info.run_name
