@@ -68,6 +68,8 @@ def main(args, params, run) -> None:
         select.to_csv(tables / "selectivity.csv")
         pd.DataFrame({"k": clustering["silhouette"].index, **{m: clustering["silhouette"][m].values for m in clustering["silhouette"].columns}}).to_csv(tables / "silhouette.csv", index=False)
         mds[2]["coords"].to_csv(tables / "mds_2d.csv")
+        pd.DataFrame({f"{m}_k{k}": ids for m, cuts in clustering["labels"].items() for k, ids in cuts.items()}).rename_axis(
+            "direction").to_csv(tables / "clusters.csv")
     with atomic_path(out / "figures") as figures:
         figures.mkdir()
         plots.save_png(plots.cosine_heatmap(cos), figures / "cosine_heatmap.png")

@@ -194,6 +194,11 @@ def test_directions_and_geometry_stages_recover_planted_angles(tmp_path: Path):
         assert metrics[f"cluster_{method}_silhouette"] == pytest.approx(expected_sil, abs=0.03)
     sil = pd.read_csv(out_geo / "tables" / "silhouette.csv").set_index("k")
     assert (sil.idxmax() == 2).all(), sil
+    # The memberships behind those scores: at k = 2 each linkage groups exactly the planted clusters.
+    clusters = pd.read_csv(out_geo / "tables" / "clusters.csv", index_col="direction").loc[CATS]
+    for method in ("average", "complete"):
+        ids = clusters[f"{method}_k2"].to_numpy()
+        assert (ids[:, None] == ids[None, :]).tolist() == same.tolist(), clusters
 
     # Effective rank k^2 / |G|_F^2 of the planted Gram (2.60); cosines within 0.02 keep it within 5 %.
     assert metrics["participation_ratio"] == pytest.approx(len(CATS) ** 2 / np.sum(gram**2), rel=0.05)
