@@ -24,6 +24,7 @@ from refusal_atlas.demo import (
     classify_style,
     compute_response,
     evaluate_demo,
+    extra_prompts,
     synthetic_prompts,
     train_demo_model,
 )
@@ -112,6 +113,21 @@ def test_synthetic_prompts_never_reproduce_a_held_out_prompt(table):
         assert not hits, (category, sorted(hits)[:5])
 
 
+def test_extra_demo_prompts_are_no_near_copies_of_the_prompt_sets(table):
+    """The team's extra demo prompts never paraphrase a prompt of the sets, whatever the split:
+    every word-set Jaccard similarity is under 0.5."""
+    def words(text: str) -> frozenset[str]:
+        return frozenset(re.findall(r"[a-z0-9']+", text.lower()))
+
+    sets = [words(t) for t in table.text]
+    extras = extra_prompts(set(table.category))
+    assert len(extras) > 1000 and {c for _, c in extras} == set(table.category)
+    close = [(t, c) for t, c in extras if max(len(words(t) & w) / len(words(t) | w) for w in sets) >= 0.5]
+    assert not close, close[:5]
+    examples = {p for p, _, _ in build_training_examples(table, augment=2, seed=0)}
+    assert {t for t, _ in extras} <= examples
+
+
 def test_augmentation_is_deterministic(table):
     assert build_training_examples(table, 3, seed=5) == build_training_examples(table, 3, seed=5)
     assert build_training_examples(table, 3, seed=5) != build_training_examples(table, 3, seed=6)
@@ -132,7 +148,7 @@ def test_tiny_training_saves_a_standard_hf_directory(table, tmp_path):
     result = train_demo_model(table, TINY, tmp_path / "m", progress=False, on_step=lambda s, loss: steps.append((s, loss)))
     assert torch.get_num_threads() == threads  # the fixed training thread count is restored
     assert [s for s, _ in steps] == list(range(1, TINY.steps + 1)) and result["loss_curve"] == steps
-    assert result["n_params"] > 0 and result["n_examples"] == 2 * (table.split == "train").sum()
+    assert result["n_params"] > 0 and result["n_examples"] == 2 * ((table.split == "train").sum() + len(extra_prompts(set(table.category))))
     names = {p.name for p in (tmp_path / "m").iterdir()}
     assert {"model.safetensors", "config.json", "generation_config.json", "tokenizer.json"} <= names
     assert not any(n.endswith((".bin", ".pt")) for n in names)

@@ -604,27 +604,53 @@ def _contexts(table: pd.DataFrame) -> list[str]:
     return out
 
 
+# Extra natural prompts written by the refusal-atlas team for the demo's training only, one per
+# line in demo_prompts/<set>.txt. They are not part of the versioned prompt sets, so they can never
+# be val or test prompts; a test checks that none is a near copy of a held-out prompt.
+DEMO_PROMPTS_DIR = Path(__file__).parent / "demo_prompts"
+# Surface variants of each extra prompt (they get no synthetic slots of their own).
+_N_EXTRA_VARIANTS = 3
+
+
+def extra_prompts(categories: set[str]) -> list[tuple[str, str]]:
+    """(text, category) of the demo's extra training prompts for ``categories``, in file order."""
+    out = []
+    for path in sorted(DEMO_PROMPTS_DIR.glob("*.txt")):
+        if path.stem in categories:
+            out += [(line.strip(), path.stem) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    return out
+
+
 def build_training_examples(table: pd.DataFrame, augment: int, seed: int) -> list[tuple[str, str, str]]:
-    """(prompt, response, category) triples from the train split plus augmentation.
+    """(prompt, response, category) triples from the train split, the extra demo prompts, and augmentation.
 
     Each train prompt appears once as written, followed by ``augment`` augmentation slots:
     ``_N_VARIANTS`` (default three) surface variants of that prompt, some behind a context
     sentence taken from a benign train prompt, then synthetic prompts of its category
-    (``_SYNTHETIC_WEIGHT`` of them per slot, default one). Val and test prompts are never used.
+    (``_SYNTHETIC_WEIGHT`` of them per slot, default one). Each extra prompt of
+    ``DEMO_PROMPTS_DIR`` appears once and in ``_N_EXTRA_VARIANTS`` surface variants. Val and
+    test prompts are never used.
     """
     rng = random.Random(seed)
     train = table[table["split"] == "train"].sort_values("prompt_id")
     contexts = _contexts(table) + SLOTS["ctx"].split("|")
     examples = []  # (shown prompt, core prompt the answer echoes, category)
+
+    def add_variants(text: str, category: str, n: int) -> None:
+        for _ in range(n):
+            shown = vary_prompt(text, rng)
+            examples.append((rng.choice(contexts) + " " + shown if rng.random() < 0.3 else shown, text, category))
+
     for text, category in zip(train["text"], train["category"]):
         examples.append((text, text, category))
-        for k in range(augment):
-            if k < _N_VARIANTS.get(category, 3):
-                shown = vary_prompt(text, rng)
-                examples.append((rng.choice(contexts) + " " + shown if rng.random() < 0.3 else shown, text, category))
-                continue
+        n_variants = min(augment, _N_VARIANTS.get(category, 3))
+        add_variants(text, category, n_variants)
+        for _ in range(augment - n_variants):
             for core in synthetic_prompts(category, _SYNTHETIC_WEIGHT.get(category, 1), rng):
                 examples.append((vary_prompt(core, rng) if rng.random() < 0.3 else core, core, category))
+    for text, category in extra_prompts(set(table["category"])):
+        examples.append((text, text, category))
+        add_variants(text, category, min(augment, _N_EXTRA_VARIANTS))
     return [(shown, compute_response(core, c, rng), c) for shown, core, c in examples]
 
 
