@@ -127,14 +127,14 @@ def test_killed_demo_training_reruns_to_identical_weights(pipeline, tmp_path):
     of it is the reference."""
     repo = clone_pipeline(pipeline, tmp_path / "killed")
     params = yaml.safe_load((repo / "params.yaml").read_text())
-    params["model"]["demo"].update(steps=300, augment=4)
+    params["model"]["demo"].update(steps=150, augment=2)
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     weights = repo / "artifacts/model/weights"
     assert "Running stage 'model'" in run(["dvc", "repro", "--single-item", "model"], repo).stdout
     reference = {name: (weights / name).read_bytes() for name in ("model.safetensors", "tokenizer.json", "config.json")}
 
     started = time.monotonic()
-    delay = float(np.random.default_rng().uniform(3, 12))
+    delay = float(np.random.default_rng().uniform(3, 10))
     assert _kill_when(repo, "model", lambda: time.monotonic() - started > delay), "model training finished before the kill"
     assert not weights.exists() or not any(weights.glob("*.safetensors"))
     assert "Running stage 'model'" in run(["dvc", "repro", "--single-item", "model"], repo).stdout
