@@ -608,8 +608,8 @@ def _contexts(table: pd.DataFrame) -> list[str]:
 # line in demo_prompts/<set>.txt. They are not part of the versioned prompt sets, so they can never
 # be val or test prompts; a test checks that none is a near copy of a held-out prompt.
 DEMO_PROMPTS_DIR = Path(__file__).parent / "demo_prompts"
-# Surface variants of each extra prompt (they get no synthetic slots of their own), by set; default 3.
-_N_EXTRA_VARIANTS: dict[str, int] = {}
+# Surface variants of each extra prompt (they get no synthetic slots of their own).
+_N_EXTRA_VARIANTS = 3
 
 
 def extra_prompts(categories: set[str]) -> list[tuple[str, str]]:
@@ -628,7 +628,7 @@ def build_training_examples(table: pd.DataFrame, augment: int, seed: int) -> lis
     ``_N_VARIANTS`` (default three) surface variants of that prompt, some behind a context
     sentence taken from a benign train prompt, then synthetic prompts of its category
     (``_SYNTHETIC_WEIGHT`` of them per slot, default one). Each extra prompt of
-    ``DEMO_PROMPTS_DIR`` appears once and in ``_N_EXTRA_VARIANTS`` (default three) surface variants. Val and
+    ``DEMO_PROMPTS_DIR`` appears once and in ``_N_EXTRA_VARIANTS`` surface variants. Val and
     test prompts are never used.
     """
     rng = random.Random(seed)
@@ -650,7 +650,7 @@ def build_training_examples(table: pd.DataFrame, augment: int, seed: int) -> lis
                 examples.append((vary_prompt(core, rng) if rng.random() < 0.3 else core, core, category))
     for text, category in extra_prompts(set(table["category"])):
         examples.append((text, text, category))
-        add_variants(text, category, min(augment, _N_EXTRA_VARIANTS.get(category, 3)))
+        add_variants(text, category, min(augment, _N_EXTRA_VARIANTS))
     return [(shown, compute_response(core, c, rng), c) for shown, core, c in examples]
 
 
