@@ -123,11 +123,11 @@ def test_killed_demo_training_reruns_to_identical_weights(pipeline, tmp_path):
     """Training has no checkpoints to resume from (it is minutes long): the rerun starts over, and
     the atomic write means the kill leaves no half-written model directory behind.
 
-    A shorter training than the default keeps the test to about a minute: an uninterrupted run
+    A much shorter training than the default keeps the test under a minute: an uninterrupted run
     of it is the reference."""
     repo = clone_pipeline(pipeline, tmp_path / "killed")
     params = yaml.safe_load((repo / "params.yaml").read_text())
-    params["model"]["demo"].update(steps=150, augment=2)
+    params["model"]["demo"].update(steps=80, augment=1)
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     weights = repo / "artifacts/model/weights"
     assert "Running stage 'model'" in run(["dvc", "repro", "--single-item", "model"], repo).stdout
