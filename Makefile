@@ -15,9 +15,12 @@ export PYTHONUNBUFFERED := 1
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || python3 -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
-	# torch is pinned exactly (torch==2.13.0) so pip takes the local CPU build here and the CUDA build on a GPU machine.
-	$(PY) -m pip install -q -e '.[dev]'
+	# torch is pinned exactly (torch==2.13.0 in pyproject.toml) and installed by pip, which takes the local
+	# CPU build here and the CUDA build on a GPU machine; uv then installs the rest and keeps that torch
+	# (55 s instead of pip's 106 s, cold, on 2 cores). --compile-bytecode as pip does: with
+	# PYTHONDONTWRITEBYTECODE set, every stage would otherwise recompile its imports (+5 s each).
+	$(PY) -m pip install -q "$$(grep -o 'torch==[0-9.]*' pyproject.toml)" uv
+	$(VENV)/bin/uv pip install -q --compile-bytecode --python $(PY) -e '.[dev]'
 	@rm -f $(VENV)/.installed-* && touch $@
 
 setup: $(STAMP)
