@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -68,9 +69,13 @@ def shared_datasets() -> Path:
     return path
 
 
+def _needs_pipeline(item) -> bool:
+    return "pipeline" in getattr(item, "fixturenames", ())
+
+
 def pytest_collection_modifyitems(items):
     """Tests that read the finished pipeline run last, so the others can run while it is built."""
-    items.sort(key=lambda item: "pipeline" in getattr(item, "fixturenames", ()))
+    items.sort(key=_needs_pipeline)
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -81,7 +86,7 @@ def _pipeline_build(request, tmp_path_factory):
     is an honest 2-core figure. The rest of `dvc repro` then runs in the background while the
     tests that do not need it go on (the pipeline's stages mostly wait on one core for imports).
     """
-    if os.environ.get("REFUSAL_ATLAS_TEST_PIPELINE") or not any("pipeline" in getattr(i, "fixturenames", ()) for i in request.session.items):
+    if os.environ.get("REFUSAL_ATLAS_TEST_PIPELINE") or not any(map(_needs_pipeline, request.session.items)):
         yield None
         return
     repo = copy_repo(tmp_path_factory.mktemp("pipeline") / "repo")
@@ -89,12 +94,12 @@ def _pipeline_build(request, tmp_path_factory):
     log = (repo / "repro.log").open("w")
     log.write(first.stdout + first.stderr)
     log.flush()
-    proc = subprocess.Popen(["dvc", "repro"], cwd=repo, env=_env(), stdout=log, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(["dvc", "repro"], cwd=repo, env=_env(), stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         yield repo, proc
     finally:
-        if proc.poll() is None:
-            proc.kill()
+        if proc.poll() is None:  # the session ended first: stop dvc and the stage it is running
+            os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
         log.close()
 
@@ -154,8 +159,6 @@ class MlflowServer:
         raise AssertionError(f"mlflow server did not become healthy in 90 s: {log.read_text()[-3000:]}")
 
     def stop(self) -> None:
-        import signal
-
         if self.proc.poll() is None:
             os.killpg(self.proc.pid, signal.SIGTERM)
             try:
