@@ -18,7 +18,7 @@ from refusal_atlas import store
 from refusal_atlas.activations import extract_to_store, inputs_fingerprint, shard_batches, store_order
 from refusal_atlas.config import ConfigError, load_params
 from refusal_atlas.entry import load_stage_model, process_rank, relaunch_with_accelerate, run_stage, stage_parser
-from refusal_atlas.models import eoi_tokens, format_prompts, tokenize_prompts
+from refusal_atlas.models import check_prompt_lengths, eoi_tokens, format_prompts
 
 STAGE = "activations"
 CODE_VERSION = "activations-v1"
@@ -31,7 +31,7 @@ def main(args, params, run) -> None:
     model, tokenizer, identity = load_stage_model(params, args.model)
     template = (mcfg.system_prompt, mcfg.chat_template, mcfg.chat_template_kwargs)
     formatted = format_prompts(tokenizer, prompts.text.tolist(), *template)
-    n_tokens = [int(m.sum()) for m in tokenize_prompts(tokenizer, formatted, mcfg.max_prompt_tokens)["attention_mask"]]
+    n_tokens = check_prompt_lengths(tokenizer, formatted, mcfg.max_prompt_tokens, prompts.prompt_id.tolist())
     prompts = store_order(prompts.assign(formatted=formatted), n_tokens)
     span = eoi_tokens(tokenizer, *template)
     layers = list(range(identity["n_layers"] + 1))

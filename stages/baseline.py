@@ -18,7 +18,7 @@ from refusal_atlas.behaviour import fingerprint, generate_resumable, judge_table
 from refusal_atlas.classifier import load_judge_classifier
 from refusal_atlas.entry import load_stage_model, run_stage, stage_parser
 from refusal_atlas.generation import generate, refusal_scores, refusal_token_ids
-from refusal_atlas.models import format_prompts
+from refusal_atlas.models import check_prompt_lengths, format_prompts
 
 STAGE = "baseline"
 
@@ -30,6 +30,7 @@ def main(args, params, run) -> None:
     # Loaded before generating, so a bad judge.classifier_path fails in seconds, not after hours.
     classifier = load_judge_classifier(params.judge, mcfg)
     formatted = format_prompts(tokenizer, table.text.tolist(), mcfg.system_prompt, mcfg.chat_template, mcfg.chat_template_kwargs)
+    check_prompt_lengths(tokenizer, formatted, mcfg.max_prompt_tokens, table.prompt_id.tolist())  # all of them, before any generation
 
     generate_chunk = partial(generate, model, tokenizer, max_new_tokens=cfg.max_new_tokens, batch_size=mcfg.batch_size, max_prompt_tokens=mcfg.max_prompt_tokens)
     key = fingerprint(identity, formatted, cfg.model_dump(), mcfg.batch_size)

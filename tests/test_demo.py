@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import random
 import re
-import time
 from pathlib import Path
 
 import numpy as np
@@ -23,7 +22,6 @@ from refusal_atlas.demo import (
     build_training_examples,
     classify_style,
     compute_response,
-    evaluate_demo,
     extra_prompts,
     synthetic_prompts,
     train_demo_model,

@@ -86,10 +86,22 @@ def test_generation_stops_at_end_of_turn_token(setup):
     assert len(cap.call_lengths) == 1
 
 
-def test_prompt_limit_applies(setup):
+def test_prompt_limit_is_checked_on_every_prompt_before_any_batch(setup):
     model, tok, formatted = setup
-    with pytest.raises(PromptTooLongError):
-        generate(model, tok, formatted, max_new_tokens=2, batch_size=2, max_prompt_tokens=10)
+    long_one = format_prompts(tok, ["word " * 80])[0]
+    prompts = [*formatted, long_one, *formatted]
+    limit = max(len(tok(f, add_special_tokens=False)["input_ids"]) for f in formatted)
+    calls = []
+    handle = model.register_forward_hook(lambda *_: calls.append(1))
+    try:
+        with pytest.raises(PromptTooLongError, match=rf"^1 of {len(prompts)} prompts exceed max_prompt_tokens={limit}: #{len(formatted)} \("):
+            generate(model, tok, prompts, max_new_tokens=2, batch_size=2, max_prompt_tokens=limit)
+        with pytest.raises(PromptTooLongError, match=rf"^1 of {len(prompts)} prompts"):
+            first_token_logprobs(model, tok, prompts, batch_size=2, max_prompt_tokens=limit)
+    finally:
+        handle.remove()
+    assert calls == []  # named by its index in the caller's list, before the model ran at all
+    assert len(generate(model, tok, formatted, max_new_tokens=2, batch_size=2, max_prompt_tokens=limit)) == len(formatted)
 
 
 def test_refusal_token_ids_first_tokens_deduplicated():

@@ -10,7 +10,7 @@ import pytest
 import yaml
 from mlflow import MlflowClient
 
-from conftest import REPO, clone_pipeline, run
+from conftest import clone_pipeline, run
 from refusal_atlas import store
 
 pytestmark = pytest.mark.slow

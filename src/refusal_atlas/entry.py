@@ -129,7 +129,9 @@ def load_stage_model(params: Params, model_dir: Path):
     identity = json.loads((model_dir / "identity.json").read_text())
     model, tokenizer = load_model(params.model, model_source(params, model_dir / "weights"))
     loaded = compute_identity(model, tokenizer, identity["model_id"], params.model.revision, params.model.chat_template)
-    for key in ("architecture", "n_layers", "d_model", "config_sha256", "template_sha256"):
+    # The weights fingerprint too: a checkpoint replaced in the same local directory (same
+    # config) must not run under the identity, and store labels, of the old one.
+    for key in ("architecture", "n_layers", "d_model", "config_sha256", "weights_fingerprint", "template_sha256"):
         if loaded[key] != identity[key]:
             raise ModelLoadError(
                 f"model '{identity['model_id']}' now has {key}={loaded[key]!r} but the model stage recorded {identity[key]!r}; "

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 from transformers import GenerationConfig
 
-from refusal_atlas.models import tokenize_prompts
+from refusal_atlas.models import check_prompt_lengths, tokenize_prompts
 
 # Tokens that end an assistant turn in common chat templates; each is used as a stop token
 # only if the tokenizer has it, so no family is singled out.
@@ -30,8 +30,12 @@ def _input_device(model: nn.Module) -> torch.device:
 
 
 def _batches(tokenizer, formatted: list[str], batch_size: int, max_tokens: int) -> Iterator[tuple[list[int], dict]]:
-    """Yield (input indices, left-padded encoding) for length-sorted batches of ``formatted``."""
-    lengths = [len(x) for x in tokenizer(formatted, add_special_tokens=False)["input_ids"]]
+    """Yield (input indices, left-padded encoding) for length-sorted batches of ``formatted``.
+
+    Every prompt's length is checked before the first batch, so an overlong prompt fails at
+    once and is named by its index in ``formatted``.
+    """
+    lengths = check_prompt_lengths(tokenizer, formatted, max_tokens)
     # Longest first so an out-of-memory error shows up in the first batch; ties keep input
     # order, which makes the batching (and so the results) deterministic.
     order = sorted(range(len(formatted)), key=lambda i: (-lengths[i], i))

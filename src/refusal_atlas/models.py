@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -456,6 +457,25 @@ def eoi_tokens(
     return EoiSpan(list(range(-k, 0)), suffix, tokenizer.convert_ids_to_tokens(suffix))
 
 
+def check_prompt_lengths(tokenizer, formatted: Sequence[str], max_tokens: int, names: Sequence[str] | None = None) -> list[int]:
+    """Token count of each formatted prompt; raises ``PromptTooLongError`` naming every prompt over ``max_tokens``.
+
+    ``names`` (e.g. prompt ids) label the offenders in the message; by default they are
+    ``#<index>`` in ``formatted``. Stages call this on the whole set before any work, so a bad
+    prompt fails in seconds and the message names prompts the user can find.
+    """
+    lengths = [len(x) for x in tokenizer(list(formatted), add_special_tokens=False)["input_ids"]] if len(formatted) else []
+    over = [i for i, n in enumerate(lengths) if n > max_tokens]
+    if over:
+        label = (lambda i: str(names[i])) if names is not None else (lambda i: f"#{i}")
+        shown = ", ".join(f"{label(i)} ({lengths[i]} tokens)" for i in over[:5])
+        raise PromptTooLongError(
+            f"{len(over)} of {len(formatted)} prompts exceed max_prompt_tokens={max_tokens}: {shown}"
+            f"{' …' if len(over) > 5 else ''}. Raise model.max_prompt_tokens or shorten/filter these prompts."
+        )
+    return lengths
+
+
 def tokenize_prompts(tokenizer, formatted: list[str], max_tokens: int) -> BatchEncoding:
     """Tokenise formatted prompts into a left-padded batch.
 
@@ -464,12 +484,5 @@ def tokenize_prompts(tokenizer, formatted: list[str], max_tokens: int) -> BatchE
     because the template already wrote them. Raises ``PromptTooLongError`` if any prompt
     has more than ``max_tokens`` tokens.
     """
-    lengths = [len(x) for x in tokenizer(formatted, add_special_tokens=False)["input_ids"]]
-    over = [i for i, n in enumerate(lengths) if n > max_tokens]
-    if over:
-        shown = ", ".join(f"#{i} ({lengths[i]} tokens)" for i in over[:5])
-        raise PromptTooLongError(
-            f"{len(over)} of {len(formatted)} prompts exceed max_prompt_tokens={max_tokens}: {shown}"
-            f"{' …' if len(over) > 5 else ''}. Raise model.max_prompt_tokens or shorten/filter these prompts."
-        )
+    check_prompt_lengths(tokenizer, formatted, max_tokens)
     return tokenizer(formatted, add_special_tokens=False, padding=True, padding_side="left", return_tensors="pt")

@@ -24,7 +24,7 @@ from torch import nn
 
 from refusal_atlas.errors import RefusalAtlasError
 from refusal_atlas.hooks import ablate_directions, add_direction
-from refusal_atlas.models import PromptTooLongError
+from refusal_atlas.models import check_prompt_lengths
 
 BUCKETS = ("HR", "HC", "BR", "BC")
 HARMFUL_BUCKETS = ("HR", "HC")
@@ -302,13 +302,9 @@ def teacher_forced_kl(
     """
     if len(formatted_prompts) != len(responses):
         raise ValueError(f"teacher_forced_kl: {len(formatted_prompts)} prompts but {len(responses)} responses")
+    if max_prompt_tokens is not None:
+        check_prompt_lengths(tokenizer, formatted_prompts, max_prompt_tokens)
     prompt_ids = tokenizer(list(formatted_prompts), add_special_tokens=False)["input_ids"] if formatted_prompts else []
-    over = [i for i, p in enumerate(prompt_ids) if max_prompt_tokens is not None and len(p) > max_prompt_tokens]
-    if over:
-        raise PromptTooLongError(
-            f"{len(over)} of {len(prompt_ids)} prompts exceed max_prompt_tokens={max_prompt_tokens} (first #{over[0]}, "
-            f"{len(prompt_ids[over[0]])} tokens); raise model.max_prompt_tokens or shorten these prompts."
-        )
     response_ids = [tokenizer(r, add_special_tokens=False)["input_ids"] if r else [] for r in responses]
     out = np.full(len(responses), np.nan)
     todo = sorted((i for i, r in enumerate(response_ids) if r), key=lambda i: (-len(prompt_ids[i]) - len(response_ids[i]), i))
