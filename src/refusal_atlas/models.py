@@ -457,22 +457,30 @@ def eoi_tokens(
     return EoiSpan(list(range(-k, 0)), suffix, tokenizer.convert_ids_to_tokens(suffix))
 
 
-def check_prompt_lengths(tokenizer, formatted: Sequence[str], max_tokens: int, names: Sequence[str] | None = None) -> list[int]:
-    """Token count of each formatted prompt; raises ``PromptTooLongError`` naming every prompt over ``max_tokens``.
+def raise_if_too_long(lengths: Sequence[int], max_tokens: int, names: Sequence[str] | None = None) -> None:
+    """Raise ``PromptTooLongError`` naming every prompt whose token count is over ``max_tokens``.
 
     ``names`` (e.g. prompt ids) label the offenders in the message; by default they are
-    ``#<index>`` in ``formatted``. Stages call this on the whole set before any work, so a bad
-    prompt fails in seconds and the message names prompts the user can find.
+    ``#<index>`` in ``lengths``.
     """
-    lengths = [len(x) for x in tokenizer(list(formatted), add_special_tokens=False)["input_ids"]] if len(formatted) else []
     over = [i for i, n in enumerate(lengths) if n > max_tokens]
     if over:
         label = (lambda i: str(names[i])) if names is not None else (lambda i: f"#{i}")
         shown = ", ".join(f"{label(i)} ({lengths[i]} tokens)" for i in over[:5])
         raise PromptTooLongError(
-            f"{len(over)} of {len(formatted)} prompts exceed max_prompt_tokens={max_tokens}: {shown}"
+            f"{len(over)} of {len(lengths)} prompts exceed max_prompt_tokens={max_tokens}: {shown}"
             f"{' …' if len(over) > 5 else ''}. Raise model.max_prompt_tokens or shorten/filter these prompts."
         )
+
+
+def check_prompt_lengths(tokenizer, formatted: Sequence[str], max_tokens: int, names: Sequence[str] | None = None) -> list[int]:
+    """Token count of each formatted prompt, after ``raise_if_too_long`` on all of them.
+
+    Stages and batch loops call this on the whole set before any work, so a bad prompt fails in
+    seconds and the message names prompts the user can find.
+    """
+    lengths = [len(x) for x in tokenizer(list(formatted), add_special_tokens=False)["input_ids"]] if len(formatted) else []
+    raise_if_too_long(lengths, max_tokens, names)
     return lengths
 
 
@@ -484,5 +492,6 @@ def tokenize_prompts(tokenizer, formatted: list[str], max_tokens: int) -> BatchE
     because the template already wrote them. Raises ``PromptTooLongError`` if any prompt
     has more than ``max_tokens`` tokens.
     """
-    check_prompt_lengths(tokenizer, formatted, max_tokens)
-    return tokenizer(formatted, add_special_tokens=False, padding=True, padding_side="left", return_tensors="pt")
+    enc = tokenizer(formatted, add_special_tokens=False, padding=True, padding_side="left", return_tensors="pt")
+    raise_if_too_long(enc["attention_mask"].sum(dim=1).tolist(), max_tokens)
+    return enc

@@ -24,7 +24,7 @@ from torch import nn
 
 from refusal_atlas.errors import RefusalAtlasError
 from refusal_atlas.hooks import ablate_directions, add_direction
-from refusal_atlas.models import check_prompt_lengths
+from refusal_atlas.models import raise_if_too_long
 
 BUCKETS = ("HR", "HC", "BR", "BC")
 HARMFUL_BUCKETS = ("HR", "HC")
@@ -302,9 +302,9 @@ def teacher_forced_kl(
     """
     if len(formatted_prompts) != len(responses):
         raise ValueError(f"teacher_forced_kl: {len(formatted_prompts)} prompts but {len(responses)} responses")
-    if max_prompt_tokens is not None:
-        check_prompt_lengths(tokenizer, formatted_prompts, max_prompt_tokens)
     prompt_ids = tokenizer(list(formatted_prompts), add_special_tokens=False)["input_ids"] if formatted_prompts else []
+    if max_prompt_tokens is not None:
+        raise_if_too_long([len(p) for p in prompt_ids], max_prompt_tokens)
     response_ids = [tokenizer(r, add_special_tokens=False)["input_ids"] if r else [] for r in responses]
     out = np.full(len(responses), np.nan)
     todo = sorted((i for i, r in enumerate(response_ids) if r), key=lambda i: (-len(prompt_ids[i]) - len(response_ids[i]), i))
