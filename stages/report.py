@@ -17,7 +17,7 @@ from refusal_atlas.entry import repo_root, run_stage, stage_parser
 from refusal_atlas.report import Section, render_report
 from refusal_atlas.steering import curve_table, shared_knob, shared_knob_summary
 from refusal_atlas.tracking import git_state
-from refusal_atlas.styles import STYLES, evaluate_classifier, load_labelled, train_style_classifier
+from refusal_atlas.styles import REFUSAL_STYLES, STYLES, evaluate_classifier, load_labelled, style_homogeneity, train_style_classifier
 
 STAGE = "report"
 
@@ -42,6 +42,11 @@ def main(args, params, run) -> None:
     knob = shared_knob(verdicts, is_harmful, n_bootstrap=cfg.n_bootstrap, seed=cfg.seed, tolerance=cfg.knob_tolerance)
     verdict_line = shared_knob_summary(knob, cfg.knob_tolerance)
     style = pd.DataFrame({n: m["style"]["distribution"] for n, m in steering.items()}).T.reindex(columns=list(STYLES)).fillna(0.0)
+    # The study's second finding as a test: do the category directions (not pooled or the
+    # random controls) induce different mixes of refusal styles?
+    categories = [n for n in names if n in _json(args.prompts / "summary.json")["by_category"]]
+    induced = (style.loc[categories, list(REFUSAL_STYLES)].mul([steering[n]["style"]["n_induced"] for n in categories], axis=0)).round().astype(int)
+    homogeneity = style_homogeneity(induced)
     ablation = pd.DataFrame({n: {k: m["interventions"]["ablate"][k] for k in ("rr", "orr", "acc", "kl_first_token", "kl_teacher_forced")} for n, m in steering.items()}).T
     kl = pd.DataFrame({n: {k: v.get("kl_first_token", np.nan) for k, v in m["interventions"].items()} for n, m in steering.items()}).T
 
@@ -61,14 +66,16 @@ def main(args, params, run) -> None:
     metrics = {"shared_knob": {"summary": verdict_line, "tolerance": cfg.knob_tolerance, "verdicts": knob.verdict.value_counts().to_dict(),
                                "max_mean_abs_diff": float(knob.mean_abs_diff.max())},
                "style_classifier": {k: style_eval[k] for k in ("n", "accuracy", "macro_f1")},
-               "dominant_style": {n: {"style": m["style"]["dominant"], "purity": m["style"]["purity"]} for n, m in steering.items()}}
+               "dominant_style": {n: {"style": m["style"]["dominant"], "purity": m["style"]["purity"]} for n, m in steering.items()},
+               "style_homogeneity": homogeneity}
     write_json(args.out / "metrics.json", metrics)
 
-    html = render_report("refusal-atlas report", _intro(args), _sections(args, figures, tradeoff, knob, verdict_line, style, ablation, kl, style_eval))
+    html = render_report("refusal-atlas report", _intro(args), _sections(args, figures, tradeoff, knob, verdict_line, style, ablation, kl, style_eval, homogeneity))
     with atomic_path(args.out / "report.html") as tmp:
         tmp.write_text(html, encoding="utf-8")
     run.log_identity(_json(args.model / "identity.json"))
-    run.log_metrics({"shared_knob.max_mean_abs_diff": metrics["shared_knob"]["max_mean_abs_diff"], "style_classifier": metrics["style_classifier"]})
+    run.log_metrics({"shared_knob.max_mean_abs_diff": metrics["shared_knob"]["max_mean_abs_diff"], "style_classifier": metrics["style_classifier"],
+                     "style_homogeneity": {k: homogeneity[k] for k in ("chi2", "p_value", "cramers_v")}})
     for path in (args.out / "figures", args.out / "report.html", args.out / "tradeoff.csv", args.out / "shared_knob.csv"):
         run.log_artifact(path)
     print(f"report: {verdict_line} -> {args.out / 'report.html'}")
@@ -86,7 +93,7 @@ def _png(path: Path) -> bytes:
     return path.read_bytes()
 
 
-def _sections(args, figures, tradeoff, knob, verdict_line, style, ablation, kl, style_eval) -> list[Section]:
+def _sections(args, figures, tradeoff, knob, verdict_line, style, ablation, kl, style_eval, homogeneity) -> list[Section]:
     identity, summary = _json(args.model / "identity.json"), _json(args.prompts / "summary.json")
     baseline, geometry, selected = _json(args.baseline / "metrics.json"), _json(args.geometry / "metrics.json"), _json(args.directions / "selected.json")
     geo = args.geometry / "figures"
@@ -104,6 +111,10 @@ def _sections(args, figures, tradeoff, knob, verdict_line, style, ablation, kl, 
                 tables={"Trade-off curves": tradeoff.set_index(["direction", "intervention"])[["alpha", "rr", "rr_lo", "rr_hi", "orr", "orr_lo", "orr_hi", "acc"]],
                         "Shared-knob statistic per pair": knob.set_index(["a", "b"]), "Directional ablation": ablation}),
         Section("Refusal style", ["Style of the refusals each direction induces: prompts the unsteered model answered and refuses under activation addition (all alphas).",
+                                  f"Do the {homogeneity['n_directions']} category directions induce the same mix of styles? Chi-square test of homogeneity over "
+                                  f"{homogeneity['n']} induced refusals: χ²({homogeneity['dof']}) = {homogeneity['chi2']:.1f}, p = {homogeneity['p_value']:.2g}, "
+                                  f"Cramér's V = {homogeneity['cramers_v']:.2f} (0: the same mix everywhere, 1: no style shared). A prompt refused at "
+                                  "several α counts once per α, so p is optimistic; V is the size of the difference.",
                                   f"Offline style classifier accuracy on {style_eval['n']} hand-labelled responses: {style_eval['accuracy']:.3f} (macro-F1 {style_eval['macro_f1']:.3f})."],
                 figures={"Direction × style": plots.png_bytes(figures["style_matrix.png"])}, tables={"Style shares": style}),
         Section("KL cost", ["Mean first-token KL(base || steered) on benign prompts, per intervention."], tables={"First-token KL": kl}),

@@ -96,3 +96,40 @@ def test_dvc_sets_equal_the_manifest(repo_root):
     assert sorted(declared) == sorted(manifest.sets()), "dvc.yaml vars.sets must list every category and baseline pool"
     deps = dvc["stages"]["directions"]["deps"]
     assert all(f"artifacts/activations/{s}.zarr" in deps for s in declared)
+
+
+# Modules that plumb a stage (arguments, params validation, atomic writes, MLflow logging,
+# error types) but compute nothing it writes; a change there need not rerun the pipeline.
+PLUMBING = {"atomic", "config", "entry", "errors", "tracking"}
+
+
+def _library_imports(path) -> set[str]:
+    """refusal_atlas modules a file imports, at module level or inside functions."""
+    import ast
+
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("refusal_atlas"):
+            found |= {a.name for a in node.names} if node.module == "refusal_atlas" else {node.module.split(".")[1]}
+        elif isinstance(node, ast.Import):
+            found |= {a.name.split(".")[1] for a in node.names if a.name.startswith("refusal_atlas.")}
+    return found
+
+
+def test_every_stage_depends_on_the_library_code_it_runs(repo_root):
+    """A change to any library module a stage runs (directly or through other modules) reruns it.
+
+    Missing deps leave stale outputs: `dvc repro` says "didn't change" after, say, the chat
+    formatting in models.py changed what the activation stores hold."""
+    src = repo_root / "src/refusal_atlas"
+    dvc = yaml.safe_load((repo_root / "dvc.yaml").read_text())
+    for name, stage in dvc["stages"].items():
+        used, todo = set(), list(_library_imports(repo_root / f"stages/{name}.py"))
+        while todo:
+            module = todo.pop()
+            if module not in used:
+                used.add(module)
+                todo += [] if module in PLUMBING else list(_library_imports(src / f"{module}.py"))
+        deps = stage.get("do", stage)["deps"]
+        declared = {d.removeprefix("src/refusal_atlas/").removesuffix(".py") for d in deps if d.startswith("src/refusal_atlas/") and d.endswith(".py")}
+        assert used - PLUMBING == declared, (name, "undeclared:", sorted(used - PLUMBING - declared), "unused:", sorted(declared - used))

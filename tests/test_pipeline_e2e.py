@@ -243,6 +243,10 @@ def test_steered_refusal_style_follows_the_direction(pipeline):
     named = ("humanizing", "unsupported", "incomplete", "indeterminate")
     assert {c: dominant[c] for c in named} == {c: STYLE_OF[c] for c in named}, dominant
     assert len(set(dominant.values())) >= 3, dominant
+    # The same finding as a statistic over all eleven category directions (measured on the
+    # demo: chi2(30) = 1148, p ~ 1e-222, Cramer's V 0.49).
+    homogeneity = _json(pipeline / "artifacts/report/metrics.json")["style_homogeneity"]
+    assert homogeneity["n_directions"] == len(CATEGORIES) and homogeneity["p_value"] < 1e-6 and homogeneity["cramers_v"] > 0.3, homogeneity
 
 
 def test_report_is_self_contained(pipeline):

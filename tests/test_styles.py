@@ -6,13 +6,14 @@ import json
 import math
 
 import numpy as np
+import pandas as pd
 import pytest
 
 from conftest import REPO
 from refusal_atlas.errors import RefusalAtlasError
 from refusal_atlas.styles import (
     REFUSAL_STYLES, STYLES, StyleDataError, classify_styles, dominant_style, evaluate_classifier, llm_style_judge,
-    load_labelled, parse_style_label, style_distribution, train_style_classifier,
+    load_labelled, parse_style_label, style_distribution, style_homogeneity, train_style_classifier,
 )
 
 STYLE_DIR = REPO / "prompts" / "styles"
@@ -180,3 +181,24 @@ def test_llm_style_judge_runs_on_a_tiny_local_model(tmp_path):
     assert masked[1] == "NONREFUSAL" and set(masked[[0, 2]]) <= set(REFUSAL_STYLES)
     with pytest.raises(StyleDataError, match="no such model directory"):
         llm_style_judge(tmp_path / "missing", responses)
+
+
+def test_style_homogeneity_matches_the_hand_computed_statistic():
+    # 2x2: chi2 = n (ad - bc)^2 / ((a+b)(c+d)(a+c)(b+d)) = 80 * 800^2 / 40^4 = 20; V = sqrt(20 / 80).
+    # The all-zero style and the direction with no induced refusals are dropped.
+    counts = pd.DataFrame([[30, 10, 0], [10, 30, 0], [0, 0, 0]], index=["a", "b", "silent"], columns=["CAPABILITY", "SAFETY", "GENERIC"])
+    result = style_homogeneity(counts)
+    assert (result["n"], result["n_directions"], result["n_styles"], result["dof"]) == (80, 2, 2, 1)
+    assert result["chi2"] == pytest.approx(20.0) and result["cramers_v"] == pytest.approx(0.5)
+    assert result["p_value"] == pytest.approx(7.744e-06, rel=1e-3)
+
+
+def test_style_homogeneity_spans_the_same_mix_to_disjoint_styles():
+    same = style_homogeneity(pd.DataFrame([[10, 20, 5], [20, 40, 10], [2, 4, 1]]))
+    assert same["chi2"] == pytest.approx(0.0, abs=1e-12) and same["p_value"] == pytest.approx(1.0) and same["cramers_v"] == pytest.approx(0.0, abs=1e-6)
+    disjoint = style_homogeneity(pd.DataFrame([[12, 0, 0], [0, 7, 0], [0, 0, 30]]))
+    assert disjoint["cramers_v"] == pytest.approx(1.0) and disjoint["p_value"] < 1e-10
+    lone = style_homogeneity(pd.DataFrame([[12, 3]]))
+    assert lone["n_directions"] == 1 and math.isnan(lone["chi2"]) and math.isnan(lone["cramers_v"])
+    with pytest.raises(StyleDataError, match="non-negative"):
+        style_homogeneity(pd.DataFrame([[1, -1], [2, 2]]))

@@ -205,6 +205,31 @@ def dominant_style(labels: Sequence[str], exclude_nonrefusal: bool = True) -> tu
     return best, counts[best] / len(pool)
 
 
+def style_homogeneity(counts: pd.DataFrame) -> dict:
+    """Chi-square test of homogeneity: do the rows (directions) share one style distribution?
+
+    ``counts``: non-negative integer counts, one row per direction and one column per style
+    (the refusals each direction induces). Rows and columns that are all zero are dropped.
+    Returns ``n`` (total count), ``n_directions``, ``n_styles``, ``chi2``, ``dof``, ``p_value``
+    and ``cramers_v``: 0 when every direction induces the same mix of styles, 1 when each
+    induces styles no other does. The statistics are NaN when fewer than two rows or two
+    columns remain. The test assumes independent responses; with many prompts per direction
+    its p-value is tiny for any real difference, so read Cramér's V for the size.
+    """
+    from scipy.stats import chi2_contingency
+
+    values = counts.to_numpy()
+    if (values < 0).any():
+        raise StyleDataError("style counts must be non-negative")
+    table = values[values.sum(axis=1) > 0][:, values.sum(axis=0) > 0]
+    out = {"n": int(table.sum()), "n_directions": int(table.shape[0]), "n_styles": int(table.shape[1])}
+    if min(table.shape) < 2:
+        return {**out, "chi2": float("nan"), "dof": 0, "p_value": float("nan"), "cramers_v": float("nan")}
+    chi2, p_value, dof, _ = chi2_contingency(table, correction=False)
+    return {**out, "chi2": float(chi2), "dof": int(dof), "p_value": float(p_value),
+            "cramers_v": float(np.sqrt(chi2 / (table.sum() * (min(table.shape) - 1))))}
+
+
 # ---------------------------------------------------------------------------------------
 # The LLM judge
 # ---------------------------------------------------------------------------------------
