@@ -72,6 +72,7 @@ def test_two_process_extraction_equals_one(pipeline, tmp_path):
             "--model", "artifacts/model", "--out", str(out), "--no-progress"]
     proc = run([sys.executable, str(repo / "stages/activations.py"), "--params", "params2.yaml", *args], repo, env={"OMP_NUM_THREADS": "1"})
     assert "2 process(es)" in proc.stdout
+    assert "Loading weights" not in proc.stderr and "it/s]" not in proc.stderr, proc.stderr[-1000:]  # --no-progress hides transformers' bars too
     two = store.open_store(out)
     one = store.open_store(repo / "artifacts/activations/benign.zarr")
     assert list(two.prompt_id.values) == list(one.prompt_id.values)

@@ -70,6 +70,15 @@ class NullRun:
         return lambda *args, **kwargs: None
 
 
+def hide_library_progress_bars() -> None:
+    """Hide the bars transformers and huggingface_hub draw themselves (loading weights, downloads)."""
+    os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"  # read when they are first imported
+    if "transformers" in sys.modules:  # already imported: switch its bars off directly
+        from transformers.utils import logging
+
+        logging.disable_progress_bar()
+
+
 def run_stage(stage: str, parser: argparse.ArgumentParser, main: Callable[[argparse.Namespace, Params, object], None]) -> None:
     """Parse args, validate params, open the MLflow run, call ``main(args, params, run)``.
 
@@ -80,6 +89,8 @@ def run_stage(stage: str, parser: argparse.ArgumentParser, main: Callable[[argpa
     from refusal_atlas.tracking import stage_run
 
     args = parser.parse_args()
+    if args.no_progress:
+        hide_library_progress_bars()
     try:
         params = load_params(args.params)
         if process_rank()[0] > 0:
