@@ -834,9 +834,12 @@ def evaluate_demo(model_dir: Path, table: pd.DataFrame, split: str = "test", max
     """Greedy responses to every prompt of ``split``, judged with ``judge_keywords``.
 
     Returns ``{"split", "categories": {name: {"role", "n", "refusal_rate" | "answer_rate",
-    "styles": {style: count}}}, "responses": [(prompt_id, category, response)]}``: targets get
-    the share refused, baseline pools the share answered.
+    "ci95_lo", "ci95_hi", "styles": {style: count}}}, "responses": [(prompt_id, category,
+    response)]}``: targets get the share refused, baseline pools the share answered, each with
+    its Wilson 95% interval (a held-out pool has only 14-24 prompts here, so read the rates
+    with it).
     """
+    from scipy.stats import binomtest
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from refusal_atlas.generation import generate
@@ -855,6 +858,7 @@ def evaluate_demo(model_dir: Path, table: pd.DataFrame, split: str = "test", max
     for name, group in frame.groupby("category"):
         role = group["role"].iloc[0]
         rate = float(group["refused"].mean()) if role == "target" else float(1 - group["refused"].mean())
+        ci = binomtest(round(rate * len(group)), len(group)).proportion_ci(confidence_level=0.95, method="wilson")
         out["categories"][name] = {"role": role, "n": len(group), ("refusal_rate" if role == "target" else "answer_rate"): rate,
-                                   "styles": json.loads(group["style"].value_counts().to_json())}
+                                   "ci95_lo": float(ci.low), "ci95_hi": float(ci.high), "styles": json.loads(group["style"].value_counts().to_json())}
     return out
