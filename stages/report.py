@@ -17,7 +17,7 @@ from refusal_atlas.entry import repo_root, run_stage, stage_parser
 from refusal_atlas.report import Section, render_report
 from refusal_atlas.steering import curve_table, shared_knob, shared_knob_summary
 from refusal_atlas.tracking import git_state
-from refusal_atlas.styles import REFUSAL_STYLES, STYLES, evaluate_classifier, load_labelled, style_homogeneity, train_style_classifier
+from refusal_atlas.styles import STYLES, evaluate_classifier, induced_style_counts, load_labelled, style_homogeneity, train_style_classifier
 
 STAGE = "report"
 
@@ -44,9 +44,8 @@ def main(args, params, run) -> None:
     style = pd.DataFrame({n: m["style"]["distribution"] for n, m in steering.items()}).T.reindex(columns=list(STYLES)).fillna(0.0)
     # The study's second finding as a test: do the category directions (not pooled or the
     # random controls) induce different mixes of refusal styles?
-    categories = [n for n in names if n in _json(args.prompts / "summary.json")["by_category"]]
-    induced = (style.loc[categories, list(REFUSAL_STYLES)].mul([steering[n]["style"]["n_induced"] for n in categories], axis=0)).round().astype(int)
-    homogeneity = style_homogeneity(induced)
+    summary = _json(args.prompts / "summary.json")
+    homogeneity = style_homogeneity(induced_style_counts({n: m["style"] for n, m in steering.items() if n in summary["by_category"]}))
     ablation = pd.DataFrame({n: {k: m["interventions"]["ablate"][k] for k in ("rr", "orr", "acc", "kl_first_token", "kl_teacher_forced")} for n, m in steering.items()}).T
     kl = pd.DataFrame({n: {k: v.get("kl_first_token", np.nan) for k, v in m["interventions"].items()} for n, m in steering.items()}).T
 
@@ -70,7 +69,7 @@ def main(args, params, run) -> None:
                "style_homogeneity": homogeneity}
     write_json(args.out / "metrics.json", metrics)
 
-    html = render_report("refusal-atlas report", _intro(args), _sections(args, figures, tradeoff, knob, verdict_line, style, ablation, kl, style_eval, homogeneity))
+    html = render_report("refusal-atlas report", _intro(args), _sections(args, summary, figures, tradeoff, knob, verdict_line, style, ablation, kl, style_eval, homogeneity))
     with atomic_path(args.out / "report.html") as tmp:
         tmp.write_text(html, encoding="utf-8")
     run.log_identity(_json(args.model / "identity.json"))
@@ -93,8 +92,8 @@ def _png(path: Path) -> bytes:
     return path.read_bytes()
 
 
-def _sections(args, figures, tradeoff, knob, verdict_line, style, ablation, kl, style_eval, homogeneity) -> list[Section]:
-    identity, summary = _json(args.model / "identity.json"), _json(args.prompts / "summary.json")
+def _sections(args, summary, figures, tradeoff, knob, verdict_line, style, ablation, kl, style_eval, homogeneity) -> list[Section]:
+    identity = _json(args.model / "identity.json")
     baseline, geometry, selected = _json(args.baseline / "metrics.json"), _json(args.geometry / "metrics.json"), _json(args.directions / "selected.json")
     geo = args.geometry / "figures"
     return [

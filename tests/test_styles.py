@@ -13,7 +13,7 @@ from conftest import REPO
 from refusal_atlas.errors import RefusalAtlasError
 from refusal_atlas.styles import (
     REFUSAL_STYLES, STYLES, StyleDataError, classify_styles, dominant_style, evaluate_classifier, llm_style_judge,
-    load_labelled, parse_style_label, style_distribution, style_homogeneity, train_style_classifier,
+    induced_style_counts, load_labelled, parse_style_label, style_distribution, style_homogeneity, train_style_classifier,
 )
 
 STYLE_DIR = REPO / "prompts" / "styles"
@@ -202,3 +202,11 @@ def test_style_homogeneity_spans_the_same_mix_to_disjoint_styles():
     assert lone["n_directions"] == 1 and math.isnan(lone["chi2"]) and math.isnan(lone["cramers_v"])
     with pytest.raises(StyleDataError, match="non-negative"):
         style_homogeneity(pd.DataFrame([[1, -1], [2, 2]]))
+
+
+def test_induced_style_counts_recover_the_counts_behind_the_shares():
+    summaries = {"a": {"n_induced": 7, "distribution": {"CAPABILITY": 3 / 7, "SAFETY": 4 / 7, "NONREFUSAL": 0.0}},
+                 "b": {"n_induced": 3, "distribution": {"GENERIC": 1 / 3, "UNDERSPEC": 2 / 3}}}
+    counts = induced_style_counts(summaries)
+    assert list(counts.columns) == list(REFUSAL_STYLES) and list(counts.index) == ["a", "b"]
+    assert counts.loc["a"].tolist() == [3, 4, 0, 0] and counts.loc["b"].tolist() == [0, 0, 2, 1]

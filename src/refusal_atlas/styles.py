@@ -205,6 +205,16 @@ def dominant_style(labels: Sequence[str], exclude_nonrefusal: bool = True) -> tu
     return best, counts[best] / len(pool)
 
 
+def induced_style_counts(summaries: dict[str, dict]) -> pd.DataFrame:
+    """Induced refusals per direction (rows) and refusal style (columns), as integer counts.
+
+    ``summaries`` maps a direction to its steering ``style`` summary: ``distribution`` (each
+    style's share of the ``n_induced`` induced refusals) and ``n_induced``.
+    """
+    shares = pd.DataFrame({n: s["distribution"] for n, s in summaries.items()}).T.reindex(columns=list(REFUSAL_STYLES)).fillna(0.0)
+    return shares.mul([s["n_induced"] for s in summaries.values()], axis=0).round().astype(int)
+
+
 def style_homogeneity(counts: pd.DataFrame) -> dict:
     """Chi-square test of homogeneity: do the rows (directions) share one style distribution?
 
