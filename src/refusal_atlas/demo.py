@@ -836,7 +836,7 @@ def evaluate_demo(model_dir: Path, table: pd.DataFrame, split: str = "test", max
     Returns ``{"split", "categories": {name: {"role", "n", "refusal_rate" | "answer_rate",
     "ci95_lo", "ci95_hi", "styles": {style: count}}}, "responses": [(prompt_id, category,
     response)]}``: targets get the share refused, baseline pools the share answered, each with
-    its Wilson 95% interval (a held-out pool has only 14-24 prompts here, so read the rates
+    its Wilson 95% interval (a held-out pool has only 14-49 prompts here, so read the rates
     with it).
     """
     from scipy.stats import binomtest
@@ -857,8 +857,8 @@ def evaluate_demo(model_dir: Path, table: pd.DataFrame, split: str = "test", max
                         style=[classify_style(r) for r in responses])
     for name, group in frame.groupby("category"):
         role = group["role"].iloc[0]
-        rate = float(group["refused"].mean()) if role == "target" else float(1 - group["refused"].mean())
-        ci = binomtest(round(rate * len(group)), len(group)).proportion_ci(confidence_level=0.95, method="wilson")
-        out["categories"][name] = {"role": role, "n": len(group), ("refusal_rate" if role == "target" else "answer_rate"): rate,
+        hits = int(group["refused"].sum()) if role == "target" else int((~group["refused"]).sum())
+        ci = binomtest(hits, len(group)).proportion_ci(confidence_level=0.95, method="wilson")
+        out["categories"][name] = {"role": role, "n": len(group), ("refusal_rate" if role == "target" else "answer_rate"): hits / len(group),
                                    "ci95_lo": float(ci.low), "ci95_hi": float(ci.high), "styles": json.loads(group["style"].value_counts().to_json())}
     return out
