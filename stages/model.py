@@ -13,12 +13,14 @@ import pandas as pd
 
 from refusal_atlas.atomic import atomic_path, write_json
 from refusal_atlas.entry import DEMO, model_source, run_stage, stage_parser
-from refusal_atlas.models import compute_identity, load_model
+from refusal_atlas.numerics import pin_cpu_numerics
 
 STAGE = "model"
 
 
 def main(args, params, run) -> None:
+    from refusal_atlas.models import compute_identity, load_model
+
     cfg = params.model
     metrics: dict = {}
     with atomic_path(args.out / "weights") as weights:
@@ -51,6 +53,7 @@ def main(args, params, run) -> None:
 
 
 if __name__ == "__main__":
+    pin_cpu_numerics()  # before torch loads: the demo trains to the same bits on any x86-64 host
     parser = stage_parser(STAGE, __doc__)
     parser.add_argument("--prompts", type=Path, required=True, help="artifacts/prompts/prompts.parquet")
     parser.add_argument("--out", type=Path, required=True, help="output folder (artifacts/model)")

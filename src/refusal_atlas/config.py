@@ -48,7 +48,7 @@ class DemoConfig(_Section):
     d_model: int = Field(128, ge=16, description="Hidden size of the demo model.")
     n_heads: int = Field(4, ge=1, description="Attention heads of the demo model.")
     vocab_size: int = Field(4096, ge=256, description="BPE vocabulary size of the demo tokenizer.")
-    steps: int = Field(2400, ge=1, description="Optimiser steps of demo training.")
+    steps: int = Field(1600, ge=1, description="Optimiser steps of demo training.")
     batch_size: int = Field(32, ge=1, description="Training batch size.")
     lr: float = Field(3e-3, gt=0, description="Peak AdamW learning rate.")
     augment: int = Field(24, ge=0, description="Templated augmentations per training prompt.")

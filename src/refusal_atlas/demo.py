@@ -738,9 +738,11 @@ def train_demo_model(
     ``on_step(step, loss)`` is called after every optimiser step. Writes a Hugging Face model
     directory (``model.safetensors``, ``config.json``, ``generation_config.json``, tokenizer
     files with the chat template). Returns ``loss_curve`` (list of (step, loss)), ``n_params``,
-    ``train_seconds``, ``n_examples`` and ``n_tokens``. Same inputs and seed give bit-identical
-    files: everything is seeded, batching is deterministic, and training runs with deterministic
-    algorithms on a fixed 2 torch threads (the caller's thread setting is restored).
+    ``train_seconds``, ``n_examples``, ``n_tokens`` and ``cpu_kernels`` (ATen's instruction set).
+    Same inputs and seed give bit-identical files: everything is seeded, batching is
+    deterministic, and training runs with deterministic algorithms on a fixed 2 torch threads
+    (the caller's thread setting is restored). Across hosts that holds when the CPU kernels are
+    pinned (``numerics.pin_cpu_numerics``, which the model stage calls before torch loads).
     """
     from tqdm.auto import tqdm
     from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
@@ -811,7 +813,7 @@ def train_demo_model(
         torch.use_deterministic_algorithms(deterministic)
     return {"loss_curve": curve, "n_params": int(sum(p.numel() for p in model.parameters())),
             "train_seconds": time.perf_counter() - start, "n_examples": len(examples),
-            "n_tokens": int(sum(len(ids) for ids, _ in encoded))}
+            "n_tokens": int(sum(len(ids) for ids, _ in encoded)), "cpu_kernels": torch.backends.cpu.get_cpu_capability()}
 
 
 _STYLE_MARKERS = (("REFERRAL", "not qualified"), ("CAPABILITY", "as an ai"), ("CAPABILITY", "i'm an ai"),
