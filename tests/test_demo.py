@@ -30,8 +30,8 @@ from refusal_atlas.demo import (
     synthetic_prompts,
     train_demo_model,
 )
-from refusal_atlas.numerics import CPU_NUMERICS
 from refusal_atlas.judges import judge_keywords
+from refusal_atlas.numerics import CPU_NUMERICS
 from refusal_atlas.prompts import build_prompt_table
 
 REPO = Path(__file__).resolve().parents[1]

@@ -10,11 +10,12 @@ import os
 import platform
 import sys
 
-# Demo training is chaotic: after 1,600 steps a last-bit difference in one matmul is a different
-# model. ATen and MKL choose their kernels by the CPU's instruction set (AVX2, AVX-512), so one
-# seed trained different weights on different hosts (measured: 43 vs 42 of 49 twins answered,
-# indeterminate 0.79 vs 0.86). Their AVX2 branches exist on every x86-64 CPU since 2013 and give
-# the same bits on all of them; the env vars are read when torch and MKL load.
+# Demo training is chaotic: over its 1,600 steps a last-bit difference in one matmul grows into
+# a different model. ATen and MKL choose their kernels by the CPU's instruction set (AVX2,
+# AVX-512), so one seed trained different weights on different hosts (measured with 2,400
+# steps: 42 vs 43 of 49 twins answered, indeterminate 0.86 vs 0.79, on an AVX-512 and an
+# AVX2-only host). Their AVX2 branches exist on every x86-64 CPU since 2013 and give the same
+# bits on all of them; the env vars are read when torch and MKL load.
 CPU_NUMERICS = {"ATEN_CPU_CAPABILITY": "avx2", "MKL_CBWR": "AVX2,STRICT", "ONEDNN_MAX_CPU_ISA": "AVX2"}
 
 
