@@ -6,7 +6,6 @@ in tests/test_pipeline_e2e.py, so CI trains it once."""
 from __future__ import annotations
 
 import os
-import platform
 import random
 import re
 import subprocess
@@ -31,7 +30,7 @@ from refusal_atlas.demo import (
     train_demo_model,
 )
 from refusal_atlas.judges import judge_keywords
-from refusal_atlas.numerics import CPU_NUMERICS
+from refusal_atlas.numerics import CPU_NUMERICS, on_x86_64
 from refusal_atlas.prompts import build_prompt_table
 
 REPO = Path(__file__).resolve().parents[1]
@@ -187,7 +186,7 @@ def test_same_seed_gives_bit_identical_weights(table, tmp_path):
     assert (tmp_path / "a/model.safetensors").read_bytes() != (tmp_path / "c/model.safetensors").read_bytes()
 
 
-@pytest.mark.skipif(platform.machine().lower() not in ("x86_64", "amd64"), reason="the pins are x86-64 instruction sets")
+@pytest.mark.skipif(not on_x86_64(), reason="the pins are x86-64 instruction sets")
 def test_pinned_cpu_kernels_reach_torch_before_it_loads():
     """The model stage pins ATen and MKL to their AVX2 branches so the demo trains to the same bits on any host."""
     code = ("from refusal_atlas.numerics import pin_cpu_numerics; pin_cpu_numerics(); import os, torch; "

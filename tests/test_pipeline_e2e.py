@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import platform
 import re
 from pathlib import Path
 
@@ -17,6 +16,7 @@ from mlflow import MlflowClient
 
 from conftest import browser_page, clone_pipeline, run
 from refusal_atlas.demo import STYLE_OF
+from refusal_atlas.numerics import on_x86_64
 
 pytestmark = pytest.mark.slow
 
@@ -60,7 +60,7 @@ def test_demo_model_trains_in_time_and_learns(pipeline):
     losses = pd.read_csv(pipeline / "artifacts/model/loss.csv")["loss"].to_numpy()
     assert len(losses) == yaml.safe_load((pipeline / "params.yaml").read_text())["model"]["demo"]["steps"]
     assert losses[-50:].mean() < 0.25 * losses[:50].mean(), (losses[:5], losses[-5:])
-    if platform.machine().lower() in ("x86_64", "amd64"):  # the stage pins the kernels so any host trains the same bits
+    if on_x86_64():  # the stage pins the kernels so any host trains the same bits
         assert _json(pipeline / "artifacts/model/metrics.json")["train"]["cpu_kernels"] == "AVX2"
 
 

@@ -19,12 +19,17 @@ import sys
 CPU_NUMERICS = {"ATEN_CPU_CAPABILITY": "avx2", "MKL_CBWR": "AVX2,STRICT", "ONEDNN_MAX_CPU_ISA": "AVX2"}
 
 
+def on_x86_64() -> bool:
+    """Whether this host is x86-64, the only one ``CPU_NUMERICS`` applies to."""
+    return platform.machine().lower() in ("x86_64", "amd64")
+
+
 def pin_cpu_numerics() -> None:
     """Pin CPU kernels to ``CPU_NUMERICS`` (x86-64 only; a value the user set is kept).
 
     Must run before torch is imported, or it could not take effect.
     """
-    if platform.machine().lower() not in ("x86_64", "amd64"):
+    if not on_x86_64():
         return
     if "torch" in sys.modules:
         raise RuntimeError("pin_cpu_numerics() must run before torch is imported")
