@@ -119,15 +119,13 @@ def test_killed_generation_keeps_finished_chunks_and_resumes_to_identical_rows(p
     assert run(["dvc", "status", stage], repo).stdout.strip().endswith("up to date.")
 
 
-def test_killed_demo_training_reruns_to_identical_weights(repo_copy):
+def test_killed_demo_training_reruns_to_identical_weights(pipeline, tmp_path):
     """Training has no checkpoints to resume from (it is minutes long): the rerun starts over, and
     the atomic write means the kill leaves no half-written model directory behind.
 
     A much shorter training than the default keeps the test under a minute: an uninterrupted run
-    of it is the reference. It needs only the prompts stage, not the finished pipeline, so it runs
-    while the session's pipeline is still being built."""
-    repo = repo_copy
-    run(["dvc", "repro", "prompts"], repo)
+    of it is the reference."""
+    repo = clone_pipeline(pipeline, tmp_path / "killed")
     params = yaml.safe_load((repo / "params.yaml").read_text())
     params["model"]["demo"].update(steps=80, augment=1)
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
