@@ -233,8 +233,9 @@ def test_second_dvc_repro_is_refused_by_the_lock_and_nothing_is_corrupted(tmp_pa
         first = subprocess.Popen(["dvc", "repro", "model"], cwd=repo, env=env, stdout=out, stderr=err, start_new_session=True)
         try:
             # A generous deadline: the loop ends as soon as the stage holds its lock (1.3 s on an idle
-            # 2-core host); CI once passed 120 s here under load, with no output to say why.
-            started, deadline = time.monotonic(), time.monotonic() + 600
+            # 2-core host); CI once waited over 120 s here, with no output to say why.
+            started = time.monotonic()
+            deadline = started + 600
             while time.monotonic() < deadline and first.poll() is None and not _writing(repo, "artifacts/model/weights"):
                 time.sleep(0.05)
             assert first.poll() is None and _writing(repo, "artifacts/model/weights"), (
