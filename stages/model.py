@@ -1,9 +1,11 @@
 """DVC stage `model`: train the embedded demo model, or record a real model's identity.
 
 For `model.name: demo` it trains a small Llama-architecture chat model on the train
-split and saves it as a standard Hugging Face directory in <out>/weights. For a real
-model (hub id or local directory) the weights stay where they are; <out>/weights holds
-only SOURCE.json. Either way <out>/identity.json records what every later stage runs on.
+split and saves it as a standard Hugging Face directory in <out>/weights. A GGUF
+checkpoint (`smollm2`, a .gguf file, or model.gguf_file) is dequantised once into
+<out>/weights, where every later stage loads it. For any other real model (hub id or
+local directory) the weights stay where they are; <out>/weights holds only SOURCE.json.
+Either way <out>/identity.json records what every later stage runs on.
 """
 
 import json
@@ -12,14 +14,14 @@ from pathlib import Path
 import pandas as pd
 
 from refusal_atlas.atomic import atomic_path, write_json
-from refusal_atlas.entry import DEMO, model_source, run_stage, stage_parser
+from refusal_atlas.entry import DEMO, run_stage, stage_parser
 from refusal_atlas.numerics import pin_cpu_numerics
 
 STAGE = "model"
 
 
 def main(args, params, run) -> None:
-    from refusal_atlas.models import compute_identity, load_model
+    from refusal_atlas.models import compute_identity, gguf_identity, gguf_path, load_model
 
     cfg = params.model
     metrics: dict = {}
@@ -37,13 +39,22 @@ def main(args, params, run) -> None:
             # Wall time goes to MLflow only: the DVC-tracked metrics stay identical between runs.
             run.log_metrics({"train_seconds": result.pop("train_seconds")})
             metrics = {"train": {k: v for k, v in result.items() if k != "loss_curve"}, "heldout": heldout}
+            model, tokenizer = load_model(cfg, str(weights))
+            identity = compute_identity(model, tokenizer, cfg.name, cfg.revision, cfg.chat_template)
         else:
+            gguf = gguf_path(cfg, cfg.name)
+            model, tokenizer = load_model(cfg)
             weights.mkdir()
-            (weights / "SOURCE.json").write_text(json.dumps({"model_id": cfg.name, "revision": cfg.revision}, indent=2) + "\n")
+            if gguf is not None:
+                # Dequantised once, here: every later stage then loads a plain safetensors
+                # directory (about 1 s for SmolLM2) instead of converting the GGUF again (20 s).
+                model.save_pretrained(weights)
+                tokenizer.save_pretrained(weights)
+            (weights / "SOURCE.json").write_text(json.dumps({"model_id": cfg.name, "revision": cfg.revision, "gguf_file": gguf and gguf.name}, indent=2) + "\n")
             pd.DataFrame({"step": [], "loss": []}).to_csv(args.out / "loss.csv", index=False)
-        source = str(weights) if cfg.name == DEMO else model_source(params, weights)
-        model, tokenizer = load_model(cfg, source)
-        identity = compute_identity(model, tokenizer, cfg.name, cfg.revision, cfg.chat_template)
+            identity = compute_identity(model, tokenizer, cfg.name, cfg.revision, cfg.chat_template)
+            if gguf is not None:
+                identity.update(gguf_identity(cfg.name, gguf))
     write_json(args.out / "identity.json", identity)
     write_json(args.out / "metrics.json", metrics)
 

@@ -83,8 +83,16 @@ def main(args, params, run) -> None:
 def _intro(args) -> list[str]:
     identity = _json(args.model / "identity.json")
     intro = [f"Model {identity['model_id']} ({identity['architecture']}, {identity['n_layers']} layers, d_model {identity['d_model']}, revision {identity['model_revision']})."]
+    if "gguf_sha256" in identity:
+        intro.append(f"Weights: GGUF file {identity['gguf_file']} ({identity['gguf_quantization']}, dequantised to {identity['dtype']}), sha256 {identity['gguf_sha256']}.")
     if identity["model_id"] == "demo":
         intro.append("This run uses the embedded demo model, a small model trained here so the pipeline runs offline; it is not evidence about real LLMs.")
+    selected = _json(args.directions / "selected.json")
+    weak = {n: s for n, s in selected.items() if s.get("underpowered")}
+    if weak:
+        intro.append(f"Under-powered directions, learnt from fewer than {next(iter(weak.values()))['min_per_side']} prompts on a side (marked ⚠ below): "
+                     + ", ".join(f"{n} (HR {s['n_target']}, BC {s['n_baseline']})" for n, s in weak.items())
+                     + ". Their geometry and steering rest on a handful of refusals and are not comparable to the other directions'.")
     return intro
 
 
@@ -100,8 +108,10 @@ def _sections(args, summary, figures, tradeoff, knob, verdict_line, style, ablat
         Section("Prompt sets", [f"{summary['total']} prompts."], tables={"Prompts per set and split": pd.DataFrame(summary["by_category_split"]).T.fillna(0).astype(int)}),
         Section("Baseline behaviour", [f"Unsteered refusal rate overall: {baseline['refusal_rate']['overall']:.3f}."],
                 tables={"Refusal rate per set and split": pd.DataFrame(baseline["refusal_rate"]["by_category_split"]).T}),
-        Section("Directions", ["Each direction's selected (layer, position) and the score behind the choice."],
-                tables={"Selected sites": pd.DataFrame({n: {k: s.get(k) for k in ("method", "layer", "position", "score", "mean_resid_norm")} for n, s in selected.items()}).T}),
+        Section("Directions", ["Each direction's selected (layer, position), the score behind the choice, and how many refused targets (HR) and "
+                               "answered baseline prompts (BC) it was learnt from; ⚠ marks a side under directions.min_per_side."],
+                tables={"Selected sites": pd.DataFrame({("⚠ " if s.get("underpowered") else "") + n: {k: s.get(k) for k in ("method", "layer", "position", "score", "mean_resid_norm", "n_target", "n_baseline")}
+                                                        for n, s in selected.items()}).T}),
         Section("Geometry", [f"At the pooled direction's site (layer {geometry['reference_site']['layer']}, position {geometry['reference_site']['position']})."],
                 figures={c: _png(geo / f) for c, f in (("Cosine similarity between category directions", "cosine_heatmap.png"), ("Hierarchical clustering (1 - cos)", "dendrogram.png"),
                                                         ("Metric MDS", "mds.png"), ("Mean off-diagonal cosine per layer", "layer_curve.png"), ("Probe transfer", "probe_transfer.png"), ("Selectivity", "selectivity.png"))},

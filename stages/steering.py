@@ -33,7 +33,7 @@ def main(args, params, run) -> None:
     unit = np.asarray(site.pop("unit"), dtype=np.float32)
 
     baseline = pd.read_parquet(args.baseline)
-    frame, counts = build_eval_set(baseline, cfg.n_per_bucket, cfg.seed)
+    frame, counts = build_eval_set(baseline, cfg.n_per_bucket, cfg.seed, cfg.controlled_only)
     rows = baseline.set_index("prompt_id").loc[frame.prompt_id]
     texts = pd.read_parquet(args.prompts).set_index("prompt_id").loc[frame.prompt_id, "text"].tolist()
     formatted = format_prompts(tokenizer, texts, mcfg.system_prompt, mcfg.chat_template, mcfg.chat_template_kwargs)

@@ -72,6 +72,10 @@ def test_eval_set_buckets_counts_and_determinism():
     # Controlled rows come first, in bucket order.
     assert frame.in_buckets.iloc[:33].all() and not frame.in_buckets.iloc[33:].any()
     assert list(dict.fromkeys(ctrl.bucket)) == list(BUCKETS)
+    # controlled_only keeps exactly the controlled rows, in the same order.
+    only, only_counts = build_eval_set(table, n_per_bucket=10, seed=0, controlled_only=True)
+    pd.testing.assert_frame_equal(only, ctrl.reset_index(drop=True))
+    assert only_counts["n_test"] == only_counts["n_controlled"] == 33
 
 
 def test_eval_set_empty_bucket_allowed_but_empty_side_raises():

@@ -9,7 +9,7 @@ import time
 from mlflow import MlflowClient
 
 from conftest import REPO, run
-from refusal_atlas.tracking import pipeline_key, redact_uri, resolve_tracking_uri
+from refusal_atlas.tracking import artifact_root, pipeline_key, redact_uri, resolve_tracking_uri
 
 
 def _free_port() -> int:
@@ -24,6 +24,16 @@ def test_default_uri_is_absolute(tmp_path, monkeypatch):
     assert resolve_tracking_uri("sqlite:///rel.db", tmp_path) == f"sqlite:///{tmp_path.resolve()}/rel.db"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:1")
     assert resolve_tracking_uri("sqlite:///x.db", tmp_path) == "http://127.0.0.1:1"
+
+
+def test_a_dvc_exp_temp_copy_logs_to_the_users_repository(tmp_path, monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    copy = tmp_path / ".dvc" / "tmp" / "exps" / "tmpab12cd"
+    copy.mkdir(parents=True)
+    assert resolve_tracking_uri(None, copy) == f"sqlite:///{tmp_path.resolve()}/mlflow.db"
+    assert resolve_tracking_uri("sqlite:///runs/m.db", copy) == f"sqlite:///{tmp_path.resolve()}/runs/m.db"
+    assert artifact_root(copy) == tmp_path.resolve() / "mlartifacts"
+    assert artifact_root(tmp_path / "elsewhere") == (tmp_path / "elsewhere").resolve() / "mlartifacts"
 
 
 def test_redact_uri_hides_credentials():

@@ -9,9 +9,10 @@ computes the directions at every layer and position, and returns one labelled
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 import numpy as np
+import pandas as pd
 import xarray as xr
 
 from refusal_atlas import store
@@ -102,6 +103,29 @@ def build_atlas(
                "lineage": json.dumps({n: {"target_ids": v["target_ids"], "baseline_ids": v["baseline_ids"]} for n, v in info.items()}),
                "baseline_of": json.dumps(dict(baseline_of))},
     ).set_xindex("direction_name")
+
+
+def validation_texts(prompts: pd.DataFrame, sets: Sequence[str], n: int | None, seed: int) -> list[str]:
+    """Texts of the val-split prompts of ``sets``, at most ``n`` of them (``directions.n_val``).
+
+    The rows are sorted by prompt_id and, when there are more than ``n``, ``n`` are drawn
+    without replacement by a generator seeded with ``seed``, so the draw depends only on the
+    prompt ids. Input: the prompt table (columns prompt_id, category, split, text).
+    """
+    rows = prompts[(prompts.split == "val") & prompts.category.isin(list(sets))].sort_values("prompt_id")
+    if n is not None and len(rows) > n:
+        rows = rows.iloc[np.sort(np.random.default_rng(seed).choice(len(rows), size=n, replace=False))]
+    return rows.text.tolist()
+
+
+def power_flags(counts: Mapping[str, Mapping[str, int]], min_per_side: int) -> dict[str, dict]:
+    """Per direction, its side counts and whether it is under-powered (either side < ``min_per_side``).
+
+    Input: ``{name: {"n_target", "n_baseline"}}``. Output: ``{name: {"n_target", "n_baseline",
+    "min_per_side", "underpowered"}}``.
+    """
+    return {name: {"n_target": int(c["n_target"]), "n_baseline": int(c["n_baseline"]), "min_per_side": min_per_side,
+                   "underpowered": min(int(c["n_target"]), int(c["n_baseline"])) < min_per_side} for name, c in counts.items()}
 
 
 def site_record(atlas: xr.Dataset, name: str, site: dict) -> dict:

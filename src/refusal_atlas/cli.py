@@ -56,6 +56,29 @@ def _cmd_abliterate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_experiment(args: argparse.Namespace) -> int:
+    import json
+
+    from refusal_atlas.config import profile_overrides
+
+    overrides = profile_overrides(args.profile, args.params)
+    sets = [f"{key}={json.dumps(value)}" for key, value in overrides.items()]  # JSON is YAML, which is how DVC reads -S values
+    dvc = Path(sys.executable).with_name("dvc")  # the dvc installed beside refusal-atlas, activated or not
+    dvc = str(dvc) if dvc.exists() else "dvc"
+    cmd = [dvc, "exp", "run", "--temp", "-n", args.name, *[x for s in sets for x in ("-S", s)]]
+    print(f"{args.profile}: {len(sets)} params changed: {', '.join(sets)}")
+    print("$ " + " ".join(cmd), flush=True)
+    if args.dry_run:
+        return 0
+    # An experiment name is taken once; a rerun replaces the earlier experiment of that name.
+    subprocess.run([dvc, "exp", "remove", args.name], capture_output=True)
+    code = subprocess.call(cmd)
+    if code == 0:
+        print(f"\nDone. `dvc exp show` compares it with the workspace; `dvc exp apply {args.name}` brings its artifacts/ here; "
+              "`make ui` shows its MLflow runs beside the demo's.")
+    return code
+
+
 def server_command(repo_root: Path, host: str, port: int, backend: str | None = None) -> list[str]:
     """The ``mlflow server`` command line that serves the project's store (default: its sqlite file)."""
     from refusal_atlas.tracking import artifact_root
@@ -102,6 +125,14 @@ def build_parser() -> argparse.ArgumentParser:
     abl.add_argument("--approximate", action="store_true", help="allow architectures (Gemma-2/3, OLMo-2) where weight editing only approximates hook ablation")
     abl.set_defaults(func=_cmd_abliterate)
 
+    exp = sub.add_parser("experiment", help="run the pipeline with a params profile as a DVC experiment",
+                         description="Run `dvc exp run --temp` with the keys a profile (a YAML file shaped like params.yaml) changes, "
+                                     "after validating them. The workspace's dvc.lock and artifacts/ are left as they are.")
+    exp.add_argument("profile", type=Path, help="the profile, e.g. profiles/smollm2.yaml")
+    exp.add_argument("--name", required=True, help="experiment name (an existing experiment of that name is replaced)")
+    exp.add_argument("--params", type=Path, default=Path("params.yaml"), help="params file the profile changes (default: params.yaml)")
+    exp.add_argument("--dry-run", action="store_true", help="print the dvc command and stop")
+    exp.set_defaults(func=_cmd_experiment)
     ui = sub.add_parser("ui", help="serve the MLflow UI over the project's tracking store", description="Start `mlflow server` on the project's sqlite store and artifact root.")
     ui.add_argument("--host", default="127.0.0.1")
     ui.add_argument("--port", type=int, default=5000)

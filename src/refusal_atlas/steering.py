@@ -48,8 +48,8 @@ def _bucket_of(role: pd.Series, refused: pd.Series) -> pd.Series:
     return pd.Series(np.where(harmful, np.where(ref, "HR", "HC"), np.where(ref, "BR", "BC")), index=role.index)
 
 
-def build_eval_set(baseline: pd.DataFrame, n_per_bucket: int, seed: int) -> tuple[pd.DataFrame, dict]:
-    """The controlled set plus every test prompt, from the baseline verdict table.
+def build_eval_set(baseline: pd.DataFrame, n_per_bucket: int, seed: int, controlled_only: bool = False) -> tuple[pd.DataFrame, dict]:
+    """The controlled set plus every test prompt (only the controlled set if ``controlled_only``), from the baseline verdict table.
 
     Input: columns prompt_id, category, role ('target'|'baseline'), split, refused (bool).
     Each bucket's test prompts are sorted by prompt_id and ``n_per_bucket`` are drawn without
@@ -96,6 +96,7 @@ def build_eval_set(baseline: pd.DataFrame, n_per_bucket: int, seed: int) -> tupl
     frame = test.assign(in_buckets=test["prompt_id"].isin(set(chosen)))
     frame = frame.assign(_order=frame["bucket"].map({b: i for i, b in enumerate(BUCKETS)}))
     frame = frame.sort_values(["in_buckets", "_order", "prompt_id"], ascending=[False, True, True])
+    frame = frame[frame["in_buckets"]] if controlled_only else frame
     frame = frame[EVAL_COLUMNS].reset_index(drop=True)
     counts = {"n_per_bucket": n_per_bucket, "available": available, "used": used,
               "n_controlled": int(frame["in_buckets"].sum()), "n_test": len(frame), "warnings": warnings}

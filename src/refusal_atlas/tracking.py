@@ -38,12 +38,24 @@ class TrackingError(RefusalAtlasError, RuntimeError):
     """The tracking server is unreachable or failed during the run."""
 
 
+def home_repo(repo_root: Path) -> Path:
+    """The user's repository: ``repo_root`` itself, or for a ``dvc exp run --temp`` copy
+    (``<repo>/.dvc/tmp/exps/<tmp>/``) the repository it was copied from."""
+    parts = repo_root.resolve().parts
+    for i in range(len(parts) - 3):
+        if parts[i + 1 : i + 4] == (".dvc", "tmp", "exps"):
+            return Path(*parts[: i + 1])
+    return repo_root.resolve()
+
+
 def resolve_tracking_uri(configured: str | None, repo_root: Path) -> str:
     """``MLFLOW_TRACKING_URI`` > ``tracking.uri`` > absolute ``sqlite:///<repo>/mlflow.db``.
 
     The default is absolute because MLflow's own default is relative to the working
-    directory, and ``dvc exp run --temp`` runs stages in a temporary copy.
+    directory, and relative paths resolve against the user's repository (``home_repo``),
+    so runs of a ``dvc exp run --temp`` copy land in the same store as ``dvc repro``'s.
     """
+    repo_root = home_repo(repo_root)
     uri = os.environ.get("MLFLOW_TRACKING_URI") or configured
     if not uri:
         return f"sqlite:///{(repo_root / 'mlflow.db').resolve()}"
@@ -58,7 +70,7 @@ def is_remote(uri: str) -> bool:
 
 def artifact_root(repo_root: Path) -> Path:
     """Where a local store keeps run artifacts (served by ``refusal-atlas ui`` too)."""
-    return (repo_root / "mlartifacts").resolve()
+    return home_repo(repo_root) / "mlartifacts"
 
 
 def redact_uri(uri: str) -> str:
