@@ -257,16 +257,21 @@ def _load_gguf(path: Path, cfg: ModelConfig) -> tuple[nn.Module, object]:
     from transformers.modeling_gguf_pytorch_utils import GGUF_SUPPORTED_ARCHITECTURES
 
     architecture = _gguf_string(_gguf_reader(path), "general.architecture") or "unknown"
+    readable = sorted(set(GGUF_SUPPORTED_ARCHITECTURES) - {"general", "tokenizer"})
+    squash = lambda name: name.replace("_", "").replace("-", "")  # noqa: E731 - llama.cpp writes qwen2moe for qwen2_moe
+    unsupported = UnsupportedArchitectureError(
+        f"{path}: transformers {transformers.__version__} cannot read GGUF architecture {architecture!r}; it reads "
+        f"{', '.join(readable)}. Load the model's safetensors checkpoint instead (a Hugging Face directory or hub id)."
+    )
+    if squash(architecture) not in {squash(a) for a in readable} and not architecture.startswith("t5"):
+        raise unsupported
     kwargs = dict(gguf_file=path.name, trust_remote_code=cfg.trust_remote_code)
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(path.parent), **kwargs)
         model = AutoModelForCausalLM.from_pretrained(str(path.parent), dtype=_DTYPES[cfg.dtype], **kwargs)
     except (ValueError, KeyError, NotImplementedError) as err:
-        if architecture not in GGUF_SUPPORTED_ARCHITECTURES or "not supported" in str(err):
-            raise UnsupportedArchitectureError(
-                f"{path}: transformers {transformers.__version__} cannot read GGUF architecture {architecture!r} ({err}); "
-                f"it reads {', '.join(sorted(GGUF_SUPPORTED_ARCHITECTURES))}. Use the model's safetensors checkpoint instead."
-            ) from err
+        if "not supported" in str(err):
+            raise unsupported from err
         raise ModelLoadError(f"{path}: transformers could not load this GGUF checkpoint ({type(err).__name__}: {err}).") from err
     # The weights are already dequantised; dropping the quantizer makes the model an ordinary
     # one (save_pretrained refuses a GGUF-quantized model) with the same config as a reload.

