@@ -8,13 +8,15 @@ import torch
 from conftest_models import make_tokenizer, tiny_model
 
 from refusal_atlas.generation import (
+    encode_prefixed,
     first_token_logprobs,
     generate,
     refusal_scores,
     refusal_token_ids,
+    score_prefixed_rows,
     stop_token_ids,
 )
-from refusal_atlas.hooks import add_direction, read_residual
+from refusal_atlas.hooks import add_direction, add_rows, read_residual
 from refusal_atlas.models import PromptTooLongError, format_prompts
 
 INSTRUCTIONS = [
@@ -143,3 +145,34 @@ def test_model_generation_config_does_not_change_greedy_decoding(setup):
         assert generate(model, tok, formatted[:3], max_new_tokens=8, batch_size=3) == expected
     finally:
         model.generation_config = saved
+
+
+@pytest.mark.parametrize("family,arch", [("chatml", "llama"), ("chatml", "qwen2"), ("llama3", "gpt2")])
+def test_score_prefixed_rows_matches_whole_prompts_under_the_same_hooks(family, arch):
+    tok = make_tokenizer(family)
+    model = tiny_model(arch, vocab=len(tok), scale=4.0)
+    formatted = format_prompts(tok, INSTRUCTIONS)
+    prompts = encode_prefixed(tok, formatted)
+    whole = [tok(f, add_special_tokens=False)["input_ids"] for f in formatted]
+    assert [prompts.prefix + s for s in prompts.suffixes] == whole and prompts.lengths == [len(w) for w in whole]
+    assert len(prompts.prefix) >= (10 if family == "chatml" else 1) and min(map(len, prompts.suffixes)) >= 1
+    vectors = {0: torch.zeros(32), 1: 30.0 * torch.nn.functional.normalize(torch.randn(32, generator=torch.Generator().manual_seed(0)), dim=0)}
+    rows = [(i, g) for g in (1, 0) for i in range(len(formatted))]
+    seen = []
+
+    def intervene(groups):
+        seen.append(list(groups))
+        return add_rows(model, [1] * len(groups), torch.stack([vectors[g] for g in groups]))
+
+    tally = {}
+    got = score_prefixed_rows(model, prompts, [i for i, _ in rows], [g for _, g in rows], intervene,
+                              lambda logp, idx: logp[:, 5], rows_per_pass=4, tally=tally)
+    plain = first_token_logprobs(model, tok, formatted, batch_size=2)[:, 5]
+    with add_direction(model, 1, vectors[1]):
+        steered = first_token_logprobs(model, tok, formatted, batch_size=3)[:, 5]
+    np.testing.assert_allclose(got, np.r_[steered.numpy(), plain.numpy()], rtol=1e-5, atol=1e-5)
+    # Per pass: the prefix once per distinct group, then the rows' suffixes.
+    assert seen[:2] == [[1], [1, 1, 1, 1]] and seen[2:4] == [[1, 0], [1, 0, 0, 0]]
+    assert tally["tokens"] == sum(len(s) for s in prompts.suffixes) * 2 + len(prompts.prefix) * sum(len(s) for s in seen[0::2])
+    with pytest.raises(PromptTooLongError):
+        encode_prefixed(tok, formatted, max_prompt_tokens=5)

@@ -6,7 +6,7 @@ import pytest
 import torch
 from conftest_models import ARCHS, EXACT_ORTHO_ARCHS, batch, tiny_model
 
-from refusal_atlas.hooks import ablate_directions, add_direction, orthogonalize_weights, read_residual, site_name
+from refusal_atlas.hooks import ablate_directions, ablate_rows, add_direction, add_rows, orthogonalize_weights, read_residual, site_name
 from refusal_atlas.models import UnsupportedArchitectureError, find_layout
 
 POSITIONS = [-3, -2, -1]
@@ -184,3 +184,43 @@ def test_orthogonalize_refuses_normed_output_blocks_unless_asked():
         orthogonalize_weights(model, _unit(32))
     edited = orthogonalize_weights(model, _unit(32), strict=False)
     assert (find_layout(edited).attn_proj[0].weight.T @ _unit(32)).abs().max() < 1e-5
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "gpt2", "gemma2"])
+def test_ablate_rows_and_add_rows_match_one_direction_per_row(arch):
+    model = tiny_model(arch, scale=3.0)
+    enc = batch(lengths=(7, 7, 7))
+    units = torch.stack([_unit(32, s) for s in (1, 2, 3)])
+    units[1] *= 5.0  # normalised inside, as ablate_directions' QR does
+    with ablate_rows(model, units):
+        rows = model(**enc).logits
+    for b in range(3):
+        with ablate_directions(model, units[b][None]):
+            alone = model(input_ids=enc["input_ids"][b:b + 1], attention_mask=enc["attention_mask"][b:b + 1]).logits
+        torch.testing.assert_close(rows[b:b + 1], alone, rtol=1e-5, atol=1e-5)
+    layers, vectors = [0, 1, 0], units * torch.tensor([[2.0], [0.5], [-3.0]])
+    with add_rows(model, layers, vectors):
+        rows = model(**enc).logits
+    for b in range(3):
+        with add_direction(model, layers[b], vectors[b]):
+            alone = model(input_ids=enc["input_ids"][b:b + 1], attention_mask=enc["attention_mask"][b:b + 1]).logits
+        torch.testing.assert_close(rows[b:b + 1], alone, rtol=1e-5, atol=1e-5)
+    assert _no_hooks(model)
+
+
+def test_row_hooks_reject_a_batch_of_another_size_and_bad_vectors():
+    model = tiny_model("llama")
+    enc = batch(lengths=(5, 5))
+    with pytest.raises(ValueError, match=r"ablate_rows: the forward pass has batch 2, but 3 per-row vectors were given"):
+        with ablate_rows(model, torch.zeros(3, 32)):
+            model(**enc)
+    with pytest.raises(ValueError, match=r"add_rows: vectors have shape \(2, 16\), expected \[batch, 32\]"):
+        with add_rows(model, [0, 1], torch.zeros(2, 16)):
+            pass
+    with pytest.raises(ValueError, match="NaN or inf"):
+        with ablate_rows(model, torch.full((2, 32), float("nan"))):
+            pass
+    with pytest.raises(ValueError, match="2 layers for 1 vectors"):
+        with add_rows(model, [0, 1], torch.zeros(1, 32)):
+            pass
+    assert _no_hooks(model)

@@ -26,9 +26,10 @@ pytestmark = pytest.mark.slow
 
 CATEGORIES = ["humanizing", "unsupported", "safety_core"]
 SETS = [*CATEGORIES, "benign"]
-STEERED = [*CATEGORIES, "pooled", "random_0"]
+STEERED = ["humanizing", "unsupported", "pooled"]
 PER_SET = 16
-CHATML_SPAN = ["<|im_end|>", "Ċ", "<|im_start|>", "assistant", "Ċ"]
+# ChatML's end of instruction; SmolLM2's tokenizer splits "assistant" in two.
+CHATML_SPAN = ["<|im_end|>", "Ċ", "<|im_start|>", "ass", "istant", "Ċ"]
 
 
 def reduce_repo(repo, sets: list[str], steered: list[str], per_set: int) -> None:
@@ -101,7 +102,7 @@ def test_smollm2_stores_have_its_shape_and_chatml_span(smollm2_run):
     for name in SETS:
         ds = store.open_store(repo / f"artifacts/activations/{name}.zarr", expect={"model_weights_fingerprint": identity["weights_fingerprint"]})
         assert ds.sizes["layer"] == 31 and ds.sizes["hidden"] == 576  # 30 block inputs and the final residual
-        assert list(ds.position_token.values) == CHATML_SPAN and list(ds.position.values) == [-5, -4, -3, -2, -1]
+        assert list(ds.position_token.values) == CHATML_SPAN and list(ds.position.values) == [-6, -5, -4, -3, -2, -1]
         assert ds.sizes["prompt"] == PER_SET
         # A pretrained model's residual grows through the layers and is far from zero.
         norms = np.linalg.norm(ds.resid.isel(position=-1).values, axis=-1).mean(0)
@@ -121,7 +122,7 @@ def test_smollm2_directions_equal_a_recomputation_from_the_stores(smollm2_run):
         got = atlas["direction"].sel(direction_name=name).values
         np.testing.assert_allclose(got[1:], unit[1:], atol=2e-5)  # row 0 on template tokens is undefined (zeros)
     selected = json.loads((repo / "artifacts/directions/selected.json").read_text())
-    assert {s["method"] for n, s in selected.items() if n != "random_0"} == {"cosmic"}
+    assert {s["method"] for n, s in selected.items() if n != "random_0"} == {"cosmic"} and set(selected) == {*CATEGORIES, "pooled", "random_0"}
     assert all(s["layer"] < 0.8 * 30 for s in selected.values())
     # Every direction carries its side counts and the under-powered flag.
     assert all({"n_target", "n_baseline", "underpowered"} <= set(s) for s in selected.values())

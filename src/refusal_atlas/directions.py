@@ -19,12 +19,10 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from refusal_atlas.errors import RefusalAtlasError
-from refusal_atlas.generation import first_token_logprobs, refusal_scores
-from refusal_atlas.hooks import ablate_directions, add_direction
 from refusal_atlas.models import find_layout
+from refusal_atlas.site_scores import CandidateScorer, search_candidates
 
 METHODS = ("mean_diff", "pca", "probe")
 PROBE_C = 1.0  # Inverse L2 strength of the probe; fixed so directions do not depend on tuning.
@@ -261,19 +259,28 @@ def select_fixed(layer: int | None, position: int | None, n_layers: int, offsets
 def filter_candidates(table: Sequence[dict], n_layers: int, max_layer_fraction: float, kl_threshold: float) -> tuple[list[dict], dict]:
     """Annotate Arditi candidates with ``kept`` and ``reason`` (first failing rule, else None).
 
-    Each row needs ``layer``, ``bypass``, ``induce`` and ``kl``. Rules, in order: ``layer``
-    (layer >= max_layer_fraction · n_layers), ``nan`` (any score NaN), ``kl`` (kl >
-    kl_threshold), ``induce`` (induce <= 0). Returns (new rows, counts per reason and ``kept``).
+    Each row needs ``layer``, ``bypass``, ``induce`` and ``kl``, and may say ``scored: False``
+    (the lazy search never reached it, because a lower-bypass candidate passed first). Rules, in
+    order: ``layer`` (layer >= max_layer_fraction · n_layers), ``nan`` (bypass NaN),
+    ``not_scored``, ``nan`` (kl NaN), ``kl`` (kl > kl_threshold), ``nan`` (induce NaN; a row
+    rejected at kl needs no induce score), ``induce`` (induce <= 0). Returns (new rows, counts
+    per reason and ``kept``).
     """
-    rows, counts = [], {"layer": 0, "nan": 0, "kl": 0, "induce": 0, "kept": 0}
+    rows, counts = [], {"layer": 0, "nan": 0, "not_scored": 0, "kl": 0, "induce": 0, "kept": 0}
+    missing = lambda s: s is None or math.isnan(s)  # noqa: E731
     for row in table:
-        scores = [row["bypass"], row["induce"], row["kl"]]
         if row["layer"] >= max_layer_fraction * n_layers:
             reason = "layer"
-        elif any(s is None or math.isnan(s) for s in scores):
+        elif missing(row["bypass"]):
+            reason = "nan"
+        elif row.get("scored") is False:
+            reason = "not_scored"
+        elif missing(row["kl"]):
             reason = "nan"
         elif row["kl"] > kl_threshold:
             reason = "kl"
+        elif missing(row["induce"]):
+            reason = "nan"
         elif row["induce"] <= 0:
             reason = "induce"
         else:
@@ -302,13 +309,6 @@ def choose_candidate(rows: Sequence[dict]) -> dict:
     return {"row": min(finite, key=lambda r: r["bypass"]), "fallback": True, "fallback_reason": why}
 
 
-def _kl(base: torch.Tensor, other: torch.Tensor) -> float:
-    """Mean over prompts of KL(base || other) from log-probabilities [n, vocab]."""
-    base, other = base.double(), other.double()
-    p = base.exp()  # 0 · log 0 terms are 0, not NaN
-    return float(torch.where(p > 0, p * (base - other), 0.0).sum(-1).mean())
-
-
 def select_arditi(
     model: nn.Module, tokenizer, units: np.ndarray, norms: np.ndarray, harmful_val_formatted: list[str],
     benign_val_formatted: list[str], refusal_token_ids: list[int], batch_size: int, max_layer_fraction: float,
@@ -328,35 +328,42 @@ def select_arditi(
 
     ``filter_candidates`` then drops rows and the kept one with the lowest bypass wins. If none
     survives, the lowest-bypass scored candidate is returned with ``fallback: True`` and the
-    reason, rather than failing. Returns ``{"method", "layer", "position", "position_index",
-    "score" (its bypass), "bypass", "induce", "kl", "fallback", "fallback_reason", "counts",
-    "table", "baseline_harmful", "baseline_benign"}``.
+    reason, rather than failing.
+
+    Only bypass is scored for every candidate: kl and induce are scored by rising bypass until
+    a candidate passes (``site_scores.search_candidates``), so rows past the winner have NaN
+    kl/induce and reason ``not_scored``. The choice is the same as scoring everything; see
+    site_scores for how float rounding is kept from changing it. Returns ``{"method", "layer",
+    "position", "position_index", "score" (its bypass), "bypass", "induce", "kl", "fallback",
+    "fallback_reason", "counts", "table", "baseline_harmful", "baseline_benign", "n_scored"}``,
+    ``n_scored`` counting candidates scored per score, reference re-scorings and tokens run.
     """
     n_layers, offsets = find_layout(model).n_layers, list(offsets)
     if units.shape[0] not in (n_layers, n_layers + 1) or units.shape[1] != len(offsets) or norms.shape != units.shape[:2]:
         raise DirectionError(f"select_arditi: units {units.shape} / norms {norms.shape} do not match {n_layers} layers and positions {offsets}")
-    score = lambda formatted: float(np.mean(refusal_scores(model, tokenizer, formatted, refusal_token_ids, batch_size, max_prompt_tokens)))  # noqa: E731
-    base_benign = first_token_logprobs(model, tokenizer, benign_val_formatted, batch_size, max_prompt_tokens)
-    result = {"baseline_harmful": score(harmful_val_formatted), "baseline_benign": score(benign_val_formatted)}
-    table = []
-    candidates = [(l, p) for l in range(n_layers) for p in range(len(offsets))]
-    for l, p in tqdm(candidates, desc="select directions", unit="candidate", disable=not progress):
-        row = {"layer": l, "position": offsets[p], "position_index": p, "bypass": math.nan, "induce": math.nan, "kl": math.nan}
-        unit = torch.from_numpy(np.asarray(units[l, p], dtype=np.float32))
-        if l < max_layer_fraction * n_layers and float(norms[l, p]) > 0 and bool(torch.isfinite(unit).all()):
-            with ablate_directions(model, unit[None]):
-                row["bypass"] = score(harmful_val_formatted)
-                row["kl"] = _kl(base_benign, first_token_logprobs(model, tokenizer, benign_val_formatted, batch_size, max_prompt_tokens))
-            with add_direction(model, l, unit * float(norms[l, p])):
-                row["induce"] = score(benign_val_formatted)
-        table.append(row)
+    table, sites = [], []
+    for l in range(n_layers):
+        for p in range(len(offsets)):
+            table.append({"layer": l, "position": offsets[p], "position_index": p, "bypass": math.nan, "induce": math.nan, "kl": math.nan, "scored": False})
+            unit = torch.from_numpy(np.asarray(units[l, p], dtype=np.float32))
+            if l < max_layer_fraction * n_layers and float(norms[l, p]) > 0 and bool(torch.isfinite(unit).all()):
+                sites.append((len(table) - 1, unit, unit * float(norms[l, p])))
+    scorer = CandidateScorer(
+        model, tokenizer, torch.stack([u for _, u, _ in sites]) if sites else torch.zeros(0, units.shape[-1]),
+        torch.stack([v for _, _, v in sites]) if sites else torch.zeros(0, units.shape[-1]), [table[i]["layer"] for i, _, _ in sites],
+        harmful_val_formatted, benign_val_formatted, refusal_token_ids, batch_size, max_prompt_tokens, progress,
+    )
+    scores = search_candidates(scorer, list(range(len(sites))), kl_threshold)
+    for (i, _, _), score in zip(sites, scores):
+        table[i].update(score)
     rows, counts = filter_candidates(table, n_layers, max_layer_fraction, kl_threshold)
     chosen = choose_candidate(rows)
     best = chosen["row"]
     return {
         "method": "arditi", "layer": best["layer"], "position": best["position"], "position_index": best["position_index"],
         "score": best["bypass"], "bypass": best["bypass"], "induce": best["induce"], "kl": best["kl"],
-        "fallback": chosen["fallback"], "fallback_reason": chosen["fallback_reason"], "counts": counts, "table": rows, **result,
+        "fallback": chosen["fallback"], "fallback_reason": chosen["fallback_reason"], "counts": counts, "table": rows,
+        "baseline_harmful": scorer.baseline_harmful, "baseline_benign": scorer.baseline_benign, "n_scored": dict(scorer.tally),
     }
 
 

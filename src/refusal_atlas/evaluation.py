@@ -17,7 +17,7 @@ import pandas as pd
 import torch
 
 from refusal_atlas.behaviour import fingerprint, generate_resumable, judge_table
-from refusal_atlas.generation import first_token_logprobs, generate, refusal_scores
+from refusal_atlas.generation import first_token_logprobs, generate, refusal_log_odds
 from refusal_atlas.judges import ClassifierJudge
 from refusal_atlas.steering import (
     compute_rates,
@@ -86,9 +86,10 @@ def evaluate_direction(
                     return generate(model, tokenizer, chunk, max_new_tokens, batch_size, max_prompt_tokens=max_prompt_tokens)
 
             responses = generate_resumable(generate_chunk, formatted, parts_dir, fingerprint(key, name), 4 * batch_size, desc=name, progress=progress)
-            with hooks():
-                scores = refusal_scores(model, tokenizer, list(formatted), list(refusal_ids), batch_size, max_prompt_tokens=max_prompt_tokens)
-                steered = first_token_logprobs(model, tokenizer, benign_prompts, batch_size, max_prompt_tokens)
+            with hooks():  # one pass gives the refusal scores of every prompt and the benign prompts' first-token distribution
+                logprobs = first_token_logprobs(model, tokenizer, list(formatted), batch_size, max_prompt_tokens)
+            scores = refusal_log_odds(logprobs, list(refusal_ids)).numpy()
+            steered = logprobs[torch.from_numpy(benign)]
             judged = judge_table(responses, scores, judges, classifier=classifier, prompts=prompts)
         refused = judged["refused"].to_numpy()
         styles = classify(responses, refused)

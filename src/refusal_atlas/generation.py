@@ -7,9 +7,12 @@ caller's ``with add_direction(...)`` / ``with ablate_directions(...)`` block.
 
 from __future__ import annotations
 
+import copy
 import inspect
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import AbstractContextManager
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -151,8 +154,122 @@ def refusal_scores(
     last prompt position (Arditi et al. 2024). Computed from log-probabilities so p near 0 or 1
     stays finite.
     """
-    logp = first_token_logprobs(model, tokenizer, formatted, batch_size, max_prompt_tokens).double()
+    return refusal_log_odds(first_token_logprobs(model, tokenizer, formatted, batch_size, max_prompt_tokens), token_ids).numpy()
+
+
+def refusal_log_odds(logp: torch.Tensor, token_ids: list[int]) -> torch.Tensor:
+    """Refusal log-odds from next-token log-probabilities: [n, vocab] -> float64 [n] (see ``refusal_scores``)."""
+    logp = logp.double()
     log_p = torch.logsumexp(logp[:, token_ids], dim=-1)
     # log(1 - p) = log(-expm1(log p)), accurate for p close to 1.
     log_not_p = torch.log(-torch.expm1(log_p).clamp(max=-torch.finfo(torch.float64).tiny))
-    return (log_p - log_not_p).numpy()
+    return log_p - log_not_p
+
+
+# -------- Many interventions over one prompt set, sharing the prompts' common prefix --------
+
+
+@dataclass(frozen=True)
+class PrefixedPrompts:
+    """Prompts tokenised once and split at their longest common prefix of token ids.
+
+    ``prefix``: the P shared ids (P may be 0); ``suffixes``: each prompt's remaining ids, at
+    least one per prompt so its last position is scored in the suffix pass; ``pad_id``: the id
+    written under masked (left) padding.
+    """
+
+    prefix: list[int]
+    suffixes: list[list[int]]
+    pad_id: int
+
+    @property
+    def lengths(self) -> list[int]:
+        """Full token count of each prompt."""
+        return [len(self.prefix) + len(s) for s in self.suffixes]
+
+
+def encode_prefixed(tokenizer, formatted: list[str], max_prompt_tokens: int | None = None) -> PrefixedPrompts:
+    """Tokenise ``formatted`` once (no special tokens, as ``tokenize_prompts``) and split off the shared prefix.
+
+    Chat-formatted prompts share their template's opening (a system prompt, role header):
+    that prefix is run once per intervention and its KV cache reused for every prompt.
+    Raises ``PromptTooLongError`` as ``first_token_logprobs`` does.
+    """
+    lengths = check_prompt_lengths(tokenizer, formatted, max_prompt_tokens or sys.maxsize)
+    ids = tokenizer(list(formatted), add_special_tokens=False)["input_ids"] if formatted else []
+    if any(n == 0 for n in lengths):
+        raise ValueError(f"encode_prefixed: prompt #{lengths.index(0)} encodes to no tokens; every prompt needs at least one")
+    n = min(lengths, default=1) - 1  # keep >= 1 suffix token per prompt
+    for seq in ids[1:]:
+        n = next((i for i in range(n) if seq[i] != ids[0][i]), n)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    return PrefixedPrompts(prefix=list(ids[0][:n]) if ids else [], suffixes=[list(seq[n:]) for seq in ids], pad_id=int(pad))
+
+
+def _with_rows(cache, index: torch.Tensor):
+    """A copy of a KV cache holding batch rows ``index`` of it; ``cache`` itself is left unchanged."""
+    out = copy.copy(cache)
+    out.layers = [copy.copy(layer) for layer in cache.layers]
+    out.batch_select_indices(index)  # replaces each copied layer's tensors, never writes into them
+    return out
+
+
+@torch.inference_mode()
+def score_prefixed_rows(
+    model: nn.Module, prompts: PrefixedPrompts, row_prompt: Sequence[int], row_group: Sequence[int],
+    intervene: Callable[[list[int]], AbstractContextManager], reduce: Callable[[torch.Tensor, list[int]], torch.Tensor],
+    rows_per_pass: int, tally: dict | None = None, on_pass: Callable[[int], object] | None = None,
+) -> np.ndarray:
+    """One score per row, each row a (prompt, intervention group) pair, under per-row hooks.
+
+    Inputs: ``row_prompt[r]`` indexes ``prompts``; ``row_group[r]`` names the row's
+    intervention (e.g. a candidate direction). ``intervene(groups)`` returns the context
+    manager (e.g. ``ablate_rows``) under which a forward pass whose batch row i belongs to
+    ``groups[i]`` runs. ``reduce(logp [R, vocab] float32, prompt indices [R])`` turns the
+    next-token log-probabilities after each row's prompt into one value per row.
+
+    Rows are run ``rows_per_pass`` at a time, in the given order. For each pass, the shared
+    prefix is run once per distinct group under that group's hooks (so it is intervened on
+    exactly as in a full pass), then the rows' left-padded suffixes are run on its KV cache,
+    with the attention mask covering prefix and suffix and position ids continuing after the
+    prefix (pads masked), and only the last position's logits are computed. ``tally`` (if
+    given) gets ``"tokens"`` (real tokens run, prefixes included) and ``"padded_tokens"`` added;
+    ``on_pass(n_rows)`` (if given) is called after each pass, e.g. a progress bar's update.
+    Output: float64 [n_rows].
+    """
+    device = _input_device(model)
+    accepted = inspect.signature(model.forward).parameters
+    keep = {"logits_to_keep": 1} if "logits_to_keep" in accepted else {}
+    n_prefix, out = len(prompts.prefix), np.empty(len(row_prompt))
+    tally = {} if tally is None else tally
+    for start in range(0, len(row_prompt), rows_per_pass):
+        rows = range(start, min(start + rows_per_pass, len(row_prompt)))
+        index, groups = [row_prompt[r] for r in rows], [row_group[r] for r in rows]
+        kwargs = {}
+        if n_prefix:
+            distinct = list(dict.fromkeys(groups))
+            ids = torch.tensor(prompts.prefix, device=device).expand(len(distinct), n_prefix)
+            with intervene(distinct):
+                past = model(input_ids=ids, attention_mask=torch.ones_like(ids), position_ids=torch.arange(n_prefix, device=device).expand_as(ids),
+                             use_cache=True, **keep).past_key_values
+            kwargs = {"past_key_values": _with_rows(past, torch.tensor([distinct.index(g) for g in groups], device=device)), "use_cache": True}
+            tally["tokens"] = tally.get("tokens", 0) + len(distinct) * n_prefix
+            tally["padded_tokens"] = tally.get("padded_tokens", 0) + len(distinct) * n_prefix
+        width = max(len(prompts.suffixes[i]) for i in index)
+        ids = torch.full((len(index), width), prompts.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(index), width), dtype=torch.long)
+        for row, i in enumerate(index):
+            suffix = prompts.suffixes[i]
+            ids[row, width - len(suffix):] = torch.tensor(suffix)
+            mask[row, width - len(suffix):] = 1
+        ids, mask = ids.to(device), mask.to(device)
+        positions = n_prefix + (mask.cumsum(-1) - 1).clamp(min=0)  # a left-padded row continues at P, as if alone
+        full_mask = torch.cat([torch.ones((len(index), n_prefix), dtype=torch.long, device=device), mask], dim=1)
+        with intervene(groups):
+            logits = model(input_ids=ids, attention_mask=full_mask, position_ids=positions, **kwargs, **keep).logits[:, -1, :]
+        out[rows.start:rows.stop] = reduce(torch.log_softmax(logits.float(), dim=-1), index).double().cpu().numpy()
+        tally["tokens"] = tally.get("tokens", 0) + int(mask.sum())
+        tally["padded_tokens"] = tally.get("padded_tokens", 0) + mask.numel()
+        if on_pass is not None:
+            on_pass(len(index))
+    return out

@@ -210,6 +210,103 @@ def ablate_directions(model: nn.Module, basis: torch.Tensor) -> Iterator[None]:
         yield
 
 
+def _row_vectors(model: nn.Module, vectors: torch.Tensor, name: str) -> tuple[Layout, torch.Tensor]:
+    """Check per-row vectors [batch, d_model] against the model; returns its layout and them in float64."""
+    layout = find_layout(model)
+    if vectors.ndim != 2 or vectors.shape[1] != layout.d_model:
+        raise ValueError(f"{name}: vectors have shape {tuple(vectors.shape)}, expected [batch, {layout.d_model}] (one row per batch row)")
+    v64 = vectors.detach().to(torch.float64)
+    if not bool(torch.isfinite(v64).all()):
+        raise ValueError(f"{name}: vectors contain NaN or inf; pass finite directions")
+    return layout, v64
+
+
+def _check_batch(name: str, x: torch.Tensor, n_rows: int) -> None:
+    if x.shape[0] != n_rows:
+        raise ValueError(f"{name}: the forward pass has batch {x.shape[0]}, but {n_rows} per-row vectors were given; pass one vector per batch row")
+
+
+@contextmanager
+def ablate_rows(model: nn.Module, units: torch.Tensor) -> Iterator[None]:
+    """Project batch row b's own direction ``units[b]`` out of its residual stream everywhere.
+
+    ``units`` [batch, d_model] (each row normalised here in float64; an all-zero row leaves its
+    batch row unchanged). Like ``ablate_directions`` with one direction per row: applies
+    x[b] <- x[b] - (x[b]·u_b) u_b, in float32 at least, to every block's input and every
+    attention and MLP output added to the residual. Every forward pass inside the block must
+    have exactly ``batch`` rows, in the order of ``units``.
+    """
+    layout, u64 = _row_vectors(model, units, "ablate_rows")
+    length = u64.norm(dim=-1, keepdim=True)
+    u64 = torch.where(length > 0, u64 / torch.where(length > 0, length, 1.0), 0.0)
+    cache: dict = {}
+
+    def project(x: torch.Tensor) -> torch.Tensor:
+        _check_batch("ablate_rows", x, len(u64))
+        # float32 at least, as in ablate_directions, so rounding in the dot product of
+        # bfloat16 residuals leaves no visible component behind.
+        dtype = torch.promote_types(x.dtype, torch.float32)
+        key = (x.device, dtype)
+        if key not in cache:
+            cache[key] = u64.to(device=x.device, dtype=dtype)[:, :, None]  # [batch, d, 1]
+        u = cache[key]
+        xf = x.to(dtype)  # [batch, tokens, d]
+        return (xf - torch.bmm(torch.bmm(xf, u), u.transpose(1, 2))).to(x.dtype)  # bmm(xf, u): [batch, tokens, 1]
+
+    def pre_hook(module, args, kwargs):
+        return _set_input(args, kwargs, project(_get_input(args, kwargs)))
+
+    def out_hook(module, args, output):
+        return _map_output(output, project)
+
+    def register(handles):
+        for i in range(layout.n_layers):
+            handles.append(layout.blocks[i].register_forward_pre_hook(pre_hook, with_kwargs=True))
+            handles.append(layout.attn_out[i].register_forward_hook(out_hook))
+            handles.append(layout.mlp_out[i].register_forward_hook(out_hook))
+
+    with _registered(register):
+        yield
+
+
+@contextmanager
+def add_rows(model: nn.Module, layers: list[int], vectors: torch.Tensor) -> Iterator[None]:
+    """Add ``vectors[b]`` [batch, d_model] to the input of block ``layers[b]``, for batch row b only.
+
+    Like ``add_direction`` with one (layer, vector) per batch row: the vector is cast to the
+    residual's dtype and added at every position; other rows at that block get exactly + 0.
+    Every forward pass inside the block must have exactly ``batch`` rows.
+    """
+    layout, _ = _row_vectors(model, vectors, "add_rows")
+    if len(layers) != len(vectors):
+        raise ValueError(f"add_rows: {len(layers)} layers for {len(vectors)} vectors; pass one layer per vector")
+    for layer in set(layers):
+        _resid_module(layout, layer)  # range check
+    vectors = vectors.detach()
+    per_layer = {}
+    for layer in sorted(set(layers)):
+        rows = torch.tensor([l == layer for l in layers])
+        per_layer[layer] = torch.where(rows[:, None], vectors, torch.zeros((), dtype=vectors.dtype))  # [batch, d]
+    cache: dict = {}
+
+    def make_hook(layer: int):
+        def hook(module, args, kwargs):
+            x = _get_input(args, kwargs)
+            _check_batch("add_rows", x, len(layers))
+            key = (layer, x.device, x.dtype)
+            if key not in cache:
+                cache[key] = per_layer[layer].to(device=x.device, dtype=x.dtype)[:, None, :]  # [batch, 1, d]
+            return _set_input(args, kwargs, x + cache[key])
+        return hook
+
+    def register(handles):
+        for layer in per_layer:
+            handles.append(_resid_module(layout, layer).register_forward_pre_hook(make_hook(layer), with_kwargs=True))
+
+    with _registered(register):
+        yield
+
+
 def _project_output_rows(module: nn.Module, r: torch.Tensor) -> None:
     """W_out <- W_out - r r^T W_out (and b <- b - (b.r) r) for a map that writes d_model outputs."""
     w = module.weight.data

@@ -1,0 +1,237 @@
+"""Arditi et al.'s candidate scores (bypass, kl, induce), computed lazily, batched and prefix-shared.
+
+``select_arditi`` (directions.py) needs, per candidate site c = (layer, position) with unit
+direction u_c and mean difference v_c = u_c · norm_c:
+
+- bypass(c): mean first-token refusal log-odds on harmful prompts with u_c ablated everywhere;
+- kl(c): mean first-token KL(unhooked || ablated) on benign prompts;
+- induce(c): mean refusal log-odds on benign prompts with v_c added at the input of block l.
+
+Only the lowest-bypass candidate that passes the filters matters, so ``search_candidates``
+scores bypass for every candidate, then visits candidates by rising bypass and scores kl (and
+induce only where kl passes) until one passes. The fast scores run many candidates in one
+forward pass (one direction per batch row: ``ablate_rows``/``add_rows``) and run the prompts'
+shared template prefix once per candidate (``score_prefixed_rows``).
+
+Fast scores differ from the one-candidate-at-a-time reference (``refusal_scores`` under
+``ablate_directions``/``add_direction``, today's path) by float rounding only. So that the
+chosen site is exactly the reference's, every comparison that rounding could flip is re-decided
+with reference scores: bypass values within ``RESCORE_TOLERANCE`` of one another (their order),
+kl within it of the threshold, induce within it of 0, and any non-finite fast score.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from refusal_atlas.generation import (
+    encode_prefixed, first_token_logprobs, refusal_log_odds, refusal_scores, score_prefixed_rows,
+)
+from refusal_atlas.hooks import ablate_directions, ablate_rows, add_direction, add_rows
+
+# Relative band, per model dtype, inside which a fast score is not trusted to decide a
+# comparison (|a - b| <= tol · max(1, |a|, |b|)) and the reference score decides instead.
+# float32 fast and reference scores differ by at most ~2e-6 relative (1e-5 absolute on
+# log-odds near 4) on SmolLM2-135M and ~1e-7 on the tiny test models, so 1e-4 leaves a margin
+# of 50x; half precision rounds each residual to ~3 significant digits. Every reference
+# re-score also measures the gap (``tally["max_gap"]``), and a gap over half the band warns.
+RESCORE_TOLERANCE = {torch.float32: 1e-4, torch.float64: 1e-4}
+RESCORE_TOLERANCE_HALF = 5e-2
+
+
+def kl_rows(base: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
+    """KL(base || other) per row from log-probabilities [n, vocab]: float64 [n]."""
+    base, other = base.double(), other.double()
+    p = base.exp()  # 0 · log 0 terms are 0, not NaN
+    return torch.where(p > 0, p * (base - other), 0.0).sum(-1)
+
+
+def mean_kl(base: torch.Tensor, other: torch.Tensor) -> float:
+    """Mean over prompts of KL(base || other) from log-probabilities [n, vocab]."""
+    return float(kl_rows(base, other).mean())
+
+
+def _near(a: float, b: float, tol: float) -> bool:
+    return abs(a - b) <= tol * max(1.0, abs(a), abs(b))
+
+
+class CandidateScorer:
+    """Fast (batched) and reference (one at a time) scores of candidate sites.
+
+    Inputs: ``units`` [C, d] float32 unit directions, ``vectors`` [C, d] float32 (unit · norm,
+    what induce adds) and ``layers`` [C], one per candidate; harmful and benign prompts already
+    chat-formatted. Each prompt set is tokenised once. ``tally`` counts forward work:
+    ``tokens``/``padded_tokens`` run by the fast path and ``bypass``/``kl``/``induce``
+    candidates scored fast, ``rescored`` reference scores, and ``max_gap``, the widest relative
+    gap seen between a fast score and its reference re-score.
+    """
+
+    def __init__(
+        self, model: nn.Module, tokenizer, units: torch.Tensor, vectors: torch.Tensor, layers: Sequence[int],
+        harmful: list[str], benign: list[str], token_ids: list[int], batch_size: int, max_prompt_tokens: int | None,
+        progress: bool = False,
+    ):
+        self.progress = progress
+        self.model, self.tokenizer, self.token_ids = model, tokenizer, list(token_ids)
+        self.units, self.vectors, self.layers = units, vectors, list(layers)
+        self.harmful_text, self.benign_text = harmful, benign
+        self.batch_size, self.max_prompt_tokens = batch_size, max_prompt_tokens
+        self.harmful, self.benign = encode_prefixed(tokenizer, harmful, max_prompt_tokens), encode_prefixed(tokenizer, benign, max_prompt_tokens)
+        # The unhooked scores come from the reference path, so the baselines are today's numbers exactly.
+        self.base_benign = first_token_logprobs(model, tokenizer, benign, batch_size, max_prompt_tokens)  # [n_benign, vocab]
+        self.baseline_harmful = float(np.mean(refusal_scores(model, tokenizer, harmful, self.token_ids, batch_size, max_prompt_tokens)))
+        self.baseline_benign = float(np.mean(refusal_log_odds(self.base_benign, self.token_ids).numpy()))
+        dtype = next(model.parameters()).dtype
+        self.tolerance = RESCORE_TOLERANCE.get(dtype, RESCORE_TOLERANCE_HALF)
+        self.tally = {"tokens": 0, "padded_tokens": 0, "bypass": 0, "kl": 0, "induce": 0, "rescored": 0, "max_gap": 0.0}
+
+    # -------- fast: many candidates per forward pass --------
+
+    def _rows_per_pass(self, prompts) -> int:
+        # Suffixes are shorter than whole prompts, so as many rows fit in the memory that
+        # batch_size whole prompts take (tokens per pass, and attention rows x keys).
+        full, suffix = max(prompts.lengths), max(len(s) for s in prompts.suffixes)
+        return max(1, self.batch_size * full // suffix)
+
+    def _fast(self, what: str, candidates: Sequence[int], prompts, intervene, reduce) -> np.ndarray:
+        """Mean over prompts of ``reduce`` per candidate: float64 [len(candidates)]."""
+        if not candidates:
+            return np.empty(0)
+        n, rows_per_pass = len(prompts.suffixes), self._rows_per_pass(prompts)
+        order = sorted(range(n), key=lambda i: (-len(prompts.suffixes[i]), i))  # longest suffixes first
+        # Candidates go in blocks of k, and within a block rows go prompt by prompt (each prompt
+        # under the block's k candidates): a pass then holds prompts of similar length (little
+        # padding) but only k distinct candidates, each running the prefix once. k keeps the
+        # prefix runs near a tenth of a pass's suffix tokens.
+        mean_suffix = sum(len(s) for s in prompts.suffixes) / n
+        k = len(candidates) if not prompts.prefix else max(1, min(len(candidates), round(0.1 * rows_per_pass * mean_suffix / len(prompts.prefix))))
+        row_prompt, row_group = [], []
+        for start in range(0, len(candidates), k):
+            block = list(candidates[start:start + k])
+            row_prompt += [i for i in order for _ in block]
+            row_group += [c for _ in order for c in block]
+        with tqdm(total=len(row_prompt), desc=f"select directions: {what} of {len(candidates)}", unit="row", disable=not self.progress, leave=False) as bar:
+            values = score_prefixed_rows(self.model, prompts, row_prompt, row_group, intervene, reduce, rows_per_pass, self.tally, bar.update)
+        sums = {c: 0.0 for c in candidates}
+        for c, value in zip(row_group, values):
+            sums[c] += value
+        return np.array([sums[c] / n for c in candidates])
+
+    def fast_bypass(self, candidates: Sequence[int]) -> np.ndarray:
+        self.tally["bypass"] += len(candidates)
+        return self._fast("bypass", candidates, self.harmful, lambda g: ablate_rows(self.model, self.units[g]),
+                          lambda logp, idx: refusal_log_odds(logp, self.token_ids))
+
+    def fast_kl(self, candidates: Sequence[int]) -> np.ndarray:
+        self.tally["kl"] += len(candidates)
+        return self._fast("kl", candidates, self.benign, lambda g: ablate_rows(self.model, self.units[g]),
+                          lambda logp, idx: kl_rows(self.base_benign[idx].to(logp.device), logp))
+
+    def fast_induce(self, candidates: Sequence[int]) -> np.ndarray:
+        self.tally["induce"] += len(candidates)
+        return self._fast("induce", candidates, self.benign, lambda g: add_rows(self.model, [self.layers[c] for c in g], self.vectors[g]),
+                          lambda logp, idx: refusal_log_odds(logp, self.token_ids))
+
+    # -------- reference: today's path, one candidate at a time --------
+
+    def _score(self, formatted: list[str]) -> float:
+        return float(np.mean(refusal_scores(self.model, self.tokenizer, formatted, self.token_ids, self.batch_size, self.max_prompt_tokens)))
+
+    def reference_bypass(self, c: int) -> float:
+        self.tally["rescored"] += 1
+        with ablate_directions(self.model, self.units[c][None]):
+            return self._score(self.harmful_text)
+
+    def reference_kl(self, c: int) -> float:
+        self.tally["rescored"] += 1
+        with ablate_directions(self.model, self.units[c][None]):
+            return mean_kl(self.base_benign, first_token_logprobs(self.model, self.tokenizer, self.benign_text, self.batch_size, self.max_prompt_tokens))
+
+    def reference_induce(self, c: int) -> float:
+        self.tally["rescored"] += 1
+        with add_direction(self.model, self.layers[c], self.vectors[c]):
+            return self._score(self.benign_text)
+
+
+def _checked(scorer: CandidateScorer, fast: float, reference: float, what: str) -> float:
+    """``reference``, after recording its gap to the finite ``fast`` score and warning if it is too wide for the band."""
+    if math.isfinite(fast) and math.isfinite(reference):
+        gap = abs(fast - reference) / max(1.0, abs(fast), abs(reference))
+        scorer.tally["max_gap"] = max(scorer.tally["max_gap"], gap)
+        if gap > scorer.tolerance / 2:
+            warnings.warn(
+                f"select_arditi: a fast {what} score differs from the reference by {gap:.2g} (relative), more than half the "
+                f"re-scoring band {scorer.tolerance:g}; the chosen site may differ from a one-at-a-time scan. Raise "
+                f"site_scores.RESCORE_TOLERANCE for this dtype.", stacklevel=3,
+            )
+    return reference
+
+
+def _clusters(values: dict[int, float], tol: float) -> list[list[int]]:
+    """Candidates sorted by (value, index), cut where neighbours are further apart than ``tol``."""
+    ordered = sorted(values, key=lambda c: (values[c], c))
+    out: list[list[int]] = []
+    for c in ordered:
+        if out and _near(values[out[-1][-1]], values[c], tol):
+            out[-1].append(c)
+        else:
+            out.append([c])
+    return out
+
+
+def search_candidates(scorer: CandidateScorer, candidates: Sequence[int], kl_threshold: float) -> list[dict]:
+    """Scores of candidates ``0..C-1`` (``scorer``'s indices) as the lazy Arditi search leaves them.
+
+    Every candidate gets bypass. Then, by rising bypass (ties: lower index first, the candidate
+    ``min`` picks), kl is scored and, where kl <= ``kl_threshold``, induce, until one candidate
+    has finite kl <= threshold and induce > 0: that one is the winner. Output, per candidate:
+    ``{"bypass", "kl", "induce": float (NaN where not scored), "scored": bool}``, ``scored``
+    being whether the search reached it. Where no candidate passes, every finite-bypass
+    candidate is reached, as in a full scan.
+    """
+    tol = scorer.tolerance
+    out = [{"bypass": math.nan, "kl": math.nan, "induce": math.nan, "scored": False} for _ in range(len(scorer.layers))]
+    for c, value in zip(candidates, scorer.fast_bypass(list(candidates))):
+        out[c]["bypass"] = float(value) if math.isfinite(value) else scorer.reference_bypass(c)
+    clusters = _clusters({c: out[c]["bypass"] for c in candidates if math.isfinite(out[c]["bypass"])}, tol)
+    pending: list[int] = []
+    chunk, cap = 1, max(1, scorer._rows_per_pass(scorer.benign) // len(scorer.benign.suffixes))
+    while pending or clusters:
+        # Fill the next chunk in visiting order. A cluster of near-equal bypass values is
+        # ordered by reference bypass before any of it is visited; a chunk stops before a
+        # cluster that would need that, unless the chunk is still empty.
+        while clusters and len(pending) < chunk and (not pending or len(clusters[0]) == 1):
+            group = clusters.pop(0)
+            if len(group) > 1:
+                for c in group:
+                    out[c]["bypass"] = _checked(scorer, out[c]["bypass"], scorer.reference_bypass(c), "bypass")
+                group.sort(key=lambda c: (out[c]["bypass"], c))
+            pending.extend(group)
+        visit, pending = pending[:chunk], pending[chunk:]
+        for c, value in zip(visit, scorer.fast_kl(visit)):
+            out[c]["kl"] = float(value)
+        maybe = [c for c in visit if not math.isfinite(out[c]["kl"]) or out[c]["kl"] <= kl_threshold or _near(out[c]["kl"], kl_threshold, tol)]
+        fast_induce = dict(zip(maybe, scorer.fast_induce(maybe)))
+        for k, c in enumerate(visit):
+            row = out[c]
+            row["scored"] = True
+            if not math.isfinite(row["kl"]) or _near(row["kl"], kl_threshold, tol):
+                row["kl"] = _checked(scorer, row["kl"], scorer.reference_kl(c), "kl")
+            if not (row["kl"] <= kl_threshold):  # rejected at kl (or NaN): induce is not needed
+                continue
+            row["induce"] = float(fast_induce[c]) if c in fast_induce else math.nan
+            if not math.isfinite(row["induce"]) or _near(row["induce"], 0.0, tol):
+                row["induce"] = _checked(scorer, row["induce"], scorer.reference_induce(c), "induce")
+            if row["induce"] > 0:  # the winner: what the chunk scored beyond it is dropped
+                for later in visit[k + 1:]:
+                    out[later].update(kl=math.nan, induce=math.nan)
+                return out
+        chunk = min(2 * chunk, cap)
+    return out
