@@ -532,3 +532,25 @@ def test_select_arditi_lazy_matches_reference_on_smollm2(smollm2, kl_threshold):
     _assert_same_choice(new, ref)
     assert new["fallback"] is (kl_threshold < 0)
     assert 0 < new["n_scored"]["tokens"] < 4 * len(harmful + benign) * 50
+
+
+def test_power_flags_mark_directions_learnt_from_too_few_prompts():
+    from refusal_atlas.atlas import power_flags
+
+    flags = power_flags({"a": {"n_target": 7, "n_baseline": 32}, "b": {"n_target": 8, "n_baseline": 8},
+                         "c": {"n_target": 32, "n_baseline": 3}, "random_0": {"n_target": 0, "n_baseline": 0}}, min_per_side=8)
+    assert {n: f["underpowered"] for n, f in flags.items()} == {"a": True, "b": False, "c": True, "random_0": False}
+    assert flags["a"] == {"n_target": 7, "n_baseline": 32, "min_per_side": 8, "underpowered": True}
+
+
+def test_validation_texts_cap_is_a_seeded_draw_of_prompt_ids():
+    import pandas as pd
+
+    from refusal_atlas.atlas import validation_texts
+
+    table = pd.DataFrame({"prompt_id": [f"x-{i:02d}" for i in range(40)], "category": ["x"] * 30 + ["y"] * 10,
+                          "split": ["val"] * 20 + ["train"] * 10 + ["val"] * 10, "text": [f"t{i}" for i in range(40)]})
+    assert validation_texts(table, ["x"], None, 0) == [f"t{i}" for i in range(20)]  # all val prompts of x, by id
+    capped = validation_texts(table, ["x", "y"], 8, 0)
+    assert len(capped) == 8 and capped == validation_texts(table.iloc[::-1], ["x", "y"], 8, 0)  # order of the table does not matter
+    assert set(capped) <= {f"t{i}" for i in [*range(20), *range(30, 40)]} and capped != validation_texts(table, ["x", "y"], 8, 1)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -262,3 +264,15 @@ def test_summarize_geometry_returns_flat_finite_numbers():
     off_mean = (gram.sum() - 6) / 30
     assert summary["cosine_offdiag_mean"] == pytest.approx(off_mean, abs=0.02)
     assert summary["cluster_average_best_k"] == 2
+
+
+def test_mds_of_three_directions_in_three_dimensions_is_finite():
+    """Three directions have no classical (Torgerson) embedding in 3 dimensions (a zero or negative
+    eigenvalue); the random starts still give one. A real run with three categories hit this."""
+    cos = pd.DataFrame([[1.0, 0.3, 0.5], [0.3, 1.0, 0.2], [0.5, 0.2, 1.0]], index=list("abc"), columns=list("abc"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # sklearn's sqrt of the negative eigenvalue
+        out = geo.mds_embedding(cos)
+    for dim in (2, 3):
+        assert out[dim]["coords"].shape == (3, dim) and np.isfinite(out[dim]["coords"].to_numpy()).all()
+        assert out[dim]["stress"] < 1e-3  # three points embed exactly in the plane

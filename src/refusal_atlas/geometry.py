@@ -297,7 +297,12 @@ def mds_embedding(cos: pd.DataFrame, dims: Sequence[int] = (2, 3), seed: int = 0
         for init, starts in (("classical_mds", 1), ("random", n_init)):
             mds = MDS(n_components=dim, metric_mds=True, metric="precomputed", init=init, n_init=starts,
                       random_state=seed, max_iter=1000, eps=1e-9)
-            coords = mds.fit_transform(dist)
+            try:
+                coords = mds.fit_transform(dist)
+            except ValueError:  # the classical start has no real coordinates in `dim` dimensions (k <= dim points, or non-Euclidean distances)
+                if init == "random":
+                    raise
+                continue
             fits.append((kruskal_stress(dist, coords), coords))
         stress, coords = min(fits, key=lambda fit: fit[0])
         out[int(dim)] = {

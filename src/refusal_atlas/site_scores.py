@@ -106,17 +106,11 @@ class CandidateScorer:
             return np.empty(0)
         n, rows_per_pass = len(prompts.suffixes), self._rows_per_pass(prompts)
         order = sorted(range(n), key=lambda i: (-len(prompts.suffixes[i]), i))  # longest suffixes first
-        # Candidates go in blocks of k, and within a block rows go prompt by prompt (each prompt
-        # under the block's k candidates): a pass then holds prompts of similar length (little
-        # padding) but only k distinct candidates, each running the prefix once. k keeps the
-        # prefix runs near a tenth of a pass's suffix tokens.
-        mean_suffix = sum(len(s) for s in prompts.suffixes) / n
-        k = len(candidates) if not prompts.prefix else max(1, min(len(candidates), round(0.1 * rows_per_pass * mean_suffix / len(prompts.prefix))))
-        row_prompt, row_group = [], []
-        for start in range(0, len(candidates), k):
-            block = list(candidates[start:start + k])
-            row_prompt += [i for i in order for _ in block]
-            row_group += [c for _ in order for c in block]
+        # Rows go prompt by prompt, each prompt under every candidate, so a pass holds one or
+        # two suffix lengths (almost no padding); score_prefixed_rows runs each candidate's
+        # prefix once for all passes.
+        row_prompt = [i for i in order for _ in candidates]
+        row_group = [c for _ in order for c in candidates]
         with tqdm(total=len(row_prompt), desc=f"select directions: {what} of {len(candidates)}", unit="row", disable=not self.progress, leave=False) as bar:
             values = score_prefixed_rows(self.model, prompts, row_prompt, row_group, intervene, reduce, rows_per_pass, self.tally, bar.update)
         sums = {c: 0.0 for c in candidates}
