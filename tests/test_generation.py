@@ -171,8 +171,9 @@ def test_score_prefixed_rows_matches_whole_prompts_under_the_same_hooks(family, 
     with add_direction(model, 1, vectors[1]):
         steered = first_token_logprobs(model, tok, formatted, batch_size=3)[:, 5]
     np.testing.assert_allclose(got, np.r_[steered.numpy(), plain.numpy()], rtol=1e-5, atol=1e-5)
-    # Per pass: the prefix once per distinct group, then the rows' suffixes.
-    assert seen[:2] == [[1], [1, 1, 1, 1]] and seen[2:4] == [[1, 0], [1, 0, 0, 0]]
-    assert tally["tokens"] == sum(len(s) for s in prompts.suffixes) * 2 + len(prompts.prefix) * sum(len(s) for s in seen[0::2])
+    # The prefix once per distinct group, before any pass; then each pass's rows' suffixes on it.
+    groups = [g for _, g in rows]
+    assert seen == [[1, 0], *[groups[k:k + 4] for k in range(0, len(groups), 4)]]
+    assert tally["tokens"] == sum(len(s) for s in prompts.suffixes) * 2 + len(prompts.prefix) * 2
     with pytest.raises(PromptTooLongError):
         encode_prefixed(tok, formatted, max_prompt_tokens=5)
