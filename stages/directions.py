@@ -14,7 +14,7 @@ import pandas as pd
 
 from refusal_atlas import store
 from refusal_atlas.atlas import POOLED, build_atlas, load_prompts, mean_resid_norm, power_flags, side_ids, site_record, validation_texts
-from refusal_atlas.atomic import write_json
+from refusal_atlas.atomic import atomic_path, write_json
 from refusal_atlas.directions import select_arditi, select_cosmic, select_fixed, stability
 from refusal_atlas.entry import load_stage_model, run_stage, stage_parser
 from refusal_atlas.generation import refusal_token_ids
@@ -38,7 +38,7 @@ def main(args, params, run) -> None:
 
     table = pd.read_parquet(args.prompts)
     groups = {**{c: ([c], [p]) for c, p in baseline_of.items()}, POOLED: (list(baseline_of), ["benign"])}
-    selected, model = {}, None
+    selected, candidates, model = {}, [], None
     for name, (targets, pools) in groups.items():
         units, norms = atlas["direction"].sel(direction_name=name).values, atlas["norm"].sel(direction_name=name).values
         if cfg.select == "fixed":
@@ -53,6 +53,7 @@ def main(args, params, run) -> None:
             harmful, benign = (fmt(validation_texts(table, sets, cfg.n_val, cfg.seed)) for sets in (targets, pools))
             site = select_arditi(model, tokenizer, units, norms, harmful, benign, ids, mcfg.batch_size, cfg.max_layer_fraction, cfg.kl_threshold, offsets, mcfg.max_prompt_tokens, progress=not args.no_progress)
         selected[name] = {k: v for k, v in site.items() if k not in ("table", "layer_similarity")}
+        candidates += [{"direction": name, **row} for row in site.get("table", [])]
     for k in range(cfg.n_random):
         selected[f"random_{k}"] = {**selected[POOLED], "method": "copied from pooled"}
 
@@ -76,6 +77,10 @@ def main(args, params, run) -> None:
     for name, site in selected.items():
         write_json(args.out / "sites" / f"{name}.json", site_record(atlas, name, site))
     write_json(args.out / "selected.json", selected)
+    # Every candidate a selector looked at, with its scores; for arditi, `reason` says why a row
+    # was dropped, or `not_scored` where a lower-bypass candidate had already passed.
+    with atomic_path(args.out / "candidates.csv") as tmp:
+        pd.DataFrame(candidates).to_csv(tmp, index=False)
     write_json(args.out / "metrics.json", metrics)
     run.log_identity(identity)
     run.log_input(args.activations)

@@ -111,7 +111,10 @@ def _sections(args, summary, figures, tradeoff, knob, verdict_line, style, ablat
         Section("Directions", ["Each direction's selected (layer, position), the score behind the choice, and how many refused targets (HR) and "
                                "answered baseline prompts (BC) it was learnt from; ⚠ marks a side under directions.min_per_side."],
                 tables={"Selected sites": pd.DataFrame({("⚠ " if s.get("underpowered") else "") + n: {k: s.get(k) for k in ("method", "layer", "position", "score", "mean_resid_norm", "n_target", "n_baseline")}
-                                                        for n, s in selected.items()}).T}),
+                                                        for n, s in selected.items()}).T,
+                        **({"Arditi candidates per direction: kept, dropped by rule (layer, nan, kl, induce), or not scored because a lower-bypass "
+                            "candidate had already passed (every row is in artifacts/directions/candidates.csv)":
+                            pd.DataFrame({n: s["counts"] for n, s in selected.items() if s.get("method") == "arditi"}).T} if any(s.get("method") == "arditi" for s in selected.values()) else {})}),
         Section("Geometry", [f"At the pooled direction's site (layer {geometry['reference_site']['layer']}, position {geometry['reference_site']['position']})."],
                 figures={c: _png(geo / f) for c, f in (("Cosine similarity between category directions", "cosine_heatmap.png"), ("Hierarchical clustering (1 - cos)", "dendrogram.png"),
                                                         ("Metric MDS", "mds.png"), ("Mean off-diagonal cosine per layer", "layer_curve.png"), ("Probe transfer", "probe_transfer.png"), ("Selectivity", "selectivity.png"))},

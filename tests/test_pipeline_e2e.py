@@ -142,6 +142,24 @@ def test_directions_match_an_independent_numpy_recomputation(pipeline):
         np.testing.assert_allclose(atlas.norm.sel(direction_name=category).values[ok], norms[ok], rtol=1e-5)
 
 
+def test_arditi_candidate_table_explains_every_row(pipeline):
+    """candidates.csv: the chosen site is the lowest-bypass kept row; every other row says why not."""
+    table = pd.read_csv(pipeline / "artifacts/directions/candidates.csv")
+    selected = _json(pipeline / "artifacts/directions/selected.json")
+    assert set(table.direction) == set(CATEGORIES) | {"pooled"}
+    for name, rows in table.groupby("direction"):
+        kept, site = rows[rows.kept], selected[name]
+        assert set(rows.reason.dropna()) <= {"layer", "nan", "kl", "induce", "not_scored"}
+        if site["fallback"]:  # nothing passed, so the search scored every candidate
+            assert kept.empty and "not_scored" not in set(rows.reason), name
+            continue
+        assert len(kept) == 1 and (int(kept.layer.iloc[0]), int(kept.position.iloc[0])) == (site["layer"], site["position"]), name
+        # Rows not scored are those the lazy search never reached: their bypass is no lower than the winner's.
+        later = rows[rows.reason == "not_scored"]
+        assert (later.bypass >= kept.bypass.iloc[0]).all() and later.kl.isna().all(), name
+        assert rows.reason.value_counts().to_dict() == {k: v for k, v in site["counts"].items() if v and k != "kept"}, name
+
+
 def test_geometry_outputs_and_plots(pipeline):
     metrics = _json(pipeline / "artifacts/geometry/metrics.json")
     cos = pd.read_csv(pipeline / "artifacts/geometry/tables/cosine.csv", index_col=0)
