@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import pytest
 import yaml
 from pydantic import BaseModel
 
+from conftest import REPO
 from refusal_atlas.config import STAGE_SECTIONS, ConfigError, Params, load_params, parse_params, stage_param_keys
 
 
@@ -133,3 +137,21 @@ def test_every_stage_depends_on_the_library_code_it_runs(repo_root):
         deps = stage.get("do", stage)["deps"]
         declared = {d.removeprefix("src/refusal_atlas/").removesuffix(".py") for d in deps if d.startswith("src/refusal_atlas/") and d.endswith(".py")}
         assert used - PLUMBING == declared, (name, "undeclared:", sorted(used - PLUMBING - declared), "unused:", sorted(declared - used))
+
+
+def test_profile_overrides_are_validated_and_become_dvc_set_params(tmp_path):
+    from refusal_atlas.config import profile_overrides
+
+    assert profile_overrides(REPO / "profiles/smollm2.yaml", REPO / "params.yaml") == {
+        "model.name": "smollm2", "baseline.max_new_tokens": 32, "directions.n_val": 32,
+        "steering.alphas": [0.5, 1.0], "steering.controlled_only": True, "steering.n_per_bucket": 24,
+    }
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("directions:\n  n_val: 0\n")
+    with pytest.raises(ConfigError, match=r"(?s)bad\.yaml: invalid params.*'directions\.n_val'"):
+        profile_overrides(bad, REPO / "params.yaml")
+    proc = subprocess.run([sys.executable, "-m", "refusal_atlas.cli", "experiment", str(bad), "--name", "x", "--dry-run"], cwd=REPO, capture_output=True, text=True)
+    assert proc.returncode == 2 and "directions.n_val" in proc.stderr and "Traceback" not in proc.stderr
+    dry = subprocess.run([sys.executable, "-m", "refusal_atlas.cli", "experiment", "profiles/smollm2.yaml", "--name", "smollm2", "--dry-run"],
+                         cwd=REPO, capture_output=True, text=True, check=True).stdout
+    assert "exp run --temp -n smollm2 -S model.name=\"smollm2\"" in dry and "-S steering.alphas=[0.5, 1.0]" in dry

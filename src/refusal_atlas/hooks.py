@@ -170,6 +170,26 @@ def orthonormal_basis(basis: torch.Tensor) -> torch.Tensor:
 
 
 @contextmanager
+def _projected_everywhere(layout: Layout, project) -> Iterator[None]:
+    """Apply ``project`` to every block's input (pre-hook) and every attention and MLP output added to the residual."""
+
+    def pre_hook(module, args, kwargs):
+        return _set_input(args, kwargs, project(_get_input(args, kwargs)))
+
+    def out_hook(module, args, output):
+        return _map_output(output, project)
+
+    def register(handles):
+        for i in range(layout.n_layers):
+            handles.append(layout.blocks[i].register_forward_pre_hook(pre_hook, with_kwargs=True))
+            handles.append(layout.attn_out[i].register_forward_hook(out_hook))
+            handles.append(layout.mlp_out[i].register_forward_hook(out_hook))
+
+    with _registered(register):
+        yield
+
+
+@contextmanager
 def ablate_directions(model: nn.Module, basis: torch.Tensor) -> Iterator[None]:
     """Project the span of ``basis`` [k, d_model] out of the residual stream everywhere.
 
@@ -194,19 +214,7 @@ def ablate_directions(model: nn.Module, basis: torch.Tensor) -> Iterator[None]:
         xf = x.to(dtype)
         return (xf - (xf @ q) @ q.T).to(x.dtype)  # (xf @ q): [..., k]
 
-    def pre_hook(module, args, kwargs):
-        return _set_input(args, kwargs, project(_get_input(args, kwargs)))
-
-    def out_hook(module, args, output):
-        return _map_output(output, project)
-
-    def register(handles):
-        for i in range(layout.n_layers):
-            handles.append(layout.blocks[i].register_forward_pre_hook(pre_hook, with_kwargs=True))
-            handles.append(layout.attn_out[i].register_forward_hook(out_hook))
-            handles.append(layout.mlp_out[i].register_forward_hook(out_hook))
-
-    with _registered(register):
+    with _projected_everywhere(layout, project):
         yield
 
 
@@ -253,19 +261,7 @@ def ablate_rows(model: nn.Module, units: torch.Tensor) -> Iterator[None]:
         xf = x.to(dtype)  # [batch, tokens, d]
         return (xf - torch.bmm(torch.bmm(xf, u), u.transpose(1, 2))).to(x.dtype)  # bmm(xf, u): [batch, tokens, 1]
 
-    def pre_hook(module, args, kwargs):
-        return _set_input(args, kwargs, project(_get_input(args, kwargs)))
-
-    def out_hook(module, args, output):
-        return _map_output(output, project)
-
-    def register(handles):
-        for i in range(layout.n_layers):
-            handles.append(layout.blocks[i].register_forward_pre_hook(pre_hook, with_kwargs=True))
-            handles.append(layout.attn_out[i].register_forward_hook(out_hook))
-            handles.append(layout.mlp_out[i].register_forward_hook(out_hook))
-
-    with _registered(register):
+    with _projected_everywhere(layout, project):
         yield
 
 
