@@ -144,7 +144,8 @@ def test_directions_match_an_independent_numpy_recomputation(pipeline):
 
 def test_arditi_candidate_table_explains_every_row(pipeline):
     """candidates.csv: the chosen site is the lowest-bypass kept row; every other row says why not."""
-    table = pd.read_csv(pipeline / "artifacts/directions/candidates.csv")
+    # keep_default_na=False: the rule named "nan" must stay a string; empty cells are the missing values.
+    table = pd.read_csv(pipeline / "artifacts/directions/candidates.csv", keep_default_na=False, na_values=[""])
     selected = _json(pipeline / "artifacts/directions/selected.json")
     assert set(table.direction) == set(CATEGORIES) | {"pooled"}
     for name, rows in table.groupby("direction"):
