@@ -26,7 +26,7 @@ STAGE = "baseline"
 def main(args, params, run) -> None:
     cfg, mcfg = params.baseline, params.model
     table = pd.read_parquet(args.prompts)
-    model, tokenizer, identity = load_stage_model(params, args.model)
+    model, tokenizer, identity = load_stage_model(params, args.model, run)
     # Loaded before generating, so a bad judge.classifier_path fails in seconds, not after hours.
     classifier = load_judge_classifier(params.judge, mcfg)
     formatted = format_prompts(tokenizer, table.text.tolist(), mcfg.system_prompt, mcfg.chat_template, mcfg.chat_template_kwargs)

@@ -47,7 +47,7 @@ def main(args, params, run) -> None:
             site = select_cosmic(_means(stores, targets, "target", cfg.filter), _means(stores, pools, "baseline", cfg.filter), units, cfg.max_layer_fraction, n_layers=n_layers, offsets=offsets)
         else:
             if model is None:
-                model, tokenizer, _ = load_stage_model(params, args.model)
+                model, tokenizer, _ = load_stage_model(params, args.model, run)
                 fmt = lambda texts: format_prompts(tokenizer, texts, mcfg.system_prompt, mcfg.chat_template, mcfg.chat_template_kwargs)  # noqa: E731
                 ids = refusal_token_ids(tokenizer, mcfg.refusal_tokens)
             harmful, benign = (fmt(validation_texts(table, sets, cfg.n_val, cfg.seed)) for sets in (targets, pools))

@@ -9,6 +9,7 @@ Either way <out>/identity.json records what every later stage runs on.
 """
 
 import json
+import time
 from pathlib import Path
 
 import pandas as pd
@@ -34,16 +35,20 @@ def main(args, params, run) -> None:
             pd.DataFrame(result["loss_curve"], columns=["step", "loss"]).to_csv(args.out / "loss.csv", index=False)
             for step, loss in result["loss_curve"]:
                 run.log_metrics({"train_loss": loss}, step=step)
-            heldout = evaluate_demo(weights, table, split="test")
+            start = time.perf_counter()
+            model, tokenizer = load_model(cfg, str(weights))
+            run.log_metrics({"model_loads": 1, "model_load_s": time.perf_counter() - start})
+            heldout = evaluate_demo(model, tokenizer, table, split="test")
             heldout.pop("responses", None)  # the rates are the metrics; the responses would swamp them
             # Wall time goes to MLflow only: the DVC-tracked metrics stay identical between runs.
             run.log_metrics({"train_seconds": result.pop("train_seconds")})
             metrics = {"train": {k: v for k, v in result.items() if k != "loss_curve"}, "heldout": heldout}
-            model, tokenizer = load_model(cfg, str(weights))
             identity = compute_identity(model, tokenizer, cfg.name, cfg.revision, cfg.chat_template)
         else:
             gguf = gguf_path(cfg, cfg.name)
+            start = time.perf_counter()
             model, tokenizer = load_model(cfg)
+            run.log_metrics({"model_loads": 1, "model_load_s": time.perf_counter() - start})
             weights.mkdir()
             if gguf is not None:
                 # Dequantised once, here: every later stage then loads a plain safetensors

@@ -75,9 +75,29 @@ def main(args, params, run) -> None:
     run.log_identity(_json(args.model / "identity.json"))
     run.log_metrics({"shared_knob.max_mean_abs_diff": metrics["shared_knob"]["max_mean_abs_diff"], "style_classifier": metrics["style_classifier"],
                      "style_homogeneity": {k: homogeneity[k] for k in ("chi2", "p_value", "cramers_v")}})
+    run.log_headline(_headline(args, steering, knob), _identity_params(_json(args.model / "identity.json")))
     for path in (args.out / "figures", args.out / "report.html", args.out / "tradeoff.csv", args.out / "shared_knob.csv"):
         run.log_artifact(path)
     print(f"report: {verdict_line} -> {args.out / 'report.html'}")
+
+
+def _identity_params(identity: dict) -> dict:
+    return {"model": identity["model_id"], "model_revision": identity["model_revision"], "architecture": identity["architecture"],
+            "n_layers": identity["n_layers"], "d_model": identity["d_model"]}
+
+
+def _headline(args, steering: dict, knob: pd.DataFrame) -> dict:
+    """The numbers that compare one execution with another (a model, a setting), for the parent run."""
+    geometry, baseline = _json(args.geometry / "metrics.json"), _json(args.baseline / "metrics.json")
+    out = {"geometry.cosine_offdiag_mean": geometry["cosine_offdiag_mean"], "geometry.best_k": geometry["cluster_average_best_k"],
+           "geometry.best_k_silhouette": geometry["cluster_average_silhouette"],
+           **{f"shared_knob.{v.replace(' ', '_')}": int((knob.verdict == v).sum()) for v in ("same knob", "different", "inconclusive", "no overlap")},
+           **{f"judge.{k.split('.')[1]}.kappa": v for k, v in baseline.get("judges", {}).items() if k.endswith(".kappa")}}
+    pooled = steering.get("pooled", {}).get("interventions", {})
+    for name, entry in pooled.items():
+        if name.startswith("add_") or name == "ablate":
+            out.update({f"pooled.{name}.rr": entry["rr"], f"pooled.{name}.orr": entry["orr"]})
+    return out
 
 
 def _intro(args) -> list[str]:
@@ -112,9 +132,12 @@ def _sections(args, summary, figures, tradeoff, knob, verdict_line, style, ablat
                                "answered baseline prompts (BC) it was learnt from; ⚠ marks a side under directions.min_per_side."],
                 tables={"Selected sites": pd.DataFrame({("⚠ " if s.get("underpowered") else "") + n: {k: s.get(k) for k in ("method", "layer", "position", "score", "mean_resid_norm", "n_target", "n_baseline")}
                                                         for n, s in selected.items()}).T,
-                        **({"Arditi candidates per direction: kept, dropped by rule (layer, nan, kl, induce), or not scored because a lower-bypass "
-                            "candidate had already passed (every row is in artifacts/directions/candidates.csv)":
-                            pd.DataFrame({n: s["counts"] for n, s in selected.items() if s.get("method") == "arditi"}).T} if any(s.get("method") == "arditi" for s in selected.values()) else {})}),
+                        **({"Arditi candidates per direction: kept (passed every filter), dropped by rule (layer, nan, kl, induce), or not scored because a "
+                            "lower-bypass candidate had already passed; the search order (bypass first, or filters first where most candidates fail "
+                            "kl) and the validation prompts per side. Every row, with kl_prompts where kl stopped early, is in "
+                            "artifacts/directions/candidates.csv":
+                            pd.DataFrame({n: {**s["counts"], "order": s.get("search_order"), **{f"n_val {k}": v for k, v in s.get("n_val", {}).items()}}
+                                          for n, s in selected.items() if s.get("method") == "arditi"}).T} if any(s.get("method") == "arditi" for s in selected.values()) else {})}),
         Section("Geometry", [f"At the pooled direction's site (layer {geometry['reference_site']['layer']}, position {geometry['reference_site']['position']})."],
                 figures={c: _png(geo / f) for c, f in (("Cosine similarity between category directions", "cosine_heatmap.png"), ("Hierarchical clustering (1 - cos)", "dendrogram.png"),
                                                         ("Metric MDS", "mds.png"), ("Mean off-diagonal cosine per layer", "layer_curve.png"), ("Probe transfer", "probe_transfer.png"), ("Selectivity", "selectivity.png"))},

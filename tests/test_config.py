@@ -91,15 +91,18 @@ def test_no_stage_reads_tracking_or_downstream_sections():
         assert not any(k.startswith(("steering.", "tracking.")) for k in stage_param_keys(stage)), stage
 
 
-def test_dvc_sets_equal_the_manifest(repo_root):
+def test_dvc_yaml_lists_no_set_or_direction(repo_root):
+    """The manifest is the one list of prompt sets; dvc.yaml names folders, never a set or a direction."""
     from refusal_atlas.prompts import load_manifest
 
-    manifest = load_manifest(repo_root / "prompts/manifest.yaml")
+    names = set(load_manifest(repo_root / "prompts/manifest.yaml").sets()) | {"pooled", "random_0"}
     dvc = yaml.safe_load((repo_root / "dvc.yaml").read_text())
-    declared = next(v["sets"] for v in dvc["vars"] if "sets" in v)
-    assert sorted(declared) == sorted(manifest.sets()), "dvc.yaml vars.sets must list every category and baseline pool"
-    deps = dvc["stages"]["directions"]["deps"]
-    assert all(f"artifacts/activations/{s}.zarr" in deps for s in declared)
+    assert "vars" not in dvc and all("foreach" not in s for s in dvc["stages"].values())
+    paths = [d for s in dvc["stages"].values() for d in s.get("deps", []) + [next(iter(o)) if isinstance(o, dict) else o for o in s.get("outs", [])]]
+    assert not [p for p in paths if any(f"/{n}." in p or f"/{n}/" in p or p.endswith(f"/{n}") for n in names)]
+    for stage in ("directions", "geometry"):
+        assert "artifacts/activations" in dvc["stages"][stage]["deps"]
+    assert "artifacts/steering" in dvc["stages"]["report"]["deps"]
 
 
 # Modules that plumb a stage (arguments, params validation, atomic writes, MLflow logging,

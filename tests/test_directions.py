@@ -377,24 +377,36 @@ def _reference_select_arditi(model, tokenizer, units, norms, harmful, benign, to
 def _assert_same_choice(new: dict, ref: dict, rel: float = 1e-4) -> None:
     assert (new["layer"], new["position"], new["fallback"]) == (ref["layer"], ref["position"], ref["fallback"])
     assert new["baseline_harmful"] == ref["baseline_harmful"] and new["baseline_benign"] == ref["baseline_benign"]
+    n_benign, kl_threshold = new["n_val"]["benign"], new["kl_threshold"]
     for a, b in zip(new["table"], ref["table"]):
         assert (a["layer"], a["position"]) == (b["layer"], b["position"])
-        assert math.isnan(a["bypass"]) == math.isnan(b["bypass"])
-        if not math.isnan(b["bypass"]):
+        if not math.isnan(a["bypass"]):  # where the search scored it
             assert a["bypass"] == pytest.approx(b["bypass"], rel=rel, abs=rel)
-        for key in ("kl", "induce"):  # where the lazy search scored them
-            if not math.isnan(a[key]):
-                assert a[key] == pytest.approx(b[key], rel=rel, abs=rel)
+        elif not math.isnan(b["bypass"]):  # not needed: rejected at a filter, or never reached
+            assert a["reason"] in ("kl", "induce", "not_scored") and not b["kept"]
+        if not math.isnan(a["induce"]):
+            assert a["induce"] == pytest.approx(b["induce"], rel=rel, abs=rel)
+        if a["kl_prompts"] == n_benign:
+            assert a["kl"] == pytest.approx(b["kl"], rel=rel, abs=rel)
+        elif a["kl_prompts"]:  # stopped early: a lower bound already over the threshold
+            assert kl_threshold < a["kl"] <= b["kl"] * (1 + rel) + rel and a["reason"] == "kl"
+        else:
+            assert math.isnan(a["kl"])
         if a["reason"] != "not_scored":
             assert a["kept"] == b["kept"]
     counts = new["counts"]
     assert sum(counts.values()) == len(new["table"])
     eligible = sum(not math.isnan(r["bypass"]) for r in ref["table"])
-    assert new["n_scored"]["bypass"] == eligible
+    if new["search_order"] == "bypass_first" or ref["fallback"]:
+        assert new["n_scored"]["bypass"] == eligible
     if ref["fallback"]:  # nothing passes: every candidate was reached
-        assert counts["not_scored"] == 0 and not new["table"][0].get("kept")
+        assert counts["not_scored"] == 0 and not any(r["kept"] for r in new["table"])
     else:
-        assert counts["kept"] == 1 and counts["not_scored"] == eligible - sum(r["scored"] for r in new["table"])
+        reached = sum(r["scored"] for r in new["table"] if not math.isnan(r["bypass"]))
+        if new["search_order"] == "bypass_first":  # stops at the first candidate that passes
+            assert counts["kept"] == 1 and counts["not_scored"] == eligible - reached
+        else:  # every candidate reached; every one that passes the filters kept, the lowest bypass chosen
+            assert counts["not_scored"] == 0 and counts["kept"] == sum(r["kept"] for r in ref["table"])
 
 
 def _chatml_case(arch: str, n_layers: int = 4, seed: int = 0):
@@ -423,16 +435,19 @@ def _chatml_case(arch: str, n_layers: int = 4, seed: int = 0):
 LAZY_CASES = [("llama", "even", 10.0, False), ("qwen2", "even", 10.0, False), ("qwen2", "even", 0.015, False), ("llama", "words", 0.015, True)]
 
 
+@pytest.mark.parametrize("order", ["bypass_first", "filters_first", None])
 @pytest.mark.parametrize("arch,refusal,kl_threshold,fallback", LAZY_CASES)
-def test_select_arditi_lazy_matches_reference_on_tiny_models(arch, refusal, kl_threshold, fallback):
+def test_select_arditi_lazy_matches_reference_on_tiny_models(arch, refusal, kl_threshold, fallback, order):
     tok, model, units, norms, harmful, benign, offsets = _chatml_case(arch)
     prefixed = encode_prefixed(tok, harmful)
     assert len(prefixed.prefix) >= 10  # the ChatML system turn is shared
     ids = list(range(0, len(tok), 2)) if refusal == "even" else refusal_token_ids(tok, ["I", "As"])
     args = (model, tok, units, norms, harmful, benign, ids, 3, 0.8, kl_threshold, offsets)
-    new, ref = select_arditi(*args), _reference_select_arditi(*args)
+    new, ref = select_arditi(*args, order=order), _reference_select_arditi(*args)
     _assert_same_choice(new, ref)
-    assert new["fallback"] is fallback
+    assert new["fallback"] is fallback and new["search_order"] in ("bypass_first", "filters_first")
+    if order:
+        assert new["search_order"] == order
     if kl_threshold < 1:  # some visited candidates fail at kl, and have no induce score
         assert new["counts"]["kl"] > 0 and all(math.isnan(r["induce"]) for r in new["table"] if r["reason"] == "kl")
     assert all(not m._forward_hooks and not m._forward_pre_hooks for m in model.modules())
@@ -520,7 +535,7 @@ def smollm2_refusal_ids(model, tok, harmful: list[str], k: int = 40) -> list[int
     return torch.topk(first_token_logprobs(model, tok, harmful, 8).mean(0), k).indices.tolist()
 
 
-@pytest.mark.parametrize("kl_threshold", [1.0, -1.0])
+@pytest.mark.parametrize("kl_threshold", [1.0, 0.05, -1.0])
 def test_select_arditi_lazy_matches_reference_on_smollm2(smollm2, kl_threshold):
     model, tok = smollm2
     units, norms, offsets = smollm2_directions(model, tok, [8, 14], [len(eoi_tokens(tok).offsets) - 1, 0])
@@ -530,7 +545,10 @@ def test_select_arditi_lazy_matches_reference_on_smollm2(smollm2, kl_threshold):
     args = (model, tok, units, norms, harmful, benign, ids, 8, 0.8, kl_threshold, offsets)
     new, ref = select_arditi(*args), _reference_select_arditi(*args)
     _assert_same_choice(new, ref)
-    assert new["fallback"] is (kl_threshold < 0)
+    if kl_threshold != 0.05:
+        assert new["fallback"] is (kl_threshold < 0)
+    else:  # a threshold most candidates fail: kl stops early for some, the filters-first order is taken
+        assert new["search_order"] == "filters_first" and any(0 < r["kl_prompts"] < len(benign) for r in new["table"])
     assert 0 < new["n_scored"]["tokens"] < 4 * len(harmful + benign) * 50
 
 

@@ -17,7 +17,7 @@ import pytest
 from conftest import VENV_BIN, MlflowServer, browser_page, clone_pipeline, run
 
 pytestmark = pytest.mark.slow
-KEY = "served-pipeline"
+KEY, OTHER = "served-pipeline", "served-again"
 
 
 @pytest.fixture(scope="module")
@@ -26,7 +26,9 @@ def served(pipeline, tmp_path_factory):
     repo = clone_pipeline(pipeline, base / "repo")
     server = MlflowServer(repo, base / "server.log")
     try:
-        run(["dvc", "repro", "-f", "--single-item", "prompts", "geometry"], repo, env={"MLFLOW_TRACKING_URI": server.url, "REFUSAL_ATLAS_PIPELINE_KEY": KEY})
+        # Two executions of the same stages, as two settings or two models would be.
+        for key in (KEY, OTHER):
+            run(["dvc", "repro", "-f", "--single-item", "prompts", "geometry", "report"], repo, env={"MLFLOW_TRACKING_URI": server.url, "REFUSAL_ATLAS_PIPELINE_KEY": key})
         yield repo, server
     finally:
         server.stop()
@@ -41,9 +43,9 @@ def _api(server, path, body=None):
         return json.loads(resp.read())
 
 
-def _runs(server):
+def _runs(server, key=KEY):
     exp = _api(server, "experiments/get-by-name?experiment_name=refusal-atlas")["experiment"]
-    found = _api(server, "runs/search", {"experiment_ids": [exp["experiment_id"]], "filter": f"tags.`refusal_atlas.pipeline_key` = '{KEY}'", "max_results": 100})
+    found = _api(server, "runs/search", {"experiment_ids": [exp["experiment_id"]], "filter": f"tags.`refusal_atlas.pipeline_key` = '{key}'", "max_results": 100})
     return exp, found["runs"]
 
 
@@ -57,7 +59,15 @@ def test_runs_metrics_inputs_and_artifacts_through_the_rest_api(served):
     parents = [r for r in runs if _tags(r).get("refusal_atlas.role") == "pipeline"]
     assert len(parents) == 1
     children = {r["info"]["run_name"]: r for r in runs if _tags(r).get("mlflow.parentRunId") == parents[0]["info"]["run_id"]}
-    assert set(children) == {"prompts", "geometry"}
+    assert set(children) == {"prompts", "geometry", "report"}
+    # The parent ended with its last stage and carries the execution's headline numbers.
+    parent = parents[0]
+    assert parent["info"]["status"] == "FINISHED" and parent["info"]["end_time"] >= children["report"]["info"]["end_time"]
+    headline = {m["key"]: m["value"] for m in parent["data"]["metrics"]}
+    geometry = {m["key"]: m["value"] for m in children["geometry"]["data"]["metrics"]}
+    assert headline["geometry.cosine_offdiag_mean"] == geometry["cosine_offdiag_mean"]
+    assert {"pooled.add_1.rr", "pooled.add_1.orr", "pooled.ablate.rr", "shared_knob.inconclusive", "judge.keywords_vs_substring.kappa"} <= set(headline)
+    assert {p["key"]: p["value"] for p in parent["data"]["params"]}["model"] == "demo"
     metrics = {m["key"]: m["value"] for m in children["geometry"]["data"]["metrics"]}
     assert -1 <= metrics["cosine_offdiag_mean"] <= 1
     inputs = children["prompts"]["inputs"]["dataset_inputs"]
@@ -71,10 +81,25 @@ def test_mlflow_ui_in_a_real_browser(served, tmp_path):
     _, server = served
     exp, runs = _runs(server)
     parent = next(r for r in runs if _tags(r).get("refusal_atlas.role") == "pipeline")
+    other = next(r for r in _runs(server, OTHER)[1] if _tags(r).get("refusal_atlas.role") == "pipeline")
     geometry = next(r for r in runs if r["info"]["run_name"] == "geometry")
     shots = Path(os.environ.get("TEST_ARTIFACTS", tmp_path))
     shots.mkdir(parents=True, exist_ok=True)
+    assert {t["key"]: t["value"] for t in exp["tags"]}["mlflow.experimentKind"] == "custom_model_development"
     with browser_page() as page:
+        # The experiment opens on its runs table (not MLflow 3's GenAI overview of traces).
+        page.goto(f"{server.url}/#/experiments/{exp['experiment_id']}", timeout=60000)
+        page.get_by_role("link", name=f"pipeline {KEY}", exact=True).first.wait_for(timeout=60000)
+        assert "/runs" in page.url and "overview" not in page.url and "traces" not in page.url, page.url
+        page.screenshot(path=str(shots / "mlflow_experiment_runs.png"), full_page=True)
+
+        # Two executions side by side in the compare view, headline metrics and the model as rows.
+        ids = json.dumps([parent["info"]["run_id"], other["info"]["run_id"]])
+        page.goto(f"{server.url}/#/compare-runs?runs={ids}&experiments={json.dumps([exp['experiment_id']])}", timeout=60000)
+        for text in (f"pipeline {KEY}", f"pipeline {OTHER}", "geometry.cosine_offdiag_mean", "pooled.add_1.rr"):
+            page.get_by_text(text, exact=True).first.wait_for(timeout=60000)
+        page.screenshot(path=str(shots / "mlflow_compare_executions.png"), full_page=True)
+
         page.goto(f"{server.url}/#/experiments/{exp['experiment_id']}/runs/{parent['info']['run_id']}", timeout=60000)
         page.wait_for_load_state("domcontentloaded", timeout=60000)
         page.get_by_text("Child runs").first.wait_for(timeout=60000)
@@ -96,7 +121,8 @@ def test_server_dying_mid_run_keeps_the_outputs_and_fails_clearly(pipeline, tmp_
     non-zero with a message that says what was lost, so DVC does not record it as done."""
     repo = clone_pipeline(pipeline, tmp_path / "dies")
     shutil.rmtree(repo / ".dvc/cache/runs", ignore_errors=True)  # run the stage, not a cached copy
-    stage, out = "steering@random_0", repo / "artifacts/steering/random_0"
+    stage, out = "steering", repo / "artifacts/steering/random_0"
+    shutil.rmtree(out)  # the one direction the stage evaluates again (the others are up to date)
     server = MlflowServer(repo, tmp_path / "server.log")
     env = {**os.environ, "PATH": f"{VENV_BIN}{os.pathsep}{os.environ['PATH']}", "HF_HUB_OFFLINE": "1",
            "MLFLOW_TRACKING_URI": server.url, "REFUSAL_ATLAS_PIPELINE_KEY": "dies-mid-run"}

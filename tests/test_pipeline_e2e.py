@@ -154,10 +154,14 @@ def test_arditi_candidate_table_explains_every_row(pipeline):
         if site["fallback"]:  # nothing passed, so the search scored every candidate
             assert kept.empty and "not_scored" not in set(rows.reason), name
             continue
-        assert len(kept) == 1 and (int(kept.layer.iloc[0]), int(kept.position.iloc[0])) == (site["layer"], site["position"]), name
-        # Rows not scored are those the lazy search never reached: their bypass is no lower than the winner's.
+        best = kept.loc[kept.bypass.idxmin()]
+        assert (int(best.layer), int(best.position)) == (site["layer"], site["position"]) and best.bypass == site["bypass"], name
+        # Rows not scored are those the search never reached: their bypass is no lower than the winner's.
         later = rows[rows.reason == "not_scored"]
-        assert (later.bypass >= kept.bypass.iloc[0]).all() and later.kl.isna().all(), name
+        assert (later.bypass >= best.bypass).all() and later.kl.isna().all(), name
+        # kl stopped early only where it was already over the threshold.
+        early = rows[(rows.kl_prompts > 0) & (rows.kl_prompts < site["n_val"]["benign"])]
+        assert (early.reason == "kl").all() and (early.kl > site["kl_threshold"]).all(), name
         assert rows.reason.value_counts().to_dict() == {k: v for k, v in site["counts"].items() if v and k != "kept"}, name
 
 
@@ -300,7 +304,7 @@ def test_mlflow_runs_nest_under_one_parent_with_figures(pipeline):
     parents = [r for r in runs if r.data.tags.get("refusal_atlas.role") == "pipeline"]
     assert len(parents) == 1
     stages = {r.info.run_name for r in runs if r.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id}
-    assert {"prompts", "model", "baseline", "directions", "geometry", "report", "activations@benign", "steering@pooled"} <= stages
+    assert {"prompts", "model", "baseline", "directions", "geometry", "report", "activations", "steering"} <= stages
     geometry = next(r for r in runs if r.info.run_name == "geometry")
     artifacts = [a.path for a in client.list_artifacts(geometry.info.run_id, "figures")]
     assert "figures/cosine_heatmap.png" in artifacts
@@ -309,6 +313,24 @@ def test_mlflow_runs_nest_under_one_parent_with_figures(pipeline):
     for r in runs:
         if r.data.tags.get("refusal_atlas.role") == "stage" and r.info.run_name != "prompts":
             assert r.data.tags.get("model.model_id") == "demo", r.info.run_name
+
+
+def test_one_run_and_at_most_one_model_load_per_stage_kind(pipeline):
+    """A pipeline execution: one child run per stage, and at most five loads of the model under study."""
+    client = MlflowClient(f"sqlite:///{pipeline / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("refusal-atlas")
+    runs = client.search_runs([exp.experiment_id], max_results=500)
+    parent = next(r for r in runs if r.data.tags.get("refusal_atlas.role") == "pipeline")
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+    names = sorted(r.info.run_name for r in children)
+    assert parent.info.status == "FINISHED" and parent.info.end_time >= max(r.info.end_time for r in children)
+    assert exp.tags["mlflow.experimentKind"] == "custom_model_development"
+    assert names == sorted(["prompts", "model", "baseline", "activations", "directions", "geometry", "steering", "report"]), names
+    loads = {r.info.run_name: r.data.metrics.get("model_loads", 0) for r in children}
+    assert sum(loads.values()) <= 5, loads
+    assert all(loads[s] == 1 for s in ("model", "baseline", "activations", "steering")), loads
+    assert all(r.data.metrics["stage_wall_s"] > 0 for r in children)
+    assert all(0 < r.data.metrics["model_load_s"] < r.data.metrics["stage_wall_s"] for r in children if "model_load_s" in r.data.metrics)
 
 
 def test_abliterate_exports_a_model_equal_to_hook_ablation(pipeline, tmp_path):

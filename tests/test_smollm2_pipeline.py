@@ -34,9 +34,8 @@ PER_SET = {**dict.fromkeys(CATEGORIES, 48), "benign": 48}
 CHATML_SPAN = ["<|im_end|>", "Ċ", "<|im_start|>", "ass", "istant", "Ċ"]
 
 
-def reduce_repo(repo, sets: list[str], steered: list[str], per_set: dict[str, int]) -> None:
-    """Cut a repository copy down to ``sets`` (categories plus their baseline pools) with
-    ``per_set[name]`` prompts each, and the pipeline to the matching stages."""
+def reduce_repo(repo, sets: list[str], per_set: dict[str, int]) -> None:
+    """Cut a repository copy down to ``sets`` (categories plus their baseline pools) with ``per_set[name]`` prompts each."""
     manifest = yaml.safe_load((repo / "prompts/manifest.yaml").read_text())
     manifest["categories"] = {k: v for k, v in manifest["categories"].items() if k in sets}
     manifest["baselines"] = {k: v for k, v in manifest["baselines"].items() if k in sets}
@@ -46,21 +45,6 @@ def reduce_repo(repo, sets: list[str], steered: list[str], per_set: dict[str, in
             path.write_text("".join(path.read_text().splitlines(keepends=True)[:per_set[path.stem]]))
         else:
             path.unlink()
-    pipeline = yaml.safe_load((repo / "dvc.yaml").read_text())
-    pipeline["vars"] = [{"sets": sets}, {"steered": steered}]
-
-    def kept(dep) -> bool:  # drop the deps and outs of the sets and directions cut away
-        for kind, keep in (("activations", sets), ("steering", steered)):
-            prefix = f"artifacts/{kind}/"
-            if isinstance(dep, str) and dep.startswith(prefix) and "${" not in dep:
-                return dep[len(prefix):].split("/")[0].removesuffix(".zarr") in keep
-        return True
-
-    for stage in pipeline["stages"].values():
-        for key in ("deps", "outs"):
-            if key in stage:
-                stage[key] = [d for d in stage[key] if kept(d)]
-    (repo / "dvc.yaml").write_text(yaml.safe_dump(pipeline, sort_keys=False))
 
 
 @pytest.fixture(scope="module")
@@ -68,14 +52,14 @@ def smollm2_run(tmp_path_factory):
     from conftest import copy_repo
 
     repo = copy_repo(tmp_path_factory.mktemp("smollm2") / "repo")
-    reduce_repo(repo, SETS, STEERED, PER_SET)
+    reduce_repo(repo, SETS, PER_SET)
     params = yaml.safe_load((repo / "params.yaml").read_text())
     params["prompts"]["min_per_category"] = min(PER_SET.values())
     params["model"]["name"] = "smollm2"
     params["baseline"]["max_new_tokens"] = 12  # "I'm sorry" or "I cannot" come first
     params["directions"].update(select="cosmic", n_random=1, n_draws=2)
     params["geometry"].update(n_draws=2, n_permutations=10, max_clusters=3, cv_folds=2)
-    params["steering"].update(alphas=[1.0], max_new_tokens=8, n_bootstrap=100, n_per_bucket=8, controlled_only=True)
+    params["steering"].update(alphas=[1.0], max_new_tokens=8, n_bootstrap=100, n_per_bucket=8, controlled_only=True, directions=STEERED)
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     run(["git", "-c", "user.email=t@example.com", "-c", "user.name=test", "commit", "-qam", "reduced smollm2 profile"], repo)
     proc = run(["dvc", "repro"], repo, timeout=900)
@@ -93,7 +77,7 @@ def test_smollm2_identity_is_the_pinned_gguf(smollm2_run):
     # Dequantised once: the later stages load this directory, not the GGUF.
     weights = repo / "artifacts/model/weights"
     assert {"config.json", "model.safetensors", "tokenizer.json", "SOURCE.json"} <= {p.name for p in weights.iterdir()}
-    for stage in ("baseline", "activations@humanizing", "directions", "steering@pooled", "report"):
+    for stage in ("baseline", "activations", "directions", "steering", "report"):
         assert f"Running stage '{stage}'" in out, stage
 
 

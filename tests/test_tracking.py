@@ -76,3 +76,37 @@ def test_secrets_never_reach_mlflow(tmp_path):
         logged = " ".join(f"{k}={v}" for k, v in {**r.data.params, **r.data.tags}.items())
         for name, value in secrets.items():
             assert value not in logged and name not in logged
+
+
+def test_the_parent_run_ends_with_each_stage_and_a_later_stage_reopens_it(tmp_path, monkeypatch):
+    """FINISHED after a stage that finished, FAILED after one that failed, RUNNING while one runs;
+    the experiment opens on its runs (kind tag); the report's headline lands on the parent."""
+    import pytest
+
+    from refusal_atlas.tracking import stage_run
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.setenv("REFUSAL_ATLAS_PIPELINE_KEY", "lifecycle")
+    (tmp_path / "params.yaml").write_text("{}\n")
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+
+    def parent():
+        exp = client.get_experiment_by_name("refusal-atlas")
+        return next(r for r in client.search_runs([exp.experiment_id]) if r.data.tags.get("refusal_atlas.role") == "pipeline")
+
+    with stage_run("prompts", {}, tmp_path) as run:
+        assert parent().info.status == "RUNNING"
+    assert parent().info.status == "FINISHED" and parent().info.end_time is not None
+    assert client.get_experiment_by_name("refusal-atlas").tags["mlflow.experimentKind"] == "custom_model_development"
+    with pytest.raises(RuntimeError), stage_run("baseline", {}, tmp_path):
+        raise RuntimeError("a stage fails")
+    assert parent().info.status == "FAILED"
+    with stage_run("report", {}, tmp_path) as run:
+        assert parent().info.status == "RUNNING"
+        run.log_headline({"geometry": {"cosine_offdiag_mean": 0.25}, "note": "not a number"}, {"model": "demo"})
+    done = parent()
+    assert done.info.status == "FINISHED"
+    assert done.data.metrics == {"geometry.cosine_offdiag_mean": 0.25} and done.data.params == {"model": "demo"}
+    stages = [r for r in client.search_runs([done.info.experiment_id]) if r.data.tags.get("refusal_atlas.role") == "stage"]
+    assert sorted((r.info.run_name, r.info.status) for r in stages) == [("baseline", "FAILED"), ("prompts", "FINISHED"), ("report", "FINISHED")]
+    assert all(r.data.metrics["stage_wall_s"] >= 0 for r in stages)

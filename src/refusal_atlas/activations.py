@@ -22,7 +22,10 @@ from tqdm.auto import tqdm
 from refusal_atlas import store
 from refusal_atlas.errors import RefusalAtlasError
 from refusal_atlas.hooks import read_residual
-from refusal_atlas.models import tokenize_prompts
+from refusal_atlas.models import check_prompt_lengths, eoi_tokens, format_prompts, tokenize_prompts
+
+# Bumped when extraction changes what a store holds, so stores built by older code are rebuilt.
+CODE_VERSION = "activations-v1"
 
 
 class ActivationValueError(RefusalAtlasError):
@@ -106,3 +109,40 @@ def extract_to_store(
         check_values(values, prompt_ids[sl], layers, dtype)
         store.write_batch(path, b, values)
     return len(batches)
+
+
+def extract_set(
+    model, tokenizer, identity: dict, prompts: pd.DataFrame, path: Path, *, name: str, template: tuple, dtype: str,
+    batch_size: int, max_prompt_tokens: int, rank: int = 0, world: int = 1, barrier=lambda: None, progress: bool = True,
+) -> dict:
+    """Bring the store of one prompt set at ``path`` up to date with its inputs; return what was done.
+
+    ``prompts``: the set's rows (``prompt_id``, ``text``, ``refused`` and the store's prompt
+    coordinates); ``template``: (system prompt, chat template, template kwargs). The store is
+    keyed by ``inputs_fingerprint`` over prompts, model identity and settings: a store with the
+    same key is resumed (only batches not marked done are computed; none when it is complete),
+    any other is rebuilt. Under a distributed launch every rank calls this; rank 0 creates and
+    finalises the store and each rank extracts its own chunk-aligned shard, ``barrier`` between.
+    Returns ``{"n_prompts", "n_batches_written", "n_batches_resumed", "rebuilt"}``.
+    """
+    formatted = format_prompts(tokenizer, prompts.text.tolist(), *template)
+    n_tokens = check_prompt_lengths(tokenizer, formatted, max_prompt_tokens, prompts.prompt_id.tolist())
+    prompts = store_order(prompts.assign(formatted=formatted), n_tokens)
+    span = eoi_tokens(tokenizer, *template)
+    layers = list(range(identity["n_layers"] + 1))
+    settings = {"dtype": dtype, "batch_size": batch_size, "positions": span.offsets, "layers": layers, "code": CODE_VERSION, "template": template}
+    key = inputs_fingerprint(prompts, identity, settings)
+    rebuilt = not store.is_resumable(path, key)
+    if rank == 0 and rebuilt:
+        attrs = {**{k if k.startswith(("model_", "template_")) else f"model_{k}": v for k, v in identity.items()},
+                 "inputs_fingerprint": key, "code_version": CODE_VERSION, "prompt_set": name}
+        store.create_store(path, prompts, layers, span.offsets, span.tokens, identity["d_model"], dtype, batch_size, attrs)
+    barrier()
+    pending = store.pending_batches(path)
+    extract_to_store(model, tokenizer, path, prompts.formatted.tolist(), prompts.prompt_id.tolist(), layers, span.offsets,
+                     shard_batches(pending, rank, world), batch_size, dtype, max_prompt_tokens, progress=progress and bool(pending))
+    barrier()
+    if rank == 0 and not store.read_attrs(path).get("complete"):  # also a store killed after its last batch
+        store.finalize_store(path)
+    return {"n_prompts": len(prompts), "n_batches_written": len(pending), "n_batches_resumed": -(-len(prompts) // batch_size) - len(pending),
+            "rebuilt": rebuilt}

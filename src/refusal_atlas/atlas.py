@@ -147,7 +147,7 @@ def load_site(path, d_model: int) -> dict:
 
     path = Path(path)
     if not path.exists():
-        raise store.StoreError(f"{path}: no such direction site; is the direction listed in dvc.yaml vars.directions and produced by the directions stage?")
+        raise store.StoreError(f"{path}: no such direction site; run `dvc repro directions`, which writes one per direction")
     record = json.loads(path.read_text())
     if len(record["unit"]) != d_model:
         raise store.StoreError(

@@ -153,6 +153,7 @@ class SteeringConfig(_Section):
     n_bootstrap: int = Field(1000, ge=100, description="Bootstrap resamples for confidence intervals.")
     seed: int = Field(0, description="Seed of bucket sampling and the bootstrap.")
     knob_tolerance: float = Field(0.1, gt=0, le=1, description="Shared-knob verdict threshold on the mean |ORR difference| at matched RR.")
+    directions: list[str] | None = Field(None, description="Directions to steer (names as in artifacts/directions/sites); null: every one.")
 
 
 class TrackingConfig(_Section):

@@ -831,9 +831,9 @@ def classify_style(response: str) -> str:
 
 
 @torch.inference_mode()
-def evaluate_demo(model_dir: Path, table: pd.DataFrame, split: str = "test", max_new_tokens: int = 32,
+def evaluate_demo(model, tokenizer, table: pd.DataFrame, split: str = "test", max_new_tokens: int = 32,
                   batch_size: int = 32) -> dict:
-    """Greedy responses to every prompt of ``split``, judged with ``judge_keywords``.
+    """Greedy responses of the loaded demo model to every prompt of ``split``, judged with ``judge_keywords``.
 
     Returns ``{"split", "categories": {name: {"role", "n", "refusal_rate" | "answer_rate",
     "ci95_lo", "ci95_hi", "styles": {style: count}}}, "responses": [(prompt_id, category,
@@ -842,14 +842,10 @@ def evaluate_demo(model_dir: Path, table: pd.DataFrame, split: str = "test", max
     with it).
     """
     from scipy.stats import binomtest
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from refusal_atlas.generation import generate
     from refusal_atlas.models import format_prompts
 
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    tokenizer.padding_side = "left"
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     rows = table[table["split"] == split].sort_values("prompt_id")
     formatted = format_prompts(tokenizer, rows["text"].tolist())
     responses = generate(model, tokenizer, formatted, max_new_tokens=max_new_tokens, batch_size=batch_size)

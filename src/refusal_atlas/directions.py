@@ -259,11 +259,12 @@ def select_fixed(layer: int | None, position: int | None, n_layers: int, offsets
 def filter_candidates(table: Sequence[dict], n_layers: int, max_layer_fraction: float, kl_threshold: float) -> tuple[list[dict], dict]:
     """Annotate Arditi candidates with ``kept`` and ``reason`` (first failing rule, else None).
 
-    Each row needs ``layer``, ``bypass``, ``induce`` and ``kl``, and may say ``scored: False``
-    (the lazy search never reached it, because a lower-bypass candidate passed first). Rules, in
-    order: ``layer`` (layer >= max_layer_fraction · n_layers), ``nan`` (bypass NaN),
-    ``not_scored``, ``nan`` (kl NaN), ``kl`` (kl > kl_threshold), ``nan`` (induce NaN; a row
-    rejected at kl needs no induce score), ``induce`` (induce <= 0). Returns (new rows, counts
+    Each row needs ``layer``, ``bypass``, ``induce`` and ``kl`` (NaN where not scored), and may
+    say ``scored: False`` (the search never reached it: a lower-bypass candidate passed first).
+    Rules, in order: ``layer`` (layer >= max_layer_fraction · n_layers), ``not_scored`` (not
+    reached, with a finite bypass), ``kl`` (kl > kl_threshold), ``induce`` (induce <= 0),
+    ``nan`` (a score needed to keep the row is NaN: an undefined direction, a non-finite
+    score; a row rejected at kl or induce needs no further score). Returns (new rows, counts
     per reason and ``kept``).
     """
     rows, counts = [], {"layer": 0, "nan": 0, "not_scored": 0, "kl": 0, "induce": 0, "kept": 0}
@@ -271,18 +272,14 @@ def filter_candidates(table: Sequence[dict], n_layers: int, max_layer_fraction: 
     for row in table:
         if row["layer"] >= max_layer_fraction * n_layers:
             reason = "layer"
-        elif missing(row["bypass"]):
-            reason = "nan"
-        elif row.get("scored") is False:
+        elif row.get("scored") is False and not missing(row["bypass"]):
             reason = "not_scored"
-        elif missing(row["kl"]):
-            reason = "nan"
-        elif row["kl"] > kl_threshold:
+        elif not missing(row["kl"]) and row["kl"] > kl_threshold:
             reason = "kl"
-        elif missing(row["induce"]):
-            reason = "nan"
-        elif row["induce"] <= 0:
+        elif not missing(row["induce"]) and row["induce"] <= 0:
             reason = "induce"
+        elif any(missing(row[k]) for k in ("bypass", "kl", "induce")):
+            reason = "nan"
         else:
             reason = None
         counts[reason or "kept"] += 1
@@ -313,6 +310,7 @@ def select_arditi(
     model: nn.Module, tokenizer, units: np.ndarray, norms: np.ndarray, harmful_val_formatted: list[str],
     benign_val_formatted: list[str], refusal_token_ids: list[int], batch_size: int, max_layer_fraction: float,
     kl_threshold: float, offsets: Sequence[int], max_prompt_tokens: int | None = None, progress: bool = False,
+    order: str | None = None,
 ) -> dict:
     """Arditi et al.'s output-based choice of (layer, position) among candidate directions.
 
@@ -330,13 +328,16 @@ def select_arditi(
     survives, the lowest-bypass scored candidate is returned with ``fallback: True`` and the
     reason, rather than failing.
 
-    Only bypass is scored for every candidate: kl and induce are scored by rising bypass until
-    a candidate passes (``site_scores.search_candidates``), so rows past the winner have NaN
-    kl/induce and reason ``not_scored``. The choice is the same as scoring everything; see
+    Only the scores the choice needs are computed (``site_scores.search_candidates``; ``order``
+    forces its bypass-first or filters-first order, None lets it pick): rows the search never
+    reached have reason ``not_scored``, a row rejected at kl or induce may have no bypass, and
+    kl stops early where it is proven over the threshold (``kl_prompts`` then counts the
+    prompts behind that lower bound). The choice is the same as scoring everything; see
     site_scores for how float rounding is kept from changing it. Returns ``{"method", "layer",
     "position", "position_index", "score" (its bypass), "bypass", "induce", "kl", "fallback",
-    "fallback_reason", "counts", "table", "baseline_harmful", "baseline_benign", "n_scored"}``,
-    ``n_scored`` counting candidates scored per score, reference re-scorings and tokens run.
+    "fallback_reason", "counts", "table", "baseline_harmful", "baseline_benign", "n_scored",
+    "search_order", "n_val"}``, ``n_scored`` counting candidates scored per score, reference
+    re-scorings and tokens run.
     """
     n_layers, offsets = find_layout(model).n_layers, list(offsets)
     if units.shape[0] not in (n_layers, n_layers + 1) or units.shape[1] != len(offsets) or norms.shape != units.shape[:2]:
@@ -344,7 +345,8 @@ def select_arditi(
     table, sites = [], []
     for l in range(n_layers):
         for p in range(len(offsets)):
-            table.append({"layer": l, "position": offsets[p], "position_index": p, "bypass": math.nan, "induce": math.nan, "kl": math.nan, "scored": False})
+            table.append({"layer": l, "position": offsets[p], "position_index": p, "bypass": math.nan, "induce": math.nan, "kl": math.nan,
+                          "kl_prompts": 0, "scored": False})
             unit = torch.from_numpy(np.asarray(units[l, p], dtype=np.float32))
             if l < max_layer_fraction * n_layers and float(norms[l, p]) > 0 and bool(torch.isfinite(unit).all()):
                 sites.append((len(table) - 1, unit, unit * float(norms[l, p])))
@@ -353,8 +355,8 @@ def select_arditi(
         torch.stack([v for _, _, v in sites]) if sites else torch.zeros(0, units.shape[-1]), [table[i]["layer"] for i, _, _ in sites],
         harmful_val_formatted, benign_val_formatted, refusal_token_ids, batch_size, max_prompt_tokens, progress,
     )
-    scores = search_candidates(scorer, list(range(len(sites))), kl_threshold)
-    for (i, _, _), score in zip(sites, scores):
+    search = search_candidates(scorer, list(range(len(sites))), kl_threshold, order)
+    for (i, _, _), score in zip(sites, search["rows"]):
         table[i].update(score)
     rows, counts = filter_candidates(table, n_layers, max_layer_fraction, kl_threshold)
     chosen = choose_candidate(rows)
@@ -364,6 +366,7 @@ def select_arditi(
         "score": best["bypass"], "bypass": best["bypass"], "induce": best["induce"], "kl": best["kl"],
         "fallback": chosen["fallback"], "fallback_reason": chosen["fallback_reason"], "counts": counts, "table": rows,
         "baseline_harmful": scorer.baseline_harmful, "baseline_benign": scorer.baseline_benign, "n_scored": dict(scorer.tally),
+        "search_order": search["order"], "kl_threshold": kl_threshold, "n_val": {"harmful": len(harmful_val_formatted), "benign": len(benign_val_formatted)},
     }
 
 

@@ -128,18 +128,23 @@ def model_source(params: Params, weights_dir: Path) -> str:
     return str(weights_dir) if params.model.name == DEMO or (weights_dir / "config.json").is_file() else params.model.name
 
 
-def load_stage_model(params: Params, model_dir: Path):
+def load_stage_model(params: Params, model_dir: Path, run=None):
     """Load the model and tokenizer for a stage, and the identity record of the model stage.
 
     Returns ``(model, tokenizer, identity)``. Fails when the loaded model does not match
     the identity the model stage recorded (a changed checkpoint under the same name).
+    ``run`` (the stage's tracking run) gets ``model_loads`` (1) and ``model_load_s``.
     """
     import json
+    import time
 
     from refusal_atlas.models import ModelLoadError, compute_identity, load_model
 
     identity = json.loads((model_dir / "identity.json").read_text())
+    start = time.perf_counter()
     model, tokenizer = load_model(params.model, model_source(params, model_dir / "weights"))
+    if run is not None:
+        run.log_metrics({"model_loads": 1, "model_load_s": time.perf_counter() - start})
     loaded = compute_identity(model, tokenizer, identity["model_id"], params.model.revision, params.model.chat_template)
     # The weights fingerprint too: a checkpoint replaced in the same local directory (same
     # config) must not run under the identity, and store labels, of the old one.

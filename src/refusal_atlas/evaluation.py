@@ -27,6 +27,7 @@ from refusal_atlas.steering import (
     teacher_forced_kl,
     transition_matrix,
 )
+from refusal_atlas.styles import dominant_style, style_distribution
 
 
 def evaluate_direction(
@@ -55,6 +56,7 @@ def evaluate_direction(
     prompts: Sequence[str] | None = None,
     classifier: ClassifierJudge | None = None,
     progress: bool = True,
+    label: str = "",
 ) -> tuple[pd.DataFrame, dict]:
     """Run every intervention in ``names`` on the eval ``frame`` (one row per prompt, with ``formatted``).
 
@@ -85,7 +87,7 @@ def evaluate_direction(
                 with hooks():
                     return generate(model, tokenizer, chunk, max_new_tokens, batch_size, max_prompt_tokens=max_prompt_tokens)
 
-            responses = generate_resumable(generate_chunk, formatted, parts_dir, fingerprint(key, name), 4 * batch_size, desc=name, progress=progress)
+            responses = generate_resumable(generate_chunk, formatted, parts_dir, fingerprint(key, name), 4 * batch_size, desc=f"{label} {name}".strip(), progress=progress)
             with hooks():  # one pass gives the refusal scores of every prompt and the benign prompts' first-token distribution
                 logprobs = first_token_logprobs(model, tokenizer, list(formatted), batch_size, max_prompt_tokens)
             scores = refusal_log_odds(logprobs, list(refusal_ids)).numpy()
@@ -103,3 +105,18 @@ def evaluate_direction(
                                   "in_buckets": frame.in_buckets.to_numpy(), "intervention": name, "alpha": entry["alpha"],
                                   "response": responses, **{c: judged[c].to_numpy() for c in judged.columns}, "style": styles}))
     return pd.concat(rows, ignore_index=True), metrics
+
+
+def induced_style(table: pd.DataFrame, answered: set) -> dict:
+    """How a direction makes the model refuse: the styles of the refusals activation addition induces.
+
+    ``table``: ``evaluate_direction``'s response table; ``answered``: ids of the prompts the
+    unsteered model answered (only their refusals were induced; a prompt it already refused
+    keeps its own style). Returns ``{"distribution", "dominant", "purity", "n_induced",
+    "all_refusals"}``, the last the style distribution of every refusal under addition.
+    """
+    added = table[table.intervention.str.startswith("add_") & table.refused]
+    induced = added[added.prompt_id.isin(answered)]
+    dominant, purity = dominant_style(induced["style"].to_numpy())
+    return {"distribution": style_distribution(induced["style"].to_numpy()), "dominant": dominant, "purity": purity,
+            "n_induced": len(induced), "all_refusals": style_distribution(added["style"].to_numpy())}

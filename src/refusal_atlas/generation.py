@@ -229,6 +229,7 @@ def score_prefixed_rows(
     model: nn.Module, prompts: PrefixedPrompts, row_prompt: Sequence[int], row_group: Sequence[int],
     intervene: Callable[[list[int]], AbstractContextManager], reduce: Callable[[torch.Tensor, list[int]], torch.Tensor],
     rows_per_pass: int, tally: dict | None = None, on_pass: Callable[[int], object] | None = None,
+    skip: Callable[[int], bool] | None = None, on_values: Callable[[list[int], np.ndarray], object] | None = None,
 ) -> np.ndarray:
     """One score per row, each row a (prompt, intervention group) pair, under per-row hooks.
 
@@ -246,12 +247,14 @@ def score_prefixed_rows(
     prefix (pads masked), and only the last position's logits are computed. ``tally`` (if
     given) gets ``"tokens"`` (real tokens run, prefixes included) and ``"padded_tokens"`` added;
     ``on_pass(n_rows)`` (if given) is called after each pass, e.g. a progress bar's update.
-    Output: float64 [n_rows].
+    ``skip(row)`` (if given) is asked as each pass is filled: a row it skips is not run (its
+    value is NaN), so a caller that learns from ``on_values(rows, values)``, called after each
+    pass, can stop scoring a group early. Output: float64 [n_rows].
     """
     device = _input_device(model)
     accepted = inspect.signature(model.forward).parameters
     keep = {"logits_to_keep": 1} if "logits_to_keep" in accepted else {}
-    n_prefix, out = len(prompts.prefix), np.empty(len(row_prompt))
+    n_prefix, out = len(prompts.prefix), np.full(len(row_prompt), np.nan)
     tally = {} if tally is None else tally
     if n_prefix:  # the prefix once per group, under its hooks; every pass then reuses its KV rows
         distinct = list(dict.fromkeys(row_group))
@@ -267,8 +270,8 @@ def score_prefixed_rows(
         prefix_cache = _concat_caches(parts)
         tally["tokens"] = tally.get("tokens", 0) + len(distinct) * n_prefix
         tally["padded_tokens"] = tally.get("padded_tokens", 0) + len(distinct) * n_prefix
-    for start in range(0, len(row_prompt), rows_per_pass):
-        rows = range(start, min(start + rows_per_pass, len(row_prompt)))
+    todo, skip = iter(range(len(row_prompt))), skip or (lambda row: False)
+    while rows := _fill(todo, rows_per_pass, skip):
         index, groups = [row_prompt[r] for r in rows], [row_group[r] for r in rows]
         kwargs = {}
         if n_prefix:
@@ -285,9 +288,22 @@ def score_prefixed_rows(
         full_mask = torch.cat([torch.ones((len(index), n_prefix), dtype=torch.long, device=device), mask], dim=1)
         with intervene(groups):
             logits = model(input_ids=ids, attention_mask=full_mask, position_ids=positions, **kwargs, **keep).logits[:, -1, :]
-        out[rows.start:rows.stop] = reduce(torch.log_softmax(logits.float(), dim=-1), index).double().cpu().numpy()
+        out[rows] = reduce(torch.log_softmax(logits.float(), dim=-1), index).double().cpu().numpy()
         tally["tokens"] = tally.get("tokens", 0) + int(mask.sum())
         tally["padded_tokens"] = tally.get("padded_tokens", 0) + mask.numel()
+        if on_values is not None:
+            on_values(rows, out[rows])
         if on_pass is not None:
             on_pass(len(index))
     return out
+
+
+def _fill(todo: Iterator[int], size: int, skip: Callable[[int], bool]) -> list[int]:
+    """The next ``size`` rows of ``todo`` that ``skip`` keeps (fewer at the end)."""
+    rows: list[int] = []
+    for r in todo:
+        if not skip(r):
+            rows.append(r)
+            if len(rows) == size:
+                break
+    return rows

@@ -7,17 +7,27 @@ direction u_c and mean difference v_c = u_c · norm_c:
 - kl(c): mean first-token KL(unhooked || ablated) on benign prompts;
 - induce(c): mean refusal log-odds on benign prompts with v_c added at the input of block l.
 
-Only the lowest-bypass candidate that passes the filters matters, so ``search_candidates``
-scores bypass for every candidate, then visits candidates by rising bypass and scores kl (and
-induce only where kl passes) until one passes. The fast scores run many candidates in one
-forward pass (one direction per batch row: ``ablate_rows``/``add_rows``) and run the prompts'
-shared template prefix once per candidate (``score_prefixed_rows``).
+Only the lowest-bypass candidate that passes the filters (kl <= threshold, induce > 0) matters,
+so ``search_candidates`` scores only what that choice needs, in one of two orders:
 
-Fast scores differ from the one-candidate-at-a-time reference (``refusal_scores`` under
-``ablate_directions``/``add_direction``, today's path) by float rounding only. So that the
-chosen site is exactly the reference's, every comparison that rounding could flip is re-decided
-with reference scores: bypass values within ``RESCORE_TOLERANCE`` of one another (their order),
-kl within it of the threshold, induce within it of 0, and any non-finite fast score.
+- bypass first: bypass for every candidate, then kl (and induce where kl passes) by rising
+  bypass until one passes. Cheap where most candidates pass (the demo);
+- filters first: kl for every candidate, induce where kl passes, bypass only where both pass.
+  Cheap where most fail (SmolLM2 fails kl on about 90% of its candidates).
+
+A screen of kl on the first ``SCREEN_PROMPTS`` benign prompts of every candidate picks the
+order: filters first when it already rejects ``SCREEN_SHARE`` of them. Both orders choose
+the same site as scoring everything. kl is scored prompt by prompt and stops for a candidate
+once its partial sum proves kl > threshold (every prompt's KL is >= 0), so a rejected
+candidate's kl is a lower bound from ``kl_prompts`` of the prompts.
+
+The fast scores run many candidates in one forward pass (one direction per batch row:
+``ablate_rows``/``add_rows``) and run the prompts' shared template prefix once per candidate
+(``score_prefixed_rows``). They differ from the one-candidate-at-a-time reference
+(``refusal_scores`` under ``ablate_directions``/``add_direction``) by float rounding only. So that
+the chosen site is exactly the reference's, every comparison that rounding could flip is
+re-decided with reference scores: bypass values within ``RESCORE_TOLERANCE`` of one another
+(their order), kl within it of the threshold, induce within it of 0, and any non-finite fast score.
 """
 
 from __future__ import annotations
@@ -91,6 +101,13 @@ class CandidateScorer:
         dtype = next(model.parameters()).dtype
         self.tolerance = RESCORE_TOLERANCE.get(dtype, RESCORE_TOLERANCE_HALF)
         self.tally = {"tokens": 0, "padded_tokens": 0, "bypass": 0, "kl": 0, "induce": 0, "rescored": 0, "max_gap": 0.0}
+        # kl runs prompt by prompt in this order (longest suffix first), keeping each candidate's
+        # partial sum and how many prompts it covers; a candidate proven over the threshold stops.
+        n = len(self.benign.suffixes)
+        self.kl_order = sorted(range(n), key=lambda i: (-len(self.benign.suffixes[i]), i))
+        self.kl_sum: dict[int, float] = {}
+        self.kl_done: dict[int, int] = {}
+        self.kl_stopped: set[int] = set()
 
     # -------- fast: many candidates per forward pass --------
 
@@ -123,10 +140,41 @@ class CandidateScorer:
         return self._fast("bypass", candidates, self.harmful, lambda g: ablate_rows(self.model, self.units[g]),
                           lambda logp, idx: refusal_log_odds(logp, self.token_ids))
 
-    def fast_kl(self, candidates: Sequence[int]) -> np.ndarray:
-        self.tally["kl"] += len(candidates)
-        return self._fast("kl", candidates, self.benign, lambda g: ablate_rows(self.model, self.units[g]),
-                          lambda logp, idx: kl_rows(self.base_benign[idx].to(logp.device), logp))
+    def advance_kl(self, candidates: Sequence[int], upto: int, threshold: float) -> None:
+        """Score kl of ``candidates`` on benign prompts ``kl_order[kl_done[c]:upto]``, stopping a
+        candidate as soon as its partial sum proves kl > ``threshold`` (beyond the rounding band)."""
+        n = len(self.kl_order)
+        upto = min(upto, n)
+        live = [c for c in candidates if c not in self.kl_stopped and self.kl_done.get(c, 0) < upto]
+        if not live:
+            return
+        self.tally["kl"] += sum(c not in self.kl_done for c in live)
+        # Prompt-major rows: each pass covers the next prompt(s) of every live candidate, so a
+        # candidate that fails on its first prompts never runs the rest.
+        row_prompt, row_group = [], []
+        for j in range(min(self.kl_done.get(c, 0) for c in live), upto):
+            for c in live:
+                if self.kl_done.get(c, 0) <= j:
+                    row_prompt.append(self.kl_order[j])
+                    row_group.append(c)
+
+        def on_values(rows, values):
+            for r, value in zip(rows, values):
+                c = row_group[r]
+                self.kl_sum[c] = self.kl_sum.get(c, 0.0) + float(value)
+                self.kl_done[c] = self.kl_done.get(c, 0) + 1
+                bound = self.kl_sum[c] / n  # a lower bound of kl until every prompt is in
+                if self.kl_done[c] < n and bound > threshold and not _near(bound, threshold, self.tolerance):
+                    self.kl_stopped.add(c)
+
+        with tqdm(total=len(row_prompt), desc=f"select directions: kl of {len(live)}", unit="row", disable=not self.progress, leave=False) as bar:
+            score_prefixed_rows(self.model, self.benign, row_prompt, row_group, lambda g: ablate_rows(self.model, self.units[g]),
+                                lambda logp, idx: kl_rows(self.base_benign[idx].to(logp.device), logp), self._rows_per_pass(self.benign),
+                                self.tally, bar.update, skip=lambda r: row_group[r] in self.kl_stopped, on_values=on_values)
+
+    def kl(self, c: int) -> tuple[float, int]:
+        """(kl, number of benign prompts behind it): the mean when all are in, else a lower bound."""
+        return self.kl_sum.get(c, math.nan) / len(self.kl_order), self.kl_done.get(c, 0)
 
     def fast_induce(self, candidates: Sequence[int]) -> np.ndarray:
         self.tally["induce"] += len(candidates)
@@ -180,57 +228,104 @@ def _clusters(values: dict[int, float], tol: float) -> list[list[int]]:
     return out
 
 
-def search_candidates(scorer: CandidateScorer, candidates: Sequence[int], kl_threshold: float) -> list[dict]:
-    """Scores of candidates ``0..C-1`` (``scorer``'s indices) as the lazy Arditi search leaves them.
+SCREEN_PROMPTS = 2
+SCREEN_SHARE = 1 / 3
 
-    Every candidate gets bypass. Then, by rising bypass (ties: lower index first, the candidate
-    ``min`` picks), kl is scored and, where kl <= ``kl_threshold``, induce, until one candidate
-    has finite kl <= threshold and induce > 0: that one is the winner. Output, per candidate:
-    ``{"bypass", "kl", "induce": float (NaN where not scored), "scored": bool}``, ``scored``
-    being whether the search reached it. Where no candidate passes, every finite-bypass
-    candidate is reached, as in a full scan.
+
+def search_candidates(scorer: CandidateScorer, candidates: Sequence[int], kl_threshold: float, order: str | None = None) -> dict:
+    """Scores of candidates ``0..C-1`` (``scorer``'s indices) as the Arditi search leaves them.
+
+    ``order``: ``"bypass_first"``, ``"filters_first"`` or None (the kl screen picks; see the
+    module docstring). Returns ``{"order", "rows"}``, ``rows`` holding per candidate
+    ``{"bypass", "kl", "induce": float (NaN where not scored), "kl_prompts": int (benign prompts
+    behind kl; fewer than all where kl stopped early, its value then a lower bound),
+    "scored": bool}``, ``scored`` being whether the search reached it. Every candidate that
+    could change the choice is reached; where none passes the filters every candidate gets
+    bypass, as the fallback (the lowest bypass of all) needs.
     """
-    tol = scorer.tolerance
-    out = [{"bypass": math.nan, "kl": math.nan, "induce": math.nan, "scored": False} for _ in range(len(scorer.layers))]
-    for c, value in zip(candidates, scorer.fast_bypass(list(candidates))):
+    out = [{"bypass": math.nan, "kl": math.nan, "induce": math.nan, "kl_prompts": 0, "scored": False} for _ in range(len(scorer.layers))]
+    candidates = list(candidates)
+    if order is None:
+        scorer.advance_kl(candidates, SCREEN_PROMPTS, kl_threshold)
+        stopped = sum(c in scorer.kl_stopped for c in candidates)
+        order = "filters_first" if candidates and stopped >= SCREEN_SHARE * len(candidates) else "bypass_first"
+    (_filters_first if order == "filters_first" else _bypass_first)(scorer, candidates, kl_threshold, out)
+    return {"order": order, "rows": out}
+
+
+def _decide_kl(scorer: CandidateScorer, c: int, row: dict, kl_threshold: float) -> bool:
+    """Record kl of a candidate whose kl is scored (or stopped); return whether it passes."""
+    row["scored"] = True
+    row["kl"], row["kl_prompts"] = scorer.kl(c)
+    if row["kl_prompts"] == len(scorer.kl_order) and (not math.isfinite(row["kl"]) or _near(row["kl"], kl_threshold, scorer.tolerance)):
+        row["kl"] = _checked(scorer, row["kl"], scorer.reference_kl(c), "kl")
+    return row["kl"] <= kl_threshold  # False for NaN
+
+
+def _decide_induce(scorer: CandidateScorer, c: int, row: dict, fast: float) -> bool:
+    row["induce"] = float(fast)
+    if not math.isfinite(row["induce"]) or _near(row["induce"], 0.0, scorer.tolerance):
+        row["induce"] = _checked(scorer, row["induce"], scorer.reference_induce(c), "induce")
+    return row["induce"] > 0
+
+
+def _score_bypass(scorer: CandidateScorer, candidates: list[int], out: list[dict]) -> list[list[int]]:
+    """Bypass of ``candidates`` (reference where the fast score is not finite), as clusters of
+    near-equal values by rising bypass; the lowest cluster is ordered by reference scores."""
+    for c, value in zip(candidates, scorer.fast_bypass(candidates)):
         out[c]["bypass"] = float(value) if math.isfinite(value) else scorer.reference_bypass(c)
-    clusters = _clusters({c: out[c]["bypass"] for c in candidates if math.isfinite(out[c]["bypass"])}, tol)
+    clusters = _clusters({c: out[c]["bypass"] for c in candidates if math.isfinite(out[c]["bypass"])}, scorer.tolerance)
+    for c in candidates:
+        out[c]["scored"] = out[c]["scored"] or not math.isfinite(out[c]["bypass"])  # rejected as NaN
+    return clusters
+
+
+def _settle(scorer: CandidateScorer, group: list[int], out: list[dict]) -> list[int]:
+    """A cluster of near-equal bypass values in the order of their reference scores."""
+    if len(group) > 1:
+        for c in group:
+            out[c]["bypass"] = _checked(scorer, out[c]["bypass"], scorer.reference_bypass(c), "bypass")
+        group.sort(key=lambda c: (out[c]["bypass"], c))
+    return group
+
+
+def _filters_first(scorer: CandidateScorer, candidates: list[int], kl_threshold: float, out: list[dict]) -> None:
+    scorer.advance_kl(candidates, len(scorer.kl_order), kl_threshold)
+    kl_ok = [c for c in candidates if _decide_kl(scorer, c, out[c], kl_threshold)]
+    passed = [c for c, value in zip(kl_ok, scorer.fast_induce(kl_ok)) if _decide_induce(scorer, c, out[c], value)]
+    clusters = _score_bypass(scorer, passed, out)
+    if clusters:  # the winner is the lowest bypass among the candidates that pass
+        _settle(scorer, clusters[0], out)
+        return
+    # Nothing passes: the fallback is the lowest bypass of all, as a full scan would choose.
+    clusters = _score_bypass(scorer, [c for c in candidates if c not in passed], out)
+    if clusters:
+        _settle(scorer, clusters[0], out)
+
+
+def _bypass_first(scorer: CandidateScorer, candidates: list[int], kl_threshold: float, out: list[dict]) -> None:
+    n = len(scorer.kl_order)
+    clusters = _score_bypass(scorer, candidates, out)
     pending: list[int] = []
     # Candidates are visited in chunks that start at one pass's worth of rows and double up to
-    # eight passes: on a model where most candidates fail kl or induce (SmolLM2 fails nearly
-    # all), one candidate at a time would run half-empty, padded passes. Scores past the
-    # winner in its chunk are dropped, so the result does not depend on the chunk size.
-    chunk = max(1, scorer._rows_per_pass(scorer.benign) // len(scorer.benign.suffixes))
+    # eight passes: on a model where many candidates fail kl or induce, one candidate at a time
+    # would run half-empty, padded passes. Scores past the winner in its chunk are dropped, so
+    # the result does not depend on the chunk size.
+    chunk = max(1, scorer._rows_per_pass(scorer.benign) // n)
     cap = 8 * chunk
     while pending or clusters:
         # Fill the next chunk in visiting order. A cluster of near-equal bypass values is
         # ordered by reference bypass before any of it is visited; a chunk stops before a
         # cluster that would need that, unless the chunk is still empty.
         while clusters and len(pending) < chunk and (not pending or len(clusters[0]) == 1):
-            group = clusters.pop(0)
-            if len(group) > 1:
-                for c in group:
-                    out[c]["bypass"] = _checked(scorer, out[c]["bypass"], scorer.reference_bypass(c), "bypass")
-                group.sort(key=lambda c: (out[c]["bypass"], c))
-            pending.extend(group)
+            pending.extend(_settle(scorer, clusters.pop(0), out))
         visit, pending = pending[:chunk], pending[chunk:]
-        for c, value in zip(visit, scorer.fast_kl(visit)):
-            out[c]["kl"] = float(value)
-        maybe = [c for c in visit if not math.isfinite(out[c]["kl"]) or out[c]["kl"] <= kl_threshold or _near(out[c]["kl"], kl_threshold, tol)]
+        scorer.advance_kl(visit, n, kl_threshold)
+        maybe = [c for c in visit if _decide_kl(scorer, c, out[c], kl_threshold)]
         fast_induce = dict(zip(maybe, scorer.fast_induce(maybe)))
         for k, c in enumerate(visit):
-            row = out[c]
-            row["scored"] = True
-            if not math.isfinite(row["kl"]) or _near(row["kl"], kl_threshold, tol):
-                row["kl"] = _checked(scorer, row["kl"], scorer.reference_kl(c), "kl")
-            if not (row["kl"] <= kl_threshold):  # rejected at kl (or NaN): induce is not needed
-                continue
-            row["induce"] = float(fast_induce[c]) if c in fast_induce else math.nan
-            if not math.isfinite(row["induce"]) or _near(row["induce"], 0.0, tol):
-                row["induce"] = _checked(scorer, row["induce"], scorer.reference_induce(c), "induce")
-            if row["induce"] > 0:  # the winner: what the chunk scored beyond it is dropped
-                for later in visit[k + 1:]:
-                    out[later].update(kl=math.nan, induce=math.nan)
-                return out
+            if c in fast_induce and _decide_induce(scorer, c, out[c], fast_induce[c]):
+                for later in visit[k + 1:]:  # the winner: what the chunk scored beyond it is dropped
+                    out[later].update(kl=math.nan, induce=math.nan, kl_prompts=0, scored=False)
+                return
         chunk = min(2 * chunk, cap)
-    return out

@@ -3,7 +3,11 @@
 Every stage logs one run, nested under one parent run per pipeline execution. The
 parent is found (or created) by the tag ``refusal_atlas.pipeline_key``: the DVC
 experiment name when running under ``dvc exp run``, else the git commit, the dirty
-flag and a digest of params.yaml.
+flag and a digest of params.yaml. The parent is reopened (RUNNING) by each stage and ends
+with it: FINISHED after a stage that finished, FAILED after one that failed. The report
+stage puts the execution's headline metrics and the model's name on it, so the runs
+table compares executions. The experiment carries MLflow's kind tag for classic model
+development, so the UI opens on its runs.
 
 Failure policy. A remote server that cannot be reached at the start fails the stage
 within ``tracking.timeout_s``, before any heavy work. A server that dies mid-run does
@@ -20,6 +24,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -30,6 +35,9 @@ from pathlib import Path
 from refusal_atlas.errors import RefusalAtlasError
 
 PIPELINE_KEY_TAG = "refusal_atlas.pipeline_key"
+# MLflow 3's UI opens an experiment without a kind on its GenAI overview (traces); this kind
+# opens it on the runs table.
+EXPERIMENT_TAGS = {"mlflow.experimentKind": "custom_model_development"}
 TRACKED_PACKAGES = ("refusal-atlas", "torch", "transformers", "accelerate", "dvc", "mlflow", "zarr", "xarray", "scikit-learn", "numpy")
 SECRET_MARKERS = ("KEY", "TOKEN", "SECRET", "PASSWORD", "CREDENTIAL")
 
@@ -170,10 +178,11 @@ class StageRun:
     """Narrow logging interface handed to a stage. Every call survives a dead server:
     the first failure is kept and reported when the stage's block ends."""
 
-    def __init__(self, mlflow_module, run_id: str, uri: str, repo_root: Path):
+    def __init__(self, mlflow_module, run_id: str, uri: str, repo_root: Path, parent_id: str | None = None):
         self._mlflow = mlflow_module
         self.repo_root = repo_root
         self.run_id = run_id
+        self.parent_id = parent_id
         self.uri = uri
         self.error: Exception | None = None
 
@@ -224,6 +233,20 @@ class StageRun:
     def log_dict(self, data: dict, name: str) -> None:
         self._call(self._mlflow.log_dict, data, name)
 
+    def log_headline(self, metrics: dict, params: dict[str, object]) -> None:
+        """Metrics and params of the whole execution, on its parent run, so that the runs table
+        compares executions (models, settings) without opening them."""
+        if self.parent_id is None:
+            return
+        flat: dict[str, str] = {}
+        _flatten("", metrics, flat)
+        client = self._mlflow.MlflowClient(self.uri)
+        for key, value in flat.items():
+            if _is_number(value):
+                self._call(client.log_metric, self.parent_id, key.replace("@", "_"), float(value))
+        for key, value in params.items():
+            self._call(client.log_param, self.parent_id, key, str(value))
+
 
 def _is_number(text: str) -> bool:
     try:
@@ -271,8 +294,11 @@ def stage_run(
             # A local store keeps artifacts beside mlflow.db at an absolute path, so runs made in
             # `dvc exp run --temp` copies land in the same place; a server decides for itself.
             location = None if is_remote(uri) else artifact_root(repo_root).as_uri()
-            client.create_experiment(experiment, artifact_location=location)
+            client.create_experiment(experiment, artifact_location=location, tags=EXPERIMENT_TAGS)
         exp = mlflow.set_experiment(experiment)
+        for tag, value in EXPERIMENT_TAGS.items():  # an experiment made before the tag existed
+            if exp.tags.get(tag) != value:
+                client.set_experiment_tag(exp.experiment_id, tag, value)
         parents = client.search_runs(
             [exp.experiment_id],
             filter_string=f"tags.`{PIPELINE_KEY_TAG}` = '{key}' and tags.`refusal_atlas.role` = 'pipeline'",
@@ -281,6 +307,7 @@ def stage_run(
         )
         if parents:
             parent_id = parents[0].info.run_id
+            client.update_run(parent_id, status="RUNNING")  # a later stage of the execution reopens it
         else:
             parent = client.create_run(exp.experiment_id, run_name=f"pipeline {key}", tags={PIPELINE_KEY_TAG: key, "refusal_atlas.role": "pipeline", **git_state(repo_root)})
             parent_id = parent.info.run_id
@@ -290,15 +317,18 @@ def stage_run(
     except Exception as err:  # noqa: BLE001 - a store that cannot open is a clear, early failure
         raise TrackingError(f"cannot open an MLflow run at {redact_uri(uri)}: {type(err).__name__}: {err}") from None
 
-    run = StageRun(mlflow, active.info.run_id, uri, repo_root)
+    run = StageRun(mlflow, active.info.run_id, uri, repo_root, parent_id)
     run.log_params(params)
-    status = "FAILED"
+    status, start = "FAILED", time.perf_counter()
     try:
         yield run
         status = "FINISHED"
     finally:
+        run.log_metrics({"stage_wall_s": time.perf_counter() - start})
         try:
             mlflow.end_run(status=status)
+            # The parent ends with each stage: FINISHED after the last one, FAILED where one failed.
+            client.set_terminated(parent_id, status=status)
         except Exception as err:  # noqa: BLE001
             run.error = run.error or err
     if run.error is not None:

@@ -1,6 +1,6 @@
 """Determinism: rerunning stages from scratch reproduces the outputs recorded in dvc.lock, bit for bit.
 
-The generation stages (baseline, steering@pooled) are rerun by tests/reliability/test_kill_resume.py
+The generation stages (baseline, steering) are rerun by tests/reliability/test_kill_resume.py
 and compared row for row with the pipeline's outputs there; this test forces a fresh run of one
 stage of every other kind but model training (a second default training costs minutes; the
 two-clean-runs comparison in the README covers it) and compares every output hash DVC records.
@@ -14,7 +14,7 @@ import yaml
 from conftest import clone_pipeline, run
 
 pytestmark = pytest.mark.slow
-RERUN = ["prompts", "activations@incomplete", "directions", "geometry", "report"]
+RERUN = ["prompts", "activations", "directions", "geometry", "report"]
 
 
 def _outs(repo) -> dict[str, dict[str, str]]:

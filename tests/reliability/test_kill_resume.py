@@ -18,7 +18,7 @@ from conftest import VENV_BIN, clone_pipeline, run
 from refusal_atlas import store
 
 pytestmark = pytest.mark.slow
-STAGE = "activations@benign"
+STAGE = "activations"
 
 
 def _set_batch_size(repo, size):
@@ -60,7 +60,7 @@ def test_killed_extraction_resumes_to_identical_data(pipeline, tmp_path):
         store.open_store(store_path)
 
     rerun = run(["dvc", "repro", "--single-item", STAGE], killed)
-    assert "Running stage 'activations@benign'" in rerun.stdout
+    assert "Running stage 'activations'" in rerun.stdout
     finished = store.open_store(store_path)
     expected = store.open_store(reference / "artifacts/activations/benign.zarr")
     np.testing.assert_array_equal(store.load_resid(finished), store.load_resid(expected))
@@ -98,11 +98,15 @@ def _kill_when(repo, stage, ready, timeout=600):
 
 @pytest.mark.parametrize("stage, out, table", [
     ("baseline", "artifacts/baseline", "responses.parquet"),
-    ("steering@pooled", "artifacts/steering/pooled", "responses.parquet"),
+    # The steering stage evaluates directions in name order; this one is first, and the only
+    # one it recomputes once its folder is gone (the others' inputs did not change).
+    ("steering", "artifacts/steering/crime_assistance", "responses.parquet"),
 ])
 def test_killed_generation_keeps_finished_chunks_and_resumes_to_identical_rows(pipeline, tmp_path, stage, out, table):
     repo = clone_pipeline(pipeline, tmp_path / "killed")
     folder = repo / out
+    if stage == "steering":
+        shutil.rmtree(folder)
     # Kill at a random point after the first finished chunk, before the stage ends.
     at_least = int(np.random.default_rng().integers(1, 3))
     assert _kill_when(repo, stage, lambda: _parts(folder) >= at_least), f"{stage} finished before the kill"
