@@ -47,7 +47,7 @@ repro-real: setup
 	refusal-atlas experiment profiles/smollm2.yaml --name smollm2
 
 test: setup
-	pytest -q
+	pytest -q --durations=20
 
 test-fast: setup
 	pytest -q -m "not slow" -x

@@ -44,7 +44,7 @@ def main(args, params, run) -> None:
     run.log_input(args.prompts)
     run.log_metrics({"n_processes": world, "n_sets_rebuilt": sum(d["rebuilt"] for d in done.values()),
                      "n_sets_extracted": sum(d["n_batches_written"] > 0 for d in done.values()), "sets": done})
-    fresh = [n for n, d in done.items() if d["n_batches_written"]]
+    fresh = [f"{n} ({d['n_batches_written']} batches)" for n, d in done.items() if d["n_batches_written"]]
     print(f"activations: {len(names)} stores ({len(fresh)} extracted: {', '.join(fresh) or 'none'}; the rest up to date; {world} process(es)) -> {args.out}")
 
 

@@ -245,10 +245,16 @@ def test_filter_candidates_rules_and_order():
 
 
 def test_choose_candidate_falls_back_and_says_why():
-    rows, _ = filter_candidates([_row(0, -1.0, -1.0, 0.0), _row(1, -2.0, 1.0, 5.0), _row(2, math.nan, 1.0, 0.0)], 10, 0.8, 0.1)
-    chosen = choose_candidate(rows)
-    assert chosen["fallback"] is True and chosen["row"]["layer"] == 1
+    # Nothing passes: induce is relaxed first, so the lowest bypass among those failing only
+    # induce (layer 3) wins over a lower bypass that fails kl (layer 1).
+    table = [_row(0, -1.0, -1.0, 0.0), _row(1, -2.0, 1.0, 5.0), _row(2, math.nan, 1.0, 0.0), _row(3, -1.5, 0.0, 0.05)]
+    chosen = choose_candidate(filter_candidates(table, 10, 0.8, 0.1)[0])
+    assert chosen["fallback"] is True and chosen["row"]["layer"] == 3
     assert "no candidate passed the filters" in chosen["fallback_reason"] and "kl: 1" in chosen["fallback_reason"]
+    assert "the 2 that pass kl (the induce filter relaxed)" in chosen["fallback_reason"]
+    # With none failing only induce, kl is relaxed too: the lowest bypass of all.
+    chosen = choose_candidate(filter_candidates([_row(0, -1.0, 1.0, 0.3), _row(1, -2.0, 1.0, 5.0)], 10, 0.8, 0.1)[0])
+    assert chosen["fallback"] is True and chosen["row"]["layer"] == 1 and chosen["fallback_reason"].endswith("all scored candidates")
     with pytest.raises(DirectionError, match="no candidate"):
         choose_candidate(filter_candidates([_row(0, math.nan, 1.0, 0.0)], 10, 0.8, 0.1)[0])
 
@@ -397,8 +403,11 @@ def _assert_same_choice(new: dict, ref: dict, rel: float = 1e-4) -> None:
     counts = new["counts"]
     assert sum(counts.values()) == len(new["table"])
     eligible = sum(not math.isnan(r["bypass"]) for r in ref["table"])
-    if new["search_order"] == "bypass_first" or ref["fallback"]:
+    relaxed = sum(r["reason"] == "induce" for r in ref["table"])  # what the fallback chooses among first
+    if new["search_order"] == "bypass_first" or (ref["fallback"] and not relaxed):
         assert new["n_scored"]["bypass"] == eligible
+    elif ref["fallback"]:  # filters first, nothing passes: bypass only where kl passed
+        assert new["n_scored"]["bypass"] == relaxed
     if ref["fallback"]:  # nothing passes: every candidate was reached
         assert counts["not_scored"] == 0 and not any(r["kept"] for r in new["table"])
     else:

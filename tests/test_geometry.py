@@ -176,13 +176,21 @@ def test_principal_angles_zero_for_identical_and_ninety_for_orthogonal_subspaces
         "c": rng.standard_normal((40, 3)) @ span_2.T,  # orthogonal subspace
     }
     df = geo.principal_angles(diffs, top_k=3)
-    assert len(df) == 9 and set(df.columns) == {"a", "b", "min_angle_deg", "mean_cos2"}
+    assert len(df) == 9 and set(df.columns) == {"a", "b", "min_angle_deg", "mean_cos2", "n_angles"}
+    assert set(df["n_angles"]) == {3}
     m = df.pivot(index="a", columns="b", values="min_angle_deg")
     c2 = df.pivot(index="a", columns="b", values="mean_cos2")
     assert m.loc["a", "b"] < 1e-3 and c2.loc["a", "b"] == pytest.approx(1.0, abs=1e-6)
     assert m.loc["a", "c"] == pytest.approx(90.0, abs=1e-3) and c2.loc["b", "c"] == pytest.approx(0.0, abs=1e-6)
-    with pytest.raises(RefusalAtlasError, match="top_k"):
-        geo.principal_angles({"a": diffs["a"][:2]}, top_k=3)
+    # A category with fewer prompts than top_k (few refusals on a real model) spans fewer
+    # dimensions: two prompts inside span_1 give a plane inside it, at 0 degrees to "a".
+    few = geo.principal_angles({"a": diffs["a"], "few": diffs["b"][:2], "c": diffs["c"]}, top_k=3)
+    pair = few.set_index(["a", "b"])
+    assert pair.loc[("few", "few"), "n_angles"] == 2 and pair.loc[("a", "few"), "n_angles"] == 2
+    assert pair.loc[("a", "few"), "mean_cos2"] == pytest.approx(1.0, abs=1e-6)
+    assert pair.loc[("few", "c"), "min_angle_deg"] == pytest.approx(90.0, abs=1e-3)
+    with pytest.raises(RefusalAtlasError, match="n >= 1"):
+        geo.principal_angles({"a": diffs["a"][:0]}, top_k=3)
 
 
 def test_participation_ratio_counts_planted_orthogonal_directions():

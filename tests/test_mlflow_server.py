@@ -15,6 +15,7 @@ import pandas as pd
 import pytest
 
 from conftest import VENV_BIN, MlflowServer, browser_page, clone_pipeline, run
+from refusal_atlas.tracking import runs_url
 
 pytestmark = pytest.mark.slow
 KEY, OTHER = "served-pipeline", "served-again"
@@ -87,10 +88,11 @@ def test_mlflow_ui_in_a_real_browser(served, tmp_path):
     shots.mkdir(parents=True, exist_ok=True)
     assert {t["key"]: t["value"] for t in exp["tags"]}["mlflow.experimentKind"] == "custom_model_development"
     with browser_page() as page:
-        # The experiment opens on its runs table (not MLflow 3's GenAI overview of traces).
-        page.goto(f"{server.url}/#/experiments/{exp['experiment_id']}", timeout=60000)
+        # The address `refusal-atlas ui` prints opens the runs table (not MLflow 3's GenAI overview of traces).
+        page.goto(runs_url(server.url, exp["experiment_id"]), timeout=60000)
         page.get_by_role("link", name=f"pipeline {KEY}", exact=True).first.wait_for(timeout=60000)
-        assert "/runs" in page.url and "overview" not in page.url and "traces" not in page.url, page.url
+        page.get_by_role("link", name=f"pipeline {OTHER}", exact=True).first.wait_for(timeout=60000)
+        assert "overview" not in page.url and "traces" not in page.url, page.url
         page.screenshot(path=str(shots / "mlflow_experiment_runs.png"), full_page=True)
 
         # Two executions side by side in the compare view, headline metrics and the model as rows.

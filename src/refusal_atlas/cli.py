@@ -92,9 +92,21 @@ def server_command(repo_root: Path, host: str, port: int, backend: str | None = 
     ]
 
 
+def experiment_id(backend: str, name: str) -> str | None:
+    """The id of experiment ``name`` in a tracking store, None if it has none yet."""
+    from mlflow.tracking import MlflowClient
+
+    found = MlflowClient(tracking_uri=backend).get_experiment_by_name(name)
+    return found.experiment_id if found else None
+
+
 def _cmd_ui(args: argparse.Namespace) -> int:
+    from refusal_atlas.tracking import runs_url
+
     cmd = server_command(Path.cwd(), args.host, args.port, args.backend_store_uri)
-    print(f"MLflow UI on http://{args.host}:{args.port} (Ctrl-C to stop)")
+    backend = cmd[cmd.index("--backend-store-uri") + 1]
+    found = experiment_id(backend, args.experiment) if not backend.startswith("sqlite:") or Path(backend.split(":///", 1)[1]).is_file() else None
+    print(f"MLflow UI: {runs_url(f'http://{args.host}:{args.port}', found)} (the runs of '{args.experiment}'; Ctrl-C to stop)", flush=True)
     return subprocess.call(cmd)
 
 
@@ -137,6 +149,7 @@ def build_parser() -> argparse.ArgumentParser:
     ui.add_argument("--host", default="127.0.0.1")
     ui.add_argument("--port", type=int, default=5000)
     ui.add_argument("--backend-store-uri", help="e.g. postgresql://user@host/db for a team server (default: sqlite:///<repo>/mlflow.db)")
+    ui.add_argument("--experiment", default="refusal-atlas", help="experiment whose runs table the printed address opens (params tracking.experiment)")
     ui.set_defaults(func=_cmd_ui)
     return parser
 

@@ -288,7 +288,10 @@ def filter_candidates(table: Sequence[dict], n_layers: int, max_layer_fraction: 
 
 
 def choose_candidate(rows: Sequence[dict]) -> dict:
-    """The kept row with the lowest bypass; if none is kept, the lowest finite bypass of all.
+    """The kept row with the lowest bypass. If none is kept, the filters are relaxed one at a
+    time, induce first: the lowest bypass among the rows that fail only induce (they keep the
+    model's benign behaviour, kl, but adding them does not make refusal likelier, as on a
+    model that rarely refuses), else the lowest finite bypass of all.
 
     Returns ``{"row": dict, "fallback": bool, "fallback_reason": str | None}``; raises
     DirectionError if no row has a finite bypass score.
@@ -302,8 +305,12 @@ def choose_candidate(rows: Sequence[dict]) -> dict:
     reasons = {}
     for r in rows:
         reasons[r["reason"]] = reasons.get(r["reason"], 0) + 1
-    why = "no candidate passed the filters (" + ", ".join(f"{k}: {v}" for k, v in reasons.items()) + "); chose the lowest bypass score among all scored candidates"
-    return {"row": min(finite, key=lambda r: r["bypass"]), "fallback": True, "fallback_reason": why}
+    why = "no candidate passed the filters (" + ", ".join(f"{k}: {v}" for k, v in reasons.items()) + "); chose the lowest bypass score among "
+    relaxed = [r for r in finite if r["reason"] == "induce"]
+    if relaxed:
+        return {"row": min(relaxed, key=lambda r: r["bypass"]), "fallback": True,
+                "fallback_reason": why + f"the {len(relaxed)} that pass kl (the induce filter relaxed)"}
+    return {"row": min(finite, key=lambda r: r["bypass"]), "fallback": True, "fallback_reason": why + "all scored candidates"}
 
 
 def select_arditi(
@@ -325,8 +332,8 @@ def select_arditi(
     - kl = mean first-token KL(unhooked || ablated) on benign prompts (unhooked computed once).
 
     ``filter_candidates`` then drops rows and the kept one with the lowest bypass wins. If none
-    survives, the lowest-bypass scored candidate is returned with ``fallback: True`` and the
-    reason, rather than failing.
+    survives (Arditi et al.'s code stops there), ``choose_candidate`` relaxes induce, then kl,
+    and returns its choice with ``fallback: True`` and the reason, rather than failing.
 
     Only the scores the choice needs are computed (``site_scores.search_candidates``; ``order``
     forces its bypass-first or filters-first order, None lets it pick): rows the search never

@@ -322,17 +322,20 @@ def principal_angles(diffs: Mapping[str, np.ndarray], top_k: int = 3) -> pd.Data
     the baseline mean). Each subspace is spanned by the top ``top_k`` right singular
     vectors of the *uncentred* differences, so it contains the category's mean
     direction itself plus its main spread (PCA would centre away the mean direction).
+    A category with fewer than ``top_k`` prompts (a real model refuses few of some sets)
+    spans only as many dimensions as it has prompts; its angles are then over that many.
     Returns a long DataFrame over all ordered pairs (diagonal included, so
     ``df.pivot(index="a", columns="b", values=...)`` gives a full matrix) with columns
-    ``a``, ``b``, ``min_angle_deg`` (smallest principal angle, degrees) and
-    ``mean_cos2`` (mean squared cosine of the ``top_k`` angles: 1 identical, 0 orthogonal).
+    ``a``, ``b``, ``min_angle_deg`` (smallest principal angle, degrees), ``mean_cos2``
+    (mean squared cosine of the angles: 1 identical, 0 orthogonal) and ``n_angles``
+    (min of the two subspaces' dimensions).
     """
     bases = {}
     for name, x in diffs.items():
         x = np.asarray(x, dtype=np.float64)
-        if x.ndim != 2 or x.shape[0] < top_k:
-            raise RefusalAtlasError(f"principal_angles: category {name!r} has differences of shape {x.shape}; need [n >= top_k={top_k}, d]")
-        bases[name] = np.linalg.svd(x, full_matrices=False)[2][:top_k].T  # [d, top_k]
+        if x.ndim != 2 or x.shape[0] < 1:
+            raise RefusalAtlasError(f"principal_angles: category {name!r} has differences of shape {x.shape}; need [n >= 1, d]")
+        bases[name] = np.linalg.svd(x, full_matrices=False)[2][:min(top_k, x.shape[0])].T  # [d, <= top_k]
     # Angles are unchanged by an isometry, so express every basis in one orthonormal basis
     # of their joint span (<= k·top_k dims) first; each pair then costs nothing in d.
     joint = np.linalg.qr(np.concatenate(list(bases.values()), axis=1))[0]  # [d, <= k·top_k]
@@ -340,7 +343,8 @@ def principal_angles(diffs: Mapping[str, np.ndarray], top_k: int = 3) -> pd.Data
     rows = []
     for a, b in itertools.product(bases, repeat=2):
         theta = subspace_angles(bases[a], bases[b])
-        rows.append({"a": a, "b": b, "min_angle_deg": float(np.degrees(theta.min())), "mean_cos2": float(np.mean(np.cos(theta) ** 2))})
+        rows.append({"a": a, "b": b, "min_angle_deg": float(np.degrees(theta.min())), "mean_cos2": float(np.mean(np.cos(theta) ** 2)),
+                     "n_angles": len(theta)})
     return pd.DataFrame(rows)
 
 

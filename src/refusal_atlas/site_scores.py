@@ -240,8 +240,9 @@ def search_candidates(scorer: CandidateScorer, candidates: Sequence[int], kl_thr
     ``{"bypass", "kl", "induce": float (NaN where not scored), "kl_prompts": int (benign prompts
     behind kl; fewer than all where kl stopped early, its value then a lower bound),
     "scored": bool}``, ``scored`` being whether the search reached it. Every candidate that
-    could change the choice is reached; where none passes the filters every candidate gets
-    bypass, as the fallback (the lowest bypass of all) needs.
+    could change the choice is reached; where none passes the filters, every candidate that
+    the fallback (``directions.choose_candidate``: induce relaxed, then kl) chooses among gets
+    bypass.
     """
     out = [{"bypass": math.nan, "kl": math.nan, "induce": math.nan, "kl_prompts": 0, "scored": False} for _ in range(len(scorer.layers))]
     candidates = list(candidates)
@@ -297,10 +298,14 @@ def _filters_first(scorer: CandidateScorer, candidates: list[int], kl_threshold:
     if clusters:  # the winner is the lowest bypass among the candidates that pass
         _settle(scorer, clusters[0], out)
         return
-    # Nothing passes: the fallback is the lowest bypass of all, as a full scan would choose.
-    clusters = _score_bypass(scorer, [c for c in candidates if c not in passed], out)
-    if clusters:
-        _settle(scorer, clusters[0], out)
+    # Nothing passes: the fallback (as choose_candidate) is the lowest bypass among those that
+    # fail only induce, else among all.
+    relaxed = [c for c in kl_ok if math.isfinite(out[c]["induce"])]
+    for group in (relaxed, [c for c in candidates if c not in relaxed]):
+        clusters = _score_bypass(scorer, group, out)
+        if clusters:
+            _settle(scorer, clusters[0], out)
+            return
 
 
 def _bypass_first(scorer: CandidateScorer, candidates: list[int], kl_threshold: float, out: list[dict]) -> None:

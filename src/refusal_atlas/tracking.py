@@ -36,10 +36,18 @@ from refusal_atlas.errors import RefusalAtlasError
 
 PIPELINE_KEY_TAG = "refusal_atlas.pipeline_key"
 # MLflow 3's UI opens an experiment without a kind on its GenAI overview (traces); this kind
-# opens it on the runs table.
+# opens it on the runs table where the UI reads the kind (MLflow 3.0-3.x before the global
+# GenAI / Model training switch). The UI of MLflow 3.17 ignores it and follows the switch,
+# which defaults to GenAI: its runs table is reached by the URL that ``runs_url`` builds.
 EXPERIMENT_TAGS = {"mlflow.experimentKind": "custom_model_development"}
+RUNS_VIEW = "workflowType=machine_learning"
 TRACKED_PACKAGES = ("refusal-atlas", "torch", "transformers", "accelerate", "dvc", "mlflow", "zarr", "xarray", "scikit-learn", "numpy")
 SECRET_MARKERS = ("KEY", "TOKEN", "SECRET", "PASSWORD", "CREDENTIAL")
+
+
+def runs_url(server: str, experiment_id: str | None) -> str:
+    """The UI address of an experiment's runs table (MLflow's model-training view, not GenAI)."""
+    return f"{server.rstrip('/')}/#/experiments/{experiment_id}?{RUNS_VIEW}" if experiment_id else f"{server.rstrip('/')}/#/experiments?{RUNS_VIEW}"
 
 
 class TrackingError(RefusalAtlasError, RuntimeError):
