@@ -51,7 +51,8 @@ def main(args, params, run) -> None:
                 fmt = lambda texts: format_prompts(tokenizer, texts, mcfg.system_prompt, mcfg.chat_template, mcfg.chat_template_kwargs)  # noqa: E731
                 ids = refusal_token_ids(tokenizer, mcfg.refusal_tokens)
             harmful, benign = (fmt(validation_texts(table, sets, cfg.n_val, cfg.seed)) for sets in (targets, pools))
-            site = select_arditi(model, tokenizer, units, norms, harmful, benign, ids, mcfg.batch_size, cfg.max_layer_fraction, cfg.kl_threshold, offsets, mcfg.max_prompt_tokens, progress=not args.no_progress)
+            site = select_arditi(model, tokenizer, units, norms, harmful, benign, ids, mcfg.batch_size, cfg.max_layer_fraction, cfg.kl_threshold, offsets, mcfg.max_prompt_tokens, progress=not args.no_progress,
+                                 fallback=cfg.fallback)
         selected[name] = {k: v for k, v in site.items() if k not in ("table", "layer_similarity")}
         candidates += [{"direction": name, **row} for row in site.get("table", [])]
     for k in range(cfg.n_random):

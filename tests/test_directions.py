@@ -252,6 +252,9 @@ def test_choose_candidate_falls_back_and_says_why():
     assert chosen["fallback"] is True and chosen["row"]["layer"] == 3
     assert "no candidate passed the filters" in chosen["fallback_reason"] and "kl: 1" in chosen["fallback_reason"]
     assert "the 2 that pass kl (the induce filter relaxed)" in chosen["fallback_reason"]
+    # The rule before relaxation existed: the lowest bypass of all, whatever failed.
+    chosen = choose_candidate(filter_candidates(table, 10, 0.8, 0.1)[0], "lowest_bypass")
+    assert chosen["row"]["layer"] == 1 and chosen["fallback_reason"].endswith("all scored candidates")
     # With none failing only induce, kl is relaxed too: the lowest bypass of all.
     chosen = choose_candidate(filter_candidates([_row(0, -1.0, 1.0, 0.3), _row(1, -2.0, 1.0, 5.0)], 10, 0.8, 0.1)[0])
     assert chosen["fallback"] is True and chosen["row"]["layer"] == 1 and chosen["fallback_reason"].endswith("all scored candidates")
@@ -358,7 +361,7 @@ def _reference_filter(table, n_layers, max_layer_fraction, kl_threshold):
 
 
 def _reference_select_arditi(model, tokenizer, units, norms, harmful, benign, token_ids, batch_size, max_layer_fraction, kl_threshold, offsets,
-                             max_prompt_tokens=None):
+                             max_prompt_tokens=None, fallback="relax_induce"):
     """Today's select_arditi body: every candidate scored on all three, one at a time."""
     n_layers, offsets = find_layout(model).n_layers, list(offsets)
     score = lambda formatted: float(np.mean(refusal_scores(model, tokenizer, formatted, token_ids, batch_size, max_prompt_tokens)))  # noqa: E731
@@ -376,11 +379,11 @@ def _reference_select_arditi(model, tokenizer, units, norms, harmful, benign, to
                 row["induce"] = score(benign)
         table.append(row)
     rows = _reference_filter(table, n_layers, max_layer_fraction, kl_threshold)
-    chosen = choose_candidate(rows)
+    chosen = choose_candidate(rows, fallback)
     return {"layer": chosen["row"]["layer"], "position": chosen["row"]["position"], "fallback": chosen["fallback"], "table": rows, **result}
 
 
-def _assert_same_choice(new: dict, ref: dict, rel: float = 1e-4) -> None:
+def _assert_same_choice(new: dict, ref: dict, rel: float = 1e-4, fallback: str = "relax_induce") -> None:
     assert (new["layer"], new["position"], new["fallback"]) == (ref["layer"], ref["position"], ref["fallback"])
     assert new["baseline_harmful"] == ref["baseline_harmful"] and new["baseline_benign"] == ref["baseline_benign"]
     n_benign, kl_threshold = new["n_val"]["benign"], new["kl_threshold"]
@@ -403,7 +406,7 @@ def _assert_same_choice(new: dict, ref: dict, rel: float = 1e-4) -> None:
     counts = new["counts"]
     assert sum(counts.values()) == len(new["table"])
     eligible = sum(not math.isnan(r["bypass"]) for r in ref["table"])
-    relaxed = sum(r["reason"] == "induce" for r in ref["table"])  # what the fallback chooses among first
+    relaxed = sum(r["reason"] == "induce" for r in ref["table"]) * (fallback == "relax_induce")  # what the fallback chooses among first
     if new["search_order"] == "bypass_first" or (ref["fallback"] and not relaxed):
         assert new["n_scored"]["bypass"] == eligible
     elif ref["fallback"]:  # filters first, nothing passes: bypass only where kl passed
@@ -460,6 +463,22 @@ def test_select_arditi_lazy_matches_reference_on_tiny_models(arch, refusal, kl_t
     if kl_threshold < 1:  # some visited candidates fail at kl, and have no induce score
         assert new["counts"]["kl"] > 0 and all(math.isnan(r["induce"]) for r in new["table"] if r["reason"] == "kl")
     assert all(not m._forward_hooks and not m._forward_pre_hooks for m in model.modules())
+
+
+@pytest.mark.parametrize("order", ["bypass_first", "filters_first"])
+def test_both_fallback_rules_match_the_reference_when_nothing_passes(order):
+    tok, model, units, norms, harmful, benign, offsets = _chatml_case("llama")
+    args = (model, tok, units, norms, harmful, benign, refusal_token_ids(tok, ["I", "As"]), 3, 0.8, 0.015, offsets)
+    chosen = {}
+    for fallback in ("relax_induce", "lowest_bypass"):
+        new, ref = select_arditi(*args, order=order, fallback=fallback), _reference_select_arditi(*args, fallback=fallback)
+        _assert_same_choice(new, ref, fallback=fallback)
+        assert new["fallback"] and new["counts"]["kl"] > 0 and new["counts"]["induce"] > 0
+        chosen[fallback] = next(r for r in ref["table"] if (r["layer"], r["position"]) == (new["layer"], new["position"]))
+    # Relaxing induce keeps kl: the relaxed choice passes kl; the old rule's is the lowest bypass of all
+    # (here the two may coincide; test_choose_candidate_falls_back_and_says_why tells them apart).
+    assert chosen["relax_induce"]["reason"] == "induce"
+    assert chosen["lowest_bypass"]["bypass"] == min(r["bypass"] for r in ref["table"] if not math.isnan(r["bypass"]))
 
 
 def test_select_arditi_exact_ties_break_as_min_does(monkeypatch):

@@ -131,6 +131,9 @@ class DirectionsConfig(_Section):
     position: int | None = Field(None, le=-1, description="Negative end-of-instruction offset for select: fixed.")
     max_layer_fraction: float = Field(0.8, gt=0, le=1, description="Candidates at layer >= this fraction of L are dropped.")
     kl_threshold: float = Field(0.1, gt=0, description="Candidates with first-token KL on benign validation prompts above this are dropped.")
+    fallback: Literal["relax_induce", "lowest_bypass"] = Field(
+        "relax_induce", description="select: arditi when no candidate passes kl and induce: 'relax_induce' chooses the lowest bypass among those "
+        "that pass kl (else among all); 'lowest_bypass' the lowest bypass among all (the rule before 2026-12).")
     n_val: int | None = Field(None, ge=1, description="Validation prompts per side that select: arditi scores (a seeded draw); null: all of them.")
     min_per_side: int = Field(8, ge=1, description="A direction learnt from fewer prompts on either side is flagged as under-powered in selected.json, the report and MLflow.")
 

@@ -287,11 +287,12 @@ def filter_candidates(table: Sequence[dict], n_layers: int, max_layer_fraction: 
     return rows, counts
 
 
-def choose_candidate(rows: Sequence[dict]) -> dict:
-    """The kept row with the lowest bypass. If none is kept, the filters are relaxed one at a
-    time, induce first: the lowest bypass among the rows that fail only induce (they keep the
-    model's benign behaviour, kl, but adding them does not make refusal likelier, as on a
-    model that rarely refuses), else the lowest finite bypass of all.
+def choose_candidate(rows: Sequence[dict], fallback: str = "relax_induce") -> dict:
+    """The kept row with the lowest bypass. If none is kept, with ``fallback="relax_induce"``
+    the filters are relaxed one at a time, induce first: the lowest bypass among the rows that
+    fail only induce (they keep the model's benign behaviour, kl, but adding them does not make
+    refusal likelier, as on a model that rarely refuses), else the lowest finite bypass of all;
+    with ``"lowest_bypass"`` the lowest finite bypass of all.
 
     Returns ``{"row": dict, "fallback": bool, "fallback_reason": str | None}``; raises
     DirectionError if no row has a finite bypass score.
@@ -306,7 +307,7 @@ def choose_candidate(rows: Sequence[dict]) -> dict:
     for r in rows:
         reasons[r["reason"]] = reasons.get(r["reason"], 0) + 1
     why = "no candidate passed the filters (" + ", ".join(f"{k}: {v}" for k, v in reasons.items()) + "); chose the lowest bypass score among "
-    relaxed = [r for r in finite if r["reason"] == "induce"]
+    relaxed = [r for r in finite if r["reason"] == "induce"] if fallback == "relax_induce" else []
     if relaxed:
         return {"row": min(relaxed, key=lambda r: r["bypass"]), "fallback": True,
                 "fallback_reason": why + f"the {len(relaxed)} that pass kl (the induce filter relaxed)"}
@@ -317,7 +318,7 @@ def select_arditi(
     model: nn.Module, tokenizer, units: np.ndarray, norms: np.ndarray, harmful_val_formatted: list[str],
     benign_val_formatted: list[str], refusal_token_ids: list[int], batch_size: int, max_layer_fraction: float,
     kl_threshold: float, offsets: Sequence[int], max_prompt_tokens: int | None = None, progress: bool = False,
-    order: str | None = None,
+    order: str | None = None, fallback: str = "relax_induce",
 ) -> dict:
     """Arditi et al.'s output-based choice of (layer, position) among candidate directions.
 
@@ -332,7 +333,7 @@ def select_arditi(
     - kl = mean first-token KL(unhooked || ablated) on benign prompts (unhooked computed once).
 
     ``filter_candidates`` then drops rows and the kept one with the lowest bypass wins. If none
-    survives (Arditi et al.'s code stops there), ``choose_candidate`` relaxes induce, then kl,
+    survives (Arditi et al.'s code stops there), ``choose_candidate`` chooses by ``fallback``
     and returns its choice with ``fallback: True`` and the reason, rather than failing.
 
     Only the scores the choice needs are computed (``site_scores.search_candidates``; ``order``
@@ -362,11 +363,11 @@ def select_arditi(
         torch.stack([v for _, _, v in sites]) if sites else torch.zeros(0, units.shape[-1]), [table[i]["layer"] for i, _, _ in sites],
         harmful_val_formatted, benign_val_formatted, refusal_token_ids, batch_size, max_prompt_tokens, progress,
     )
-    search = search_candidates(scorer, list(range(len(sites))), kl_threshold, order)
+    search = search_candidates(scorer, list(range(len(sites))), kl_threshold, order, fallback)
     for (i, _, _), score in zip(sites, search["rows"]):
         table[i].update(score)
     rows, counts = filter_candidates(table, n_layers, max_layer_fraction, kl_threshold)
-    chosen = choose_candidate(rows)
+    chosen = choose_candidate(rows, fallback)
     best = chosen["row"]
     return {
         "method": "arditi", "layer": best["layer"], "position": best["position"], "position_index": best["position_index"],

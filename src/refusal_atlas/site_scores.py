@@ -232,7 +232,8 @@ SCREEN_PROMPTS = 2
 SCREEN_SHARE = 1 / 3
 
 
-def search_candidates(scorer: CandidateScorer, candidates: Sequence[int], kl_threshold: float, order: str | None = None) -> dict:
+def search_candidates(scorer: CandidateScorer, candidates: Sequence[int], kl_threshold: float, order: str | None = None,
+                      fallback: str = "relax_induce") -> dict:
     """Scores of candidates ``0..C-1`` (``scorer``'s indices) as the Arditi search leaves them.
 
     ``order``: ``"bypass_first"``, ``"filters_first"`` or None (the kl screen picks; see the
@@ -241,8 +242,7 @@ def search_candidates(scorer: CandidateScorer, candidates: Sequence[int], kl_thr
     behind kl; fewer than all where kl stopped early, its value then a lower bound),
     "scored": bool}``, ``scored`` being whether the search reached it. Every candidate that
     could change the choice is reached; where none passes the filters, every candidate that
-    the fallback (``directions.choose_candidate``: induce relaxed, then kl) chooses among gets
-    bypass.
+    the fallback (``directions.choose_candidate``, by ``fallback``) chooses among gets bypass.
     """
     out = [{"bypass": math.nan, "kl": math.nan, "induce": math.nan, "kl_prompts": 0, "scored": False} for _ in range(len(scorer.layers))]
     candidates = list(candidates)
@@ -250,7 +250,10 @@ def search_candidates(scorer: CandidateScorer, candidates: Sequence[int], kl_thr
         scorer.advance_kl(candidates, SCREEN_PROMPTS, kl_threshold)
         stopped = sum(c in scorer.kl_stopped for c in candidates)
         order = "filters_first" if candidates and stopped >= SCREEN_SHARE * len(candidates) else "bypass_first"
-    (_filters_first if order == "filters_first" else _bypass_first)(scorer, candidates, kl_threshold, out)
+    if order == "filters_first":
+        _filters_first(scorer, candidates, kl_threshold, out, relax_induce=fallback == "relax_induce")
+    else:
+        _bypass_first(scorer, candidates, kl_threshold, out)
     return {"order": order, "rows": out}
 
 
@@ -290,7 +293,7 @@ def _settle(scorer: CandidateScorer, group: list[int], out: list[dict]) -> list[
     return group
 
 
-def _filters_first(scorer: CandidateScorer, candidates: list[int], kl_threshold: float, out: list[dict]) -> None:
+def _filters_first(scorer: CandidateScorer, candidates: list[int], kl_threshold: float, out: list[dict], relax_induce: bool) -> None:
     scorer.advance_kl(candidates, len(scorer.kl_order), kl_threshold)
     kl_ok = [c for c in candidates if _decide_kl(scorer, c, out[c], kl_threshold)]
     passed = [c for c, value in zip(kl_ok, scorer.fast_induce(kl_ok)) if _decide_induce(scorer, c, out[c], value)]
@@ -299,8 +302,8 @@ def _filters_first(scorer: CandidateScorer, candidates: list[int], kl_threshold:
         _settle(scorer, clusters[0], out)
         return
     # Nothing passes: the fallback (as choose_candidate) is the lowest bypass among those that
-    # fail only induce, else among all.
-    relaxed = [c for c in kl_ok if math.isfinite(out[c]["induce"])]
+    # fail only induce, else (or with relax_induce False) among all.
+    relaxed = [c for c in kl_ok if math.isfinite(out[c]["induce"])] if relax_induce else []
     for group in (relaxed, [c for c in candidates if c not in relaxed]):
         clusters = _score_bypass(scorer, group, out)
         if clusters:
