@@ -27,6 +27,7 @@ from refusal_atlas.steering import (
     shared_knob,
     shared_knob_summary,
     teacher_forced_kl,
+    teacher_forced_kls,
     transition_matrix,
 )
 
@@ -231,6 +232,10 @@ def test_teacher_forced_kl_null_large_and_batch_invariant(llama):
     np.testing.assert_allclose(big, single, rtol=1e-4, atol=1e-6)
     rev = teacher_forced_kl(model, tok, formatted[::-1], RESPONSES[::-1], steer, batch_size=3)
     np.testing.assert_allclose(rev[::-1], big, rtol=1e-4, atol=1e-6)
+    # Several hooks in one call (one unhooked pass per batch) give each hook's own values exactly.
+    both = teacher_forced_kls(model, tok, formatted, RESPONSES, {"null": lambda: add_direction(model, 1, zero), "steer": steer}, batch_size=4)
+    np.testing.assert_array_equal(both["steer"], big)
+    np.testing.assert_array_equal(both["null"], null)
 
 
 def test_teacher_forced_kl_first_token_agrees_with_first_token_logprobs(llama):

@@ -24,7 +24,7 @@ from refusal_atlas.steering import (
     intervention,
     intervention_alpha,
     kl_first_token,
-    teacher_forced_kl,
+    teacher_forced_kls,
     transition_matrix,
 )
 from refusal_atlas.styles import dominant_style, style_distribution
@@ -75,13 +75,13 @@ def evaluate_direction(
     with torch.inference_mode():
         base_logprobs = first_token_logprobs(model, tokenizer, benign_prompts, batch_size, max_prompt_tokens)
 
-    rows, metrics = [], {"interventions": {}}
+    rows, metrics, hooks_of = [], {"interventions": {}}, {}
     for name in names:
         if name == "baseline":
             responses = list(baseline_responses)
             judged = baseline_verdicts.reset_index(drop=True)
         else:
-            hooks = partial(intervention, model, name, layer, direction, alpha_unit, mean_norm)
+            hooks = hooks_of[name] = partial(intervention, model, name, layer, direction, alpha_unit, mean_norm)
 
             def generate_chunk(chunk, hooks=hooks):
                 with hooks():
@@ -99,11 +99,13 @@ def evaluate_direction(
         entry["transitions"] = transition_matrix(frame, refused).to_dict()
         if name != "baseline":
             entry["kl_first_token"] = float(np.nanmean(kl_first_token(base_logprobs, steered)))
-            entry["kl_teacher_forced"] = float(np.nanmean(teacher_forced_kl(model, tokenizer, benign_prompts, benign_responses, hooks, batch_size, max_prompt_tokens)))
         metrics["interventions"][name] = entry
         rows.append(pd.DataFrame({"prompt_id": frame.prompt_id.to_numpy(), "category": frame.category.to_numpy(), "bucket": frame.bucket.to_numpy(),
                                   "in_buckets": frame.in_buckets.to_numpy(), "intervention": name, "alpha": entry["alpha"],
                                   "response": responses, **{c: judged[c].to_numpy() for c in judged.columns}, "style": styles}))
+    # Teacher-forced KL on the unsteered benign responses: one unhooked pass per batch for all interventions.
+    for name, kl in teacher_forced_kls(model, tokenizer, benign_prompts, benign_responses, hooks_of, batch_size, max_prompt_tokens).items():
+        metrics["interventions"][name]["kl_teacher_forced"] = float(np.nanmean(kl))
     return pd.concat(rows, ignore_index=True), metrics
 
 

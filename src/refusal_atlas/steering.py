@@ -293,6 +293,16 @@ def teacher_forced_kl(
     hook_factory: Callable[[], contextlib.AbstractContextManager], batch_size: int, max_prompt_tokens: int | None = None,
 ) -> np.ndarray:
     """Mean per-token KL(base || steered) in nats over each (unsteered) response: float64 [n].
+    ``teacher_forced_kls`` with one hook."""
+    return teacher_forced_kls(model, tokenizer, formatted_prompts, responses, {"": hook_factory}, batch_size, max_prompt_tokens)[""]
+
+
+def teacher_forced_kls(
+    model: nn.Module, tokenizer, formatted_prompts: list[str], responses: list[str],
+    hook_factories: Mapping[str, Callable[[], contextlib.AbstractContextManager]], batch_size: int, max_prompt_tokens: int | None = None,
+) -> dict[str, np.ndarray]:
+    """Mean per-token KL(base || steered) in nats over each (unsteered) response, per hook:
+    ``{name: float64 [n]}``. The unhooked pass runs once per batch for all the hooks.
 
     Each response is tokenised on its own (no special tokens) and appended to its formatted
     prompt; the pair is run once with no hook (base) and once inside ``hook_factory()``
@@ -307,7 +317,7 @@ def teacher_forced_kl(
     if max_prompt_tokens is not None:
         raise_if_too_long([len(p) for p in prompt_ids], max_prompt_tokens)
     response_ids = [tokenizer(r, add_special_tokens=False)["input_ids"] if r else [] for r in responses]
-    out = np.full(len(responses), np.nan)
+    out = {name: np.full(len(responses), np.nan) for name in hook_factories}
     todo = sorted((i for i, r in enumerate(response_ids) if r), key=lambda i: (-len(prompt_ids[i]) - len(response_ids[i]), i))
     device = model.get_input_embeddings().weight.device
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
@@ -327,17 +337,17 @@ def teacher_forced_kl(
         keep = int(n_resp.max()) + 1
         ids, mask = ids.to(device), mask.to(device)
         base = _response_logprobs(model, ids, mask, keep)[:, :-1]
-        with hook_factory():
-            steered = _response_logprobs(model, ids, mask, keep)[:, :-1]
-        # float32 on the model's device: [batch, keep-1, vocab] in double would double the
-        # memory of the largest tensors here for no useful precision.
-        kl = _kl_rows(base, steered).double().cpu()  # [batch, keep - 1]
         # Column c predicts the token at position width - keep + c + 1, a response token
         # exactly when c >= keep - 1 - n_resp.
         offset = torch.arange(keep - 1)
         token_mask = offset[None, :] >= (keep - 1 - n_resp)[:, None]
-        means = (kl * token_mask).sum(1) / n_resp
-        out[idx] = means.numpy()
+        for name, hook_factory in hook_factories.items():
+            with hook_factory():
+                steered = _response_logprobs(model, ids, mask, keep)[:, :-1]
+            # float32 on the model's device: [batch, keep-1, vocab] in double would double the
+            # memory of the largest tensors here for no useful precision.
+            kl = _kl_rows(base, steered).double().cpu()  # [batch, keep - 1]
+            out[name][idx] = ((kl * token_mask).sum(1) / n_resp).numpy()
     return out
 
 
