@@ -113,6 +113,10 @@ def _intro(args) -> list[str]:
         intro.append(f"Under-powered directions, learnt from fewer than {next(iter(weak.values()))['min_per_side']} prompts on a side (marked ⚠ below): "
                      + ", ".join(f"{n} (HR {s['n_target']}, BC {s['n_baseline']})" for n, s in weak.items())
                      + ". Their geometry and steering rest on a handful of refusals and are not comparable to the other directions'.")
+    fallen = [n for n, s in selected.items() if s.get("fallback")]
+    if fallen:
+        intro.append(f"No candidate site passed Arditi's filters (kl and induce) for {len(fallen)} direction(s): {', '.join(fallen)}; their sites "
+                     "are directions.fallback's choice (fallback column below; the reason is in selected.json).")
     return intro
 
 
@@ -130,7 +134,7 @@ def _sections(args, summary, figures, tradeoff, knob, verdict_line, style, ablat
                 tables={"Refusal rate per set and split": pd.DataFrame(baseline["refusal_rate"]["by_category_split"]).T}),
         Section("Directions", ["Each direction's selected (layer, position), the score behind the choice, and how many refused targets (HR) and "
                                "answered baseline prompts (BC) it was learnt from; ⚠ marks a side under directions.min_per_side."],
-                tables={"Selected sites": pd.DataFrame({("⚠ " if s.get("underpowered") else "") + n: {k: s.get(k) for k in ("method", "layer", "position", "score", "mean_resid_norm", "n_target", "n_baseline")}
+                tables={"Selected sites": pd.DataFrame({("⚠ " if s.get("underpowered") else "") + n: {k: s.get(k) for k in ("method", "layer", "position", "score", "fallback", "mean_resid_norm", "n_target", "n_baseline")}
                                                         for n, s in selected.items()}).T,
                         **({"Arditi candidates per direction: kept (passed every filter), dropped by rule (layer, nan, kl, induce), or not scored because a "
                             "lower-bypass candidate had already passed; the search order (bypass first, or filters first where most candidates fail "
