@@ -146,7 +146,7 @@ def test_profile_overrides_are_validated_and_become_dvc_set_params(tmp_path):
     from refusal_atlas.config import profile_overrides
 
     assert profile_overrides(REPO / "profiles/smollm2.yaml", REPO / "params.yaml") == {
-        "model.name": "smollm2", "baseline.max_new_tokens": 32, "directions.n_val": 8,
+        "model.name": "smollm2", "model.batch_size": 64, "baseline.max_new_tokens": 32, "directions.n_val": 8,
         "steering.alphas": [0.5, 1.0], "steering.controlled_only": True, "steering.n_per_bucket": 24,
     }
     bad = tmp_path / "bad.yaml"
