@@ -9,7 +9,7 @@ import time
 from mlflow import MlflowClient
 
 from conftest import REPO, run
-from refusal_atlas.tracking import artifact_root, pipeline_key, redact_uri, resolve_tracking_uri
+from refusal_atlas.tracking import artifact_root, experiment_id, pipeline_key, redact_uri, resolve_tracking_uri, runs_url
 
 
 def _free_port() -> int:
@@ -110,3 +110,13 @@ def test_the_parent_run_ends_with_each_stage_and_a_later_stage_reopens_it(tmp_pa
     stages = [r for r in client.search_runs([done.info.experiment_id]) if r.data.tags.get("refusal_atlas.role") == "stage"]
     assert sorted((r.info.run_name, r.info.status) for r in stages) == [("baseline", "FAILED"), ("prompts", "FINISHED"), ("report", "FINISHED")]
     assert all(r.data.metrics["stage_wall_s"] >= 0 for r in stages)
+
+
+def test_the_ui_address_opens_the_runs_of_an_existing_experiment_and_creates_no_store(tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    assert experiment_id(uri, "refusal-atlas") is None and not (tmp_path / "mlflow.db").exists()
+    made = MlflowClient(tracking_uri=uri).create_experiment("refusal-atlas")
+    assert experiment_id(uri, "refusal-atlas") == made and experiment_id(uri, "other") is None
+    assert runs_url("http://127.0.0.1:5000/", made) == f"http://127.0.0.1:5000/#/experiments/{made}?workflowType=machine_learning"

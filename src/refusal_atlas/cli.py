@@ -92,20 +92,11 @@ def server_command(repo_root: Path, host: str, port: int, backend: str | None = 
     ]
 
 
-def experiment_id(backend: str, name: str) -> str | None:
-    """The id of experiment ``name`` in a tracking store, None if it has none yet."""
-    from mlflow.tracking import MlflowClient
-
-    found = MlflowClient(tracking_uri=backend).get_experiment_by_name(name)
-    return found.experiment_id if found else None
-
-
 def _cmd_ui(args: argparse.Namespace) -> int:
-    from refusal_atlas.tracking import runs_url
+    from refusal_atlas.tracking import experiment_id, runs_url
 
     cmd = server_command(Path.cwd(), args.host, args.port, args.backend_store_uri)
-    backend = cmd[cmd.index("--backend-store-uri") + 1]
-    found = experiment_id(backend, args.experiment) if not backend.startswith("sqlite:") or Path(backend.split(":///", 1)[1]).is_file() else None
+    found = experiment_id(cmd[cmd.index("--backend-store-uri") + 1], args.experiment)
     print(f"MLflow UI: {runs_url(f'http://{args.host}:{args.port}', found)} (the runs of '{args.experiment}'; Ctrl-C to stop)", flush=True)
     return subprocess.call(cmd)
 

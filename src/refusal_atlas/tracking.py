@@ -45,6 +45,17 @@ TRACKED_PACKAGES = ("refusal-atlas", "torch", "transformers", "accelerate", "dvc
 SECRET_MARKERS = ("KEY", "TOKEN", "SECRET", "PASSWORD", "CREDENTIAL")
 
 
+def experiment_id(uri: str, name: str) -> str | None:
+    """The id of experiment ``name`` in a tracking store, None if it has none yet (a sqlite
+    store whose file does not exist yet is not created)."""
+    if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).is_file():
+        return None
+    from mlflow.tracking import MlflowClient
+
+    found = MlflowClient(tracking_uri=uri).get_experiment_by_name(name)
+    return found.experiment_id if found else None
+
+
 def runs_url(server: str, experiment_id: str | None) -> str:
     """The UI address of an experiment's runs table (MLflow's model-training view, not GenAI)."""
     return f"{server.rstrip('/')}/#/experiments/{experiment_id}?{RUNS_VIEW}" if experiment_id else f"{server.rstrip('/')}/#/experiments?{RUNS_VIEW}"
