@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import numpy as np
 import pytest
 import torch
@@ -11,6 +13,7 @@ from refusal_atlas.generation import (
     encode_prefixed,
     first_token_logprobs,
     generate,
+    generate_scored,
     refusal_scores,
     refusal_token_ids,
     score_prefixed_rows,
@@ -131,6 +134,20 @@ def test_refusal_scores_are_log_odds_of_first_token(setup):
     # And the last position is the generation step: the greedy first token is logp's argmax.
     first = generate(model, tok, formatted[:1], max_new_tokens=1, batch_size=1)[0]
     assert tok.decode([int(logp[0].argmax())]).strip() == first
+
+
+@pytest.mark.parametrize("steer", [False, True])
+def test_generate_scored_reads_the_prompt_scores_from_its_own_prefill(setup, steer):
+    model, tok, formatted = setup
+    vector = 40.0 * torch.nn.functional.normalize(torch.randn(32, generator=torch.Generator().manual_seed(1)), dim=0)
+    with add_direction(model, 1, vector) if steer else contextlib.nullcontext():
+        responses, logp = generate_scored(model, tok, formatted, max_new_tokens=4, batch_size=2)
+        reference = first_token_logprobs(model, tok, formatted, batch_size=2)
+        assert responses == generate(model, tok, formatted, max_new_tokens=4, batch_size=2)
+    assert logp.shape == reference.shape == (len(formatted), len(tok)) and logp.dtype == torch.float32
+    torch.testing.assert_close(logp, reference, rtol=1e-5, atol=1e-5)  # in input order, under the same hooks
+    unsteered = generate_scored(model, tok, formatted, max_new_tokens=1, batch_size=2)[1]
+    assert (logp - unsteered).abs().max() > 1.0 if steer else torch.equal(logp, unsteered)
 
 
 def test_model_generation_config_does_not_change_greedy_decoding(setup):

@@ -21,6 +21,10 @@ from tqdm.auto import tqdm
 from refusal_atlas.atomic import write_json
 from refusal_atlas.judges import ClassifierJudge, judge_agreement, judge_responses
 
+# Chunk files hold one record per prompt (response and scores); the folder names the format,
+# so a chunk left by an older version is never read as this one.
+PARTS_FORMAT = "records2"
+
 
 def fingerprint(*parts: object) -> str:
     """Short sha256 of JSON-serialisable inputs."""
@@ -28,22 +32,23 @@ def fingerprint(*parts: object) -> str:
 
 
 def generate_resumable(
-    generate_chunk: Callable[[list[str]], list[str]],
-    formatted: Sequence[str],
+    generate_chunk: Callable[[range], list],
+    n: int,
     parts_dir: Path,
     key: str,
     chunk_size: int,
     desc: str = "generate",
     progress: bool = True,
-) -> list[str]:
-    """Responses for ``formatted``, chunk by chunk, keeping each finished chunk in ``parts_dir/key``.
+) -> list:
+    """``generate_chunk(rows)`` over ``range(n)`` chunk by chunk, keeping each finished chunk in ``parts_dir/key``.
 
-    Chunk files from other keys (older inputs) are never read, so old and new responses
-    cannot mix. Returns the responses in input order.
+    ``generate_chunk`` returns one JSON-serialisable record per row (a response, with any
+    scores read from the same generation). Chunk files from other keys (older inputs) are
+    never read, so old and new records cannot mix. Returns the records in row order.
     """
-    folder = parts_dir / key
-    out: list[str] = []
-    starts = range(0, len(formatted), chunk_size)
+    folder = parts_dir / f"{key}-{PARTS_FORMAT}"
+    out: list = []
+    starts = range(0, n, chunk_size)
     resumed = sum((folder / f"{start:08d}.json").exists() for start in starts)
     if resumed:
         print(f"{desc}: resuming, {resumed} of {len(starts)} chunks already generated in {folder}", file=sys.stderr)
@@ -52,9 +57,9 @@ def generate_resumable(
         if part.exists():
             out += json.loads(part.read_text())
             continue
-        responses = generate_chunk(list(formatted[start:start + chunk_size]))
-        write_json(part, responses)
-        out += responses
+        records = generate_chunk(range(start, min(start + chunk_size, n)))
+        write_json(part, records)
+        out += records
     return out
 
 

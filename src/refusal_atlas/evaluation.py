@@ -17,7 +17,7 @@ import pandas as pd
 import torch
 
 from refusal_atlas.behaviour import fingerprint, generate_resumable, judge_table
-from refusal_atlas.generation import first_token_logprobs, generate, refusal_log_odds
+from refusal_atlas.generation import first_token_logprobs, generate_scored, refusal_log_odds
 from refusal_atlas.judges import ClassifierJudge
 from refusal_atlas.steering import (
     compute_rates,
@@ -74,31 +74,38 @@ def evaluate_direction(
     benign_responses = [r for r, b in zip(baseline_responses, benign) if b]
     with torch.inference_mode():
         base_logprobs = first_token_logprobs(model, tokenizer, benign_prompts, batch_size, max_prompt_tokens)
+    base_of = dict(zip(np.flatnonzero(benign).tolist(), base_logprobs))  # row in formatted -> unsteered first-token log-probs
 
     rows, metrics, hooks_of = [], {"interventions": {}}, {}
     for name in names:
+        kl = None
         if name == "baseline":
             responses = list(baseline_responses)
             judged = baseline_verdicts.reset_index(drop=True)
         else:
             hooks = hooks_of[name] = partial(intervention, model, name, layer, direction, alpha_unit, mean_norm)
 
-            def generate_chunk(chunk, hooks=hooks):
+            def generate_chunk(chunk: range, hooks=hooks) -> list[dict]:
+                # The generation's prefill gives every prompt's refusal score and the benign prompts' first-token KL.
                 with hooks():
-                    return generate(model, tokenizer, chunk, max_new_tokens, batch_size, max_prompt_tokens=max_prompt_tokens)
+                    responses, logprobs = generate_scored(model, tokenizer, [formatted[i] for i in chunk], max_new_tokens, batch_size,
+                                                          max_prompt_tokens=max_prompt_tokens)
+                scores = refusal_log_odds(logprobs, list(refusal_ids)).tolist()
+                return [{"response": r, "refusal_score": s, "kl_first_token": float(kl_first_token(base_of[i][None], lp[None])[0]) if i in base_of else None}
+                        for i, r, s, lp in zip(chunk, responses, scores, logprobs)]
 
-            responses = generate_resumable(generate_chunk, formatted, parts_dir, fingerprint(key, name), 4 * batch_size, desc=f"{label} {name}".strip(), progress=progress)
-            with hooks():  # one pass gives the refusal scores of every prompt and the benign prompts' first-token distribution
-                logprobs = first_token_logprobs(model, tokenizer, list(formatted), batch_size, max_prompt_tokens)
-            scores = refusal_log_odds(logprobs, list(refusal_ids)).numpy()
-            steered = logprobs[torch.from_numpy(benign)]
+            records = generate_resumable(generate_chunk, len(formatted), parts_dir, fingerprint(key, name), 4 * batch_size,
+                                         desc=f"{label} {name}".strip(), progress=progress)
+            responses = [r["response"] for r in records]
+            scores = np.array([r["refusal_score"] for r in records], dtype=np.float64)
+            kl = np.array([r["kl_first_token"] for r in records if r["kl_first_token"] is not None], dtype=np.float64)
             judged = judge_table(responses, scores, judges, classifier=classifier, prompts=prompts)
         refused = judged["refused"].to_numpy()
         styles = classify(responses, refused)
         entry = {**compute_rates(refused, frame, n_bootstrap, seed), "alpha": intervention_alpha(name)}
         entry["transitions"] = transition_matrix(frame, refused).to_dict()
-        if name != "baseline":
-            entry["kl_first_token"] = float(np.nanmean(kl_first_token(base_logprobs, steered)))
+        if kl is not None:
+            entry["kl_first_token"] = float(np.nanmean(kl)) if len(kl) else float("nan")
         metrics["interventions"][name] = entry
         rows.append(pd.DataFrame({"prompt_id": frame.prompt_id.to_numpy(), "category": frame.category.to_numpy(), "bucket": frame.bucket.to_numpy(),
                                   "in_buckets": frame.in_buckets.to_numpy(), "intervention": name, "alpha": entry["alpha"],

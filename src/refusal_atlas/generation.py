@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from torch import nn
-from transformers import GenerationConfig
+from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList
 
 from refusal_atlas.models import check_prompt_lengths, tokenize_prompts
 
@@ -72,20 +72,37 @@ def _greedy_config(model: nn.Module, tokenizer, max_new_tokens: int, stop_string
     )
 
 
+class _FirstStepLogprobs(LogitsProcessor):
+    """Keeps the first step's float32 log-softmax, [batch, vocab] on the CPU: the prompts'
+    next-token distribution, which the prefill computes anyway (see ``generate_scored``)."""
+
+    def __init__(self):
+        self.logprobs: torch.Tensor | None = None
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        if self.logprobs is None:
+            self.logprobs = torch.log_softmax(scores.float(), dim=-1).cpu()
+        return scores
+
+
 @torch.inference_mode()
-def generate(
+def generate_scored(
     model: nn.Module, tokenizer, formatted: list[str], max_new_tokens: int, batch_size: int,
     stop_strings: list[str] | None = None, max_prompt_tokens: int | None = None, progress: bool = False,
-) -> list[str]:
-    """Greedy continuations of formatted prompts.
+) -> tuple[list[str], torch.Tensor]:
+    """Greedy continuations of formatted prompts, and each prompt's next-token log-probabilities.
 
     Inputs: n formatted prompts (chat template applied); ``stop_strings`` optionally end a
     response early (the text is cut before the first one). Output: n response strings in
-    input order, decoded without special tokens and stripped. Deterministic.
+    input order, decoded without special tokens and stripped, and float32 [n, vocab] on the
+    CPU: the distribution of the first generated token, read from the generation's own
+    prefill, so scoring the prompts costs no second forward pass (equal to
+    ``first_token_logprobs`` up to float rounding). Deterministic.
     """
     config = _greedy_config(model, tokenizer, max_new_tokens, stop_strings)
     device = _input_device(model)
     out: list[str | None] = [None] * len(formatted)
+    rows: dict[int, torch.Tensor] = {}
     batches = list(_batches(tokenizer, formatted, batch_size, max_prompt_tokens or sys.maxsize))
     if progress:
         from tqdm.auto import tqdm
@@ -95,13 +112,24 @@ def generate(
         enc = enc.to(device)
         # generate() needs the tokenizer to match stop strings against token pieces.
         extra = {"tokenizer": tokenizer} if stop_strings else {}
-        ids = model.generate(**enc, generation_config=config, **extra)  # [batch, prompt_len + new]
+        first = _FirstStepLogprobs()
+        ids = model.generate(**enc, generation_config=config, logits_processor=LogitsProcessorList([first]), **extra)  # [batch, prompt_len + new]
         texts = tokenizer.batch_decode(ids[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)
-        for i, text in zip(idx, texts):
+        for i, text, logp in zip(idx, texts, first.logprobs):
             for stop in stop_strings or ():
                 text = text.split(stop, 1)[0]
             out[i] = text.strip()
-    return out
+            rows[i] = logp
+    logprobs = torch.stack([rows[i] for i in range(len(formatted))]) if formatted else torch.empty(0, 0)
+    return out, logprobs
+
+
+def generate(
+    model: nn.Module, tokenizer, formatted: list[str], max_new_tokens: int, batch_size: int,
+    stop_strings: list[str] | None = None, max_prompt_tokens: int | None = None, progress: bool = False,
+) -> list[str]:
+    """Greedy continuations of formatted prompts: ``generate_scored``'s responses alone."""
+    return generate_scored(model, tokenizer, formatted, max_new_tokens, batch_size, stop_strings, max_prompt_tokens, progress)[0]
 
 
 def refusal_token_ids(tokenizer, strings: list[str]) -> list[int]:
