@@ -9,6 +9,10 @@ longer exist are removed. With activations.num_processes > 1 the stage relaunche
 `accelerate launch`; each process extracts chunk-aligned shards and rank 0 finalises each store.
 """
 
+from refusal_atlas.numerics import pin_cpu_numerics
+
+pin_cpu_numerics()  # before numpy and torch load: the same bits on any x86-64 host (refusal_atlas.numerics)
+
 import os
 import shutil
 import sys

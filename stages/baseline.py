@@ -7,6 +7,10 @@ split. Finished generation chunks are kept under .parts/ until the stage complet
 a killed run resumes where it stopped.
 """
 
+from refusal_atlas.numerics import pin_cpu_numerics
+
+pin_cpu_numerics()  # before numpy and torch load: the same bits on any x86-64 host (refusal_atlas.numerics)
+
 import shutil
 from pathlib import Path
 

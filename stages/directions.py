@@ -6,7 +6,12 @@ the mean residual norm there, for norm-relative steering) and metrics.json (coun
 within-category stability at the selected site).
 """
 
+from refusal_atlas.numerics import pin_cpu_numerics
+
+pin_cpu_numerics()  # before numpy and torch load: the same bits on any x86-64 host (refusal_atlas.numerics)
+
 import json
+import time
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +22,7 @@ from refusal_atlas.atlas import POOLED, build_atlas, load_prompts, mean_resid_no
 from refusal_atlas.atomic import atomic_path, write_json
 from refusal_atlas.directions import select_arditi, select_cosmic, select_fixed, stability
 from refusal_atlas.entry import load_stage_model, run_stage, stage_parser
-from refusal_atlas.generation import refusal_token_ids
+from refusal_atlas.generation import forward_tokens_per_s, refusal_token_ids
 from refusal_atlas.models import format_prompts
 from refusal_atlas.prompts import load_manifest
 
@@ -39,6 +44,7 @@ def main(args, params, run) -> None:
     table = pd.read_parquet(args.prompts)
     groups = {**{c: ([c], [p]) for c, p in baseline_of.items()}, POOLED: (list(baseline_of), ["benign"])}
     selected, candidates, model = {}, [], None
+    search = {"seconds": 0.0, "scored_tokens": 0}
     for name, (targets, pools) in groups.items():
         units, norms = atlas["direction"].sel(direction_name=name).values, atlas["norm"].sel(direction_name=name).values
         if cfg.select == "fixed":
@@ -51,8 +57,11 @@ def main(args, params, run) -> None:
                 fmt = lambda texts: format_prompts(tokenizer, texts, mcfg.system_prompt, mcfg.chat_template, mcfg.chat_template_kwargs)  # noqa: E731
                 ids = refusal_token_ids(tokenizer, mcfg.refusal_tokens)
             harmful, benign = (fmt(validation_texts(table, sets, cfg.n_val, cfg.seed)) for sets in (targets, pools))
+            start = time.perf_counter()
             site = select_arditi(model, tokenizer, units, norms, harmful, benign, ids, mcfg.batch_size, cfg.max_layer_fraction, cfg.kl_threshold, offsets, mcfg.max_prompt_tokens, progress=not args.no_progress,
                                  fallback=cfg.fallback)
+            search["seconds"] += time.perf_counter() - start
+            search["scored_tokens"] += site["n_scored"]["tokens"]
         selected[name] = {k: v for k, v in site.items() if k not in ("table", "layer_similarity")}
         candidates += [{"direction": name, **row} for row in site.get("table", [])]
     for k in range(cfg.n_random):
@@ -88,6 +97,13 @@ def main(args, params, run) -> None:
     run.log_metrics(metrics)
     run.log_artifact(args.out / "selected.json")
     run.set_tags({"directions.underpowered": ", ".join(underpowered) or "none"})
+    if model is not None:  # the search's time against its floor, on this host now (MLflow only: timings are not outputs)
+        search["forward_tokens_per_s"] = forward_tokens_per_s(model, tokenizer, harmful + benign, mcfg.batch_size, mcfg.max_prompt_tokens)
+        search["floor_s"] = search["scored_tokens"] / search["forward_tokens_per_s"]
+        search["floor_ratio"] = search["seconds"] / search["floor_s"]
+        run.log_metrics({"search": search})
+        print(f"directions: arditi search {search['seconds']:.0f} s for {search['scored_tokens']} scored tokens, "
+              f"{search['floor_ratio']:.2f}x the floor at {search['forward_tokens_per_s']:.0f} forward tokens/s")
     warn = f"; under-powered (a side < {cfg.min_per_side} prompts): {', '.join(underpowered)}" if underpowered else ""
     print(f"directions: {atlas.sizes['direction']} directions ({cfg.method}, select {cfg.select}){warn} -> {args.out}")
 

@@ -7,6 +7,10 @@ effective rank, linear probes with cross-category transfer and the selectivity m
 across layers, the mean off-diagonal cosine. Writes metrics, CSVs (DVC plots) and PNGs.
 """
 
+from refusal_atlas.numerics import pin_cpu_numerics
+
+pin_cpu_numerics()  # before numpy and torch load: the same bits on any x86-64 host (refusal_atlas.numerics)
+
 import json
 from pathlib import Path
 

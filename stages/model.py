@@ -8,6 +8,10 @@ local directory) the weights stay where they are; <out>/weights holds only SOURC
 Either way <out>/identity.json records what every later stage runs on.
 """
 
+from refusal_atlas.numerics import pin_cpu_numerics
+
+pin_cpu_numerics()  # before numpy and torch load: the same bits on any x86-64 host (refusal_atlas.numerics)
+
 import json
 import time
 from pathlib import Path
@@ -16,7 +20,6 @@ import pandas as pd
 
 from refusal_atlas.atomic import atomic_path, write_json
 from refusal_atlas.entry import DEMO, run_stage, stage_parser
-from refusal_atlas.numerics import pin_cpu_numerics
 
 STAGE = "model"
 
@@ -69,7 +72,6 @@ def main(args, params, run) -> None:
 
 
 if __name__ == "__main__":
-    pin_cpu_numerics()  # before torch loads: the demo trains to the same bits on any x86-64 host
     parser = stage_parser(STAGE, __doc__)
     parser.add_argument("--prompts", type=Path, required=True, help="artifacts/prompts/prompts.parquet")
     parser.add_argument("--out", type=Path, required=True, help="output folder (artifacts/model)")

@@ -1,5 +1,9 @@
 """DVC stage `prompts`: validate the manifest and prompt files; write the prompt table."""
 
+from refusal_atlas.numerics import pin_cpu_numerics
+
+pin_cpu_numerics()  # before numpy and torch load: the same bits on any x86-64 host (refusal_atlas.numerics)
+
 from pathlib import Path
 
 from refusal_atlas.atomic import write_json, write_parquet
@@ -12,7 +16,7 @@ STAGE = "prompts"
 def main(args, params, run) -> None:
     cfg = params.prompts
     manifest = Path(cfg.manifest)
-    table = build_prompt_table(manifest, cfg.splits, cfg.min_per_category)
+    table = build_prompt_table(manifest, cfg.splits, cfg.min_per_category, cfg.max_per_set)
     summary = summarize_prompts(table)
     write_parquet(args.out / "prompts.parquet", table)
     for name, rows in table.groupby("category"):

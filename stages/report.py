@@ -5,6 +5,10 @@ tradeoff.csv (DVC plots), shared_knob.csv, PNG figures, metrics.json and one
 self-contained report.html (images embedded, no network references).
 """
 
+from refusal_atlas.numerics import pin_cpu_numerics
+
+pin_cpu_numerics()  # before numpy and torch load: the same bits on any x86-64 host (refusal_atlas.numerics)
+
 import json
 from pathlib import Path
 

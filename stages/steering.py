@@ -10,6 +10,10 @@ carries the fingerprint of its inputs (model, site, settings, judges): a directi
 inputs did not change is not evaluated again, and one cut short resumes at its last chunk.
 """
 
+from refusal_atlas.numerics import pin_cpu_numerics
+
+pin_cpu_numerics()  # before numpy and torch load: the same bits on any x86-64 host (refusal_atlas.numerics)
+
 import json
 import shutil
 from pathlib import Path

@@ -5,11 +5,8 @@ in tests/test_pipeline_e2e.py, so CI trains it once."""
 
 from __future__ import annotations
 
-import os
 import random
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -30,7 +27,6 @@ from refusal_atlas.demo import (
     train_demo_model,
 )
 from refusal_atlas.judges import judge_keywords
-from refusal_atlas.numerics import CPU_NUMERICS, on_x86_64
 from refusal_atlas.prompts import build_prompt_table
 
 REPO = Path(__file__).resolve().parents[1]
@@ -184,20 +180,3 @@ def test_same_seed_gives_bit_identical_weights(table, tmp_path):
         assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes(), name
     train_demo_model(table, TINY.model_copy(update={"seed": 1}), tmp_path / "c", progress=False)
     assert (tmp_path / "a/model.safetensors").read_bytes() != (tmp_path / "c/model.safetensors").read_bytes()
-
-
-@pytest.mark.skipif(not on_x86_64(), reason="the pins are x86-64 instruction sets")
-def test_pinned_cpu_kernels_reach_torch_before_it_loads():
-    """The model stage pins ATen and MKL to their AVX2 branches so the demo trains to the same bits on any host."""
-    code = ("from refusal_atlas.numerics import pin_cpu_numerics; pin_cpu_numerics(); import os, torch; "
-            "print(torch.backends.cpu.get_cpu_capability(), os.environ['MKL_CBWR'])")
-    env = {k: v for k, v in os.environ.items() if k not in CPU_NUMERICS}
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout.split()
-    assert out == ["AVX2", "AVX2,STRICT"]
-    # A value the user set wins, and it does reach torch: here the portable scalar kernels.
-    out = subprocess.run([sys.executable, "-c", code], env={**env, "ATEN_CPU_CAPABILITY": "default"}, capture_output=True,
-                         text=True, check=True).stdout.split()
-    assert out == ["DEFAULT", "AVX2,STRICT"]
-    late = subprocess.run([sys.executable, "-c", "import torch; from refusal_atlas.numerics import pin_cpu_numerics; pin_cpu_numerics()"],
-                          env=env, capture_output=True, text=True)
-    assert late.returncode != 0 and "before torch is imported" in late.stderr

@@ -1,7 +1,8 @@
 """CPU kernels pinned to one instruction set, so that float results do not depend on the host.
 
-Torch-free on purpose: the settings are environment variables that ATen and MKL read when
-they load, so they must be set before the first ``import torch``.
+Every stage calls ``pin_cpu_numerics`` as its first statement. Torch- and numpy-free on
+purpose: the settings are environment variables that ATen, MKL, oneDNN and OpenBLAS read
+when they load, so they must be set before the first ``import torch`` or ``import numpy``.
 """
 
 from __future__ import annotations
@@ -15,8 +16,12 @@ import sys
 # AVX-512), so one seed trained different weights on different hosts (measured with 2,400
 # steps: 42 vs 43 of 49 twins answered, indeterminate 0.86 vs 0.79, on an AVX-512 and an
 # AVX2-only host). Their AVX2 branches exist on every x86-64 CPU since 2013 and give the same
-# bits on all of them; the env vars are read when torch and MKL load.
-CPU_NUMERICS = {"ATEN_CPU_CAPABILITY": "avx2", "MKL_CBWR": "AVX2,STRICT", "ONEDNN_MAX_CPU_ISA": "AVX2"}
+# bits on all of them; the env vars are read when torch and MKL load. Inference is no different
+# from training at the level of bits: a steered generation on one host took another token than
+# on the other, and every output after the model stage changed hash. numpy's and scipy's
+# OpenBLAS (the geometry stage's linear algebra) pick their kernels by CPU too; Haswell is
+# their AVX2 kernel set.
+CPU_NUMERICS = {"ATEN_CPU_CAPABILITY": "avx2", "MKL_CBWR": "AVX2,STRICT", "ONEDNN_MAX_CPU_ISA": "AVX2", "OPENBLAS_CORETYPE": "Haswell"}
 
 
 def on_x86_64() -> bool:
@@ -27,11 +32,12 @@ def on_x86_64() -> bool:
 def pin_cpu_numerics() -> None:
     """Pin CPU kernels to ``CPU_NUMERICS`` (x86-64 only; a value the user set is kept).
 
-    Must run before torch is imported, or it could not take effect.
+    Must run before torch and numpy are imported, or it could not take effect.
     """
     if not on_x86_64():
         return
-    if "torch" in sys.modules:
-        raise RuntimeError("pin_cpu_numerics() must run before torch is imported")
+    if loaded := [m for m in ("torch", "numpy") if m in sys.modules]:
+        raise RuntimeError(f"pin_cpu_numerics() must run before {' and '.join(loaded)} {'are' if len(loaded) > 1 else 'is'} imported; "
+                           "call it first in the process")
     for key, value in CPU_NUMERICS.items():
         os.environ.setdefault(key, value)
