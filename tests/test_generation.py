@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import time
 
 import numpy as np
 import pytest
@@ -12,6 +13,7 @@ from conftest_models import make_tokenizer, tiny_model
 from refusal_atlas.generation import (
     encode_prefixed,
     first_token_logprobs,
+    forward_tokens_per_s,
     generate,
     generate_scored,
     refusal_scores,
@@ -148,6 +150,18 @@ def test_generate_scored_reads_the_prompt_scores_from_its_own_prefill(setup, ste
     torch.testing.assert_close(logp, reference, rtol=1e-5, atol=1e-5)  # in input order, under the same hooks
     unsteered = generate_scored(model, tok, formatted, max_new_tokens=1, batch_size=2)[1]
     assert (logp - unsteered).abs().max() > 1.0 if steer else torch.equal(logp, unsteered)
+
+
+def test_forward_throughput_counts_the_real_tokens_of_one_batch(setup):
+    model, tok, formatted = setup
+    # A forward pass made to last 1 s (and a little): the throughput is the batch's unpadded tokens over that.
+    handle = model.register_forward_pre_hook(lambda module, args: time.sleep(1.0))
+    try:
+        rate = forward_tokens_per_s(model, tok, formatted[:2], batch_size=4, repeats=2)
+    finally:
+        handle.remove()
+    n_tokens = 2 * sum(len(tok(f, add_special_tokens=False)["input_ids"]) for f in formatted[:2])  # repeated to fill 4 rows
+    assert n_tokens / 1.3 < rate <= n_tokens / 1.0  # counting 2 rows or padding would leave this band
 
 
 def test_model_generation_config_does_not_change_greedy_decoding(setup):

@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import inspect
 import sys
+import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
@@ -170,6 +171,26 @@ def first_token_logprobs(
         logp = _forward_last(model, enc.to(device)).cpu()
         rows.update(zip(idx, logp))
     return torch.stack([rows[i] for i in range(len(formatted))])
+
+
+@torch.inference_mode()
+def forward_tokens_per_s(model: nn.Module, tokenizer, formatted: list[str], batch_size: int, max_prompt_tokens: int | None = None,
+                         repeats: int = 3) -> float:
+    """Plain forward throughput, the floor that batched scoring is measured against: real tokens per second.
+
+    One batch of ``batch_size`` whole prompts (``formatted`` repeated as needed), run as
+    ``first_token_logprobs`` runs it (last-position logits only), once to warm up and then
+    ``repeats`` times; the median time counts.
+    """
+    batch = (list(formatted) * (batch_size // max(1, len(formatted)) + 1))[:batch_size]
+    _, enc = next(_batches(tokenizer, batch, batch_size, max_prompt_tokens or sys.maxsize))
+    enc = enc.to(_input_device(model))
+    times = []
+    for _ in range(repeats + 1):
+        start = time.perf_counter()
+        _forward_last(model, enc)[:, 0].cpu()  # .cpu() waits for an accelerator
+        times.append(time.perf_counter() - start)
+    return int(enc["attention_mask"].sum()) / float(np.median(times[1:]))
 
 
 def refusal_scores(

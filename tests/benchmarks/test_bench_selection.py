@@ -44,7 +44,7 @@ from conftest_models import make_tokenizer  # noqa: E402
 from test_directions import _reference_select_arditi, load_smollm2, smollm2_refusal_ids  # noqa: E402
 
 from refusal_atlas.directions import compute_direction, select_arditi  # noqa: E402
-from refusal_atlas.generation import _forward_last  # noqa: E402
+from refusal_atlas.generation import forward_tokens_per_s  # noqa: E402
 from refusal_atlas.hooks import read_residual  # noqa: E402
 from refusal_atlas.models import eoi_tokens, format_prompts, tokenize_prompts  # noqa: E402
 from refusal_atlas.site_scores import CandidateScorer  # noqa: E402
@@ -103,12 +103,7 @@ def _bench(name: str, model, tok, refusal_ids_fn, layers: list[int] | None, posi
     ids = refusal_ids_fn(harmful)
 
     # Plain forward throughput: whole prompts, batch 32, last-position logits (as first_token_logprobs).
-    forward_prompts = (harmful + benign + train_h + train_b) * 2
-    enc = tokenize_prompts(tok, forward_prompts[:BATCH], 512)
-    with torch.inference_mode():
-        _forward_last(model, enc)
-        times = [_timed(lambda: _forward_last(model, enc))[0] for _ in range(3)]
-    fwd_tokens_s = int(enc["attention_mask"].sum()) / float(np.median(times))
+    fwd_tokens_s = forward_tokens_per_s(model, tok, harmful + benign + train_h + train_b, BATCH, 512)
 
     args = (model, tok, units, norms, harmful, benign, ids, BATCH, 0.8, 0.1, offsets)
     t_new, new = _timed(lambda: select_arditi(*args))
