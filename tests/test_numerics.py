@@ -17,7 +17,7 @@ import yaml
 from conftest_models import make_tokenizer, tiny_model
 
 from conftest import REPO, reduce_repo, run
-from refusal_atlas.numerics import CPU_NUMERICS, on_x86_64
+from refusal_atlas.numerics import CPU_NUMERICS, OPT_OUT, on_x86_64
 
 pytestmark = pytest.mark.skipif(not on_x86_64(), reason="the pins are x86-64 instruction sets")
 
@@ -30,7 +30,7 @@ def test_pinned_cpu_kernels_reach_torch_and_numpy_before_they_load():
     """ATen and MKL at their AVX2 branches, OpenBLAS at its Haswell kernels; a value the user set wins."""
     code = ("from refusal_atlas.numerics import pin_cpu_numerics; pin_cpu_numerics(); import os, torch; "
             "print(torch.backends.cpu.get_cpu_capability(), os.environ['MKL_CBWR'])")
-    env = {k: v for k, v in os.environ.items() if k not in CPU_NUMERICS}
+    env = {k: v for k, v in os.environ.items() if k not in CPU_NUMERICS and k != OPT_OUT}
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout.split()
     assert out == ["AVX2", "AVX2,STRICT"]
     # A value the user set wins, and it does reach torch: here the portable scalar kernels.
@@ -44,6 +44,11 @@ def test_pinned_cpu_kernels_reach_torch_and_numpy_before_they_load():
     code = ("from refusal_atlas.numerics import pin_cpu_numerics; pin_cpu_numerics(); import numpy, scipy.linalg, threadpoolctl; "
             "print(sorted({i['architecture'] for i in threadpoolctl.threadpool_info() if i['internal_api'] == 'openblas'}))")
     assert subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout.strip() == "['Haswell']"
+    # The opt-out leaves the host's own kernels; a misspelt value stops with what to set.
+    code = "from refusal_atlas.numerics import pin_cpu_numerics; pin_cpu_numerics(); import os; print(os.environ.get('ATEN_CPU_CAPABILITY'))"
+    assert subprocess.run([sys.executable, "-c", code], env={**env, OPT_OUT: "native"}, capture_output=True, text=True, check=True).stdout.strip() == "None"
+    bad = subprocess.run([sys.executable, "-c", code], env={**env, OPT_OUT: "fast"}, capture_output=True, text=True)
+    assert bad.returncode != 0 and f"{OPT_OUT}='fast': expected 'portable'" in bad.stderr and "Traceback" not in bad.stderr
 
 
 def test_every_stage_pins_before_anything_else():
@@ -75,14 +80,15 @@ def test_stage_outputs_are_the_same_bytes_on_an_avx2_only_host(repo_copy, tmp_pa
     params["baseline"]["max_new_tokens"] = 8
     (repo_copy / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     stages = ["baseline", "activations"]
-    clean = {k: v for k, v in os.environ.items() if k not in CPU_NUMERICS}
-    run(["dvc", "repro", "activations"], repo_copy, env=clean, timeout=600)
+    if set(os.environ) & {*CPU_NUMERICS, OPT_OUT}:
+        pytest.skip(f"the caller's environment sets {sorted(set(os.environ) & {*CPU_NUMERICS, OPT_OUT})}, which decide the kernels here")
+    run(["dvc", "repro", "activations"], repo_copy, timeout=600)
     here = _outs(repo_copy, stages)
     assert len(here) >= 3 and all(here.values())
 
     def rerun(env: dict) -> dict:
         for stage in stages:
-            run(["dvc", "repro", "-f", "-s", stage], repo_copy, env={**clean, **env}, timeout=600)
+            run(["dvc", "repro", "-f", "-s", stage], repo_copy, env=env, timeout=600)
         return _outs(repo_copy, stages)
 
     assert rerun(CPU_NUMERICS) == here  # an AVX2-only host chooses these kernels itself

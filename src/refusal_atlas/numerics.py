@@ -22,6 +22,11 @@ import sys
 # OpenBLAS (the geometry stage's linear algebra) pick their kernels by CPU too; Haswell is
 # their AVX2 kernel set.
 CPU_NUMERICS = {"ATEN_CPU_CAPABILITY": "avx2", "MKL_CBWR": "AVX2,STRICT", "ONEDNN_MAX_CPU_ISA": "AVX2", "OPENBLAS_CORETYPE": "Haswell"}
+# The price, on an AVX-512 host (2 cores, SmolLM2-135M float32, measured 2026-12-06): forward
+# passes 570-580 tokens/s pinned against 830-910 with the host's AVX-512 kernels, generation
+# 1.25x slower. REFUSAL_ATLAS_CPU_KERNELS=native skips the pin: faster on such a host, and
+# outputs (hence dvc.lock) that only a host with the same kernels reproduces bit for bit.
+OPT_OUT = "REFUSAL_ATLAS_CPU_KERNELS"
 
 
 def on_x86_64() -> bool:
@@ -30,11 +35,16 @@ def on_x86_64() -> bool:
 
 
 def pin_cpu_numerics() -> None:
-    """Pin CPU kernels to ``CPU_NUMERICS`` (x86-64 only; a value the user set is kept).
+    """Pin CPU kernels to ``CPU_NUMERICS`` (x86-64 only; a value the user set is kept; nothing
+    when ``REFUSAL_ATLAS_CPU_KERNELS=native``).
 
     Must run before torch and numpy are imported, or it could not take effect.
     """
-    if not on_x86_64():
+    choice = os.environ.get(OPT_OUT, "portable")
+    if choice not in ("portable", "native"):
+        raise SystemExit(f"{OPT_OUT}={choice!r}: expected 'portable' (the default: the same bits on any x86-64 host) or 'native' "
+                         "(the host's fastest kernels); unset it or set one of those")
+    if not on_x86_64() or choice == "native":
         return
     if loaded := [m for m in ("torch", "numpy") if m in sys.modules]:
         raise RuntimeError(f"pin_cpu_numerics() must run before {' and '.join(loaded)} {'are' if len(loaded) > 1 else 'is'} imported; "
