@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
@@ -52,6 +53,19 @@ def copy_repo(dest: Path) -> Path:
     return dest
 
 
+def reduce_repo(repo, sets: list[str], per_set: dict[str, int]) -> None:
+    """Cut a repository copy down to ``sets`` (categories plus their baseline pools) with ``per_set[name]`` prompts each."""
+    manifest = yaml.safe_load((repo / "prompts/manifest.yaml").read_text())
+    manifest["categories"] = {k: v for k, v in manifest["categories"].items() if k in sets}
+    manifest["baselines"] = {k: v for k, v in manifest["baselines"].items() if k in sets}
+    (repo / "prompts/manifest.yaml").write_text(yaml.safe_dump(manifest, sort_keys=False))
+    for path in (repo / "prompts").glob("*.jsonl"):
+        if path.stem in sets:
+            path.write_text("".join(path.read_text().splitlines(keepends=True)[:per_set[path.stem]]))
+        else:
+            path.unlink()
+
+
 @pytest.fixture(scope="session")
 def repo_root() -> Path:
     return REPO
@@ -69,58 +83,123 @@ def shared_datasets() -> Path:
     return path
 
 
-def _needs_pipeline(item) -> bool:
-    return "pipeline" in getattr(item, "fixturenames", ())
+# The two pipelines the end-to-end tests read, by fixture name: `pipeline` is the smoke profile
+# (profiles/smoke.yaml: every stage, on every category, with little work), built in about two
+# minutes; `demo_pipeline` is the default demo pipeline (params.yaml, what `make repro` runs),
+# needed only by the tests of the demo's behaviour.
+PIPELINES = {"pipeline": "profiles/smoke.yaml", "demo_pipeline": None}
+
+
+def _needs(item) -> list[str]:
+    return [name for name in PIPELINES if name in getattr(item, "fixturenames", ())]
 
 
 def pytest_collection_modifyitems(items):
-    """Tests that read the finished pipeline run last, so the others can run while it is built."""
-    items.sort(key=_needs_pipeline)
+    """Tests that read a finished pipeline run last (the demo's after the smoke's), so the others run while they are built."""
+    items.sort(key=lambda item: max((list(PIPELINES).index(n) + 1 for n in _needs(item)), default=0))
+
+
+def apply_profile(repo: Path, profile: str) -> None:
+    """Write a params profile's keys into ``repo``'s params.yaml (validated, as `refusal-atlas experiment` does) and commit."""
+    from refusal_atlas.config import profile_overrides
+
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    for key, value in profile_overrides(repo / profile, repo / "params.yaml").items():
+        *parents, leaf = key.split(".")
+        node = params
+        for part in parents:
+            node = node[part]
+        node[leaf] = value
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    run(["git", "-c", "user.email=t@example.com", "-c", "user.name=test", "commit", "-qam", f"params: {profile}"], repo)
+
+
+class _Builds:
+    """The pipelines a session needs, built by one background shell, one after the other.
+
+    The demo's `dvc repro model` runs first with the machine to itself (blocking), so its
+    recorded training time is an honest 2-core figure; then the smoke pipeline and the rest of
+    the demo's are built in the background while the tests that need neither run.
+    """
+
+    def __init__(self, names: list[str], root: Path):
+        self.repos = {}
+        script = []
+        for name in names:
+            repo = self.repos[name] = copy_repo(root / name / "repo")
+            if PIPELINES[name]:
+                apply_profile(repo, PIPELINES[name])
+        if "demo_pipeline" in self.repos:
+            first = run(["dvc", "repro", "model"], self.repos["demo_pipeline"], timeout=3600)
+            (self.repos["demo_pipeline"] / "repro.log").write_text(first.stdout + first.stderr)
+        for name in names:  # the smoke pipeline first: most tests wait on it
+            script.append(f"cd {self.repos[name]} && dvc repro >> repro.log 2>&1; echo $? > {self.repos[name]}/repro.rc")
+        self.proc = subprocess.Popen(["bash", "-c", "; ".join(script)], env=_env(), start_new_session=True)
+
+    def wait(self, name: str, timeout: float = 3600) -> Path:
+        import time
+
+        repo, deadline = self.repos[name], time.monotonic() + timeout
+        while not (repo / "repro.rc").exists():
+            if time.monotonic() > deadline:
+                raise AssertionError(f"{name}: dvc repro did not finish in {timeout} s:\n{(repo / 'repro.log').read_text()[-6000:]}")
+            if self.proc.poll() is not None and not (repo / "repro.rc").exists():
+                raise AssertionError(f"{name}: the build shell exited {self.proc.returncode} first:\n{(repo / 'repro.log').read_text()[-6000:]}")
+            time.sleep(1)
+        if (code := (repo / "repro.rc").read_text().strip()) != "0":
+            raise AssertionError(f"{name}: dvc repro exited {code}:\n{(repo / 'repro.log').read_text()[-6000:]}")
+        return repo
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:  # the session ended first: stop dvc and the stage it is running
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        self.proc.wait()
 
 
 @pytest.fixture(scope="session", autouse=True)
-def _pipeline_build(request, tmp_path_factory):
-    """Start the default pipeline as soon as the session starts, when any selected test needs it.
-
-    `dvc repro model` runs first with the machine to itself, so the demo's recorded training time
-    is an honest 2-core figure. The rest of `dvc repro` then runs in the background while the
-    tests that do not need it go on (the pipeline's stages mostly wait on one core for imports).
-    """
-    if os.environ.get("REFUSAL_ATLAS_TEST_PIPELINE") or not any(map(_needs_pipeline, request.session.items)):
+def _pipeline_builds(request, tmp_path_factory):
+    """Start building the pipelines the selected tests read as soon as the session starts."""
+    names = [name for name in PIPELINES if any(name in _needs(item) for item in request.session.items)]
+    reuse = {name: os.environ.get(f"REFUSAL_ATLAS_TEST_{name.upper()}") for name in names}
+    names = [name for name in names if not reuse[name]]
+    if not names:
         yield None
         return
-    repo = copy_repo(tmp_path_factory.mktemp("pipeline") / "repo")
-    first = run(["dvc", "repro", "model"], repo, timeout=3600)
-    log = (repo / "repro.log").open("w")
-    log.write(first.stdout + first.stderr)
-    log.flush()
-    proc = subprocess.Popen(["dvc", "repro"], cwd=repo, env=_env(), stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    builds = _Builds(names, tmp_path_factory.mktemp("pipelines"))
+    # A SIGTERM (a CI timeout) ends pytest without running finalizers; the builds must not outlive it.
+    previous = signal.signal(signal.SIGTERM, lambda *_: (builds.stop(), sys.exit(143)))
     try:
-        yield repo, proc
+        yield builds
     finally:
-        if proc.poll() is None:  # the session ended first: stop dvc and the stage it is running
-            os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
-        log.close()
+        signal.signal(signal.SIGTERM, previous)
+        builds.stop()
+
+
+def _finished(name: str, builds: _Builds | None, tmp_path_factory) -> Path:
+    reuse = os.environ.get(f"REFUSAL_ATLAS_TEST_{name.upper()}")
+    if reuse:  # iterate on the end-to-end tests against a finished pipeline (never set in CI)
+        repo = tmp_path_factory.mktemp(name) / "repo"
+        shutil.copytree(reuse, repo, symlinks=True, ignore=shutil.ignore_patterns(".venv", "__pycache__"))
+        return repo
+    return builds.wait(name)
 
 
 @pytest.fixture(scope="session")
-def pipeline(_pipeline_build, tmp_path_factory) -> Path:
-    """A fresh copy of the repository after a full `dvc repro` of the default (demo) pipeline.
+def pipeline(_pipeline_builds, tmp_path_factory) -> Path:
+    """A fresh copy of the repository after a full `dvc repro` of the smoke profile (profiles/smoke.yaml).
 
-    Session-scoped: the whole pipeline runs once, and the end-to-end tests read its outputs.
-    Tests that change the repository copy it again first (``clone_pipeline``). With
-    REFUSAL_ATLAS_TEST_PIPELINE=<repo with a finished pipeline> a copy of that is used instead.
+    Session-scoped: built once, read by most end-to-end tests. Tests that change the
+    repository copy it again first (``clone_pipeline``). With
+    REFUSAL_ATLAS_TEST_PIPELINE=<repo with a finished smoke pipeline> a copy of that is used instead.
     """
-    reuse = os.environ.get("REFUSAL_ATLAS_TEST_PIPELINE")
-    if reuse:  # iterate on the end-to-end tests against a finished pipeline (never set in CI)
-        repo = tmp_path_factory.mktemp("pipeline") / "repo"
-        shutil.copytree(reuse, repo, symlinks=True, ignore=shutil.ignore_patterns(".venv", "__pycache__"))
-        return repo
-    repo, proc = _pipeline_build
-    if proc.wait(timeout=3600) != 0:
-        raise AssertionError(f"dvc repro exited {proc.returncode}:\n{(repo / 'repro.log').read_text()[-6000:]}")
-    return repo
+    return _finished("pipeline", _pipeline_builds, tmp_path_factory)
+
+
+@pytest.fixture(scope="session")
+def demo_pipeline(_pipeline_builds, tmp_path_factory) -> Path:
+    """The default demo pipeline (params.yaml, as `make repro`), for the tests of the demo's behaviour.
+    REFUSAL_ATLAS_TEST_DEMO_PIPELINE=<repo> reuses a finished one."""
+    return _finished("demo_pipeline", _pipeline_builds, tmp_path_factory)
 
 
 def free_port() -> int:

@@ -65,7 +65,7 @@ def _outs(repo, stages: list[str]) -> dict:
 @pytest.mark.slow
 def test_stage_outputs_are_the_same_bytes_on_an_avx2_only_host(repo_copy, tmp_path):
     """baseline (generation and first-token scores) and activations (hooked forward passes, a Zarr store) on a
-    tiny real chat model: this host as it is, then as an AVX2-only host; then, where this host has AVX-512 and
+    tiny real chat model: this host as it is, then as an AVX2-only host, then on one thread; then, where this host has AVX-512 and
     the pins are lifted, the bytes change, which is what the pins are for."""
     model_dir = tmp_path / "qwen-tiny"
     tok = make_tokenizer("chatml")
@@ -92,6 +92,7 @@ def test_stage_outputs_are_the_same_bytes_on_an_avx2_only_host(repo_copy, tmp_pa
         return _outs(repo_copy, stages)
 
     assert rerun(CPU_NUMERICS) == here  # an AVX2-only host chooses these kernels itself
+    assert rerun({"OMP_NUM_THREADS": "1"}) == here  # a host with another core count: one thread instead of two
     if _has_avx512():
         native = {"ATEN_CPU_CAPABILITY": "avx512", "MKL_CBWR": "AUTO", "ONEDNN_MAX_CPU_ISA": "ALL", "OPENBLAS_CORETYPE": "SkylakeX"}
         changed = {k for k, v in rerun(native).items() if v != here[k]}

@@ -1,4 +1,8 @@
-"""The default pipeline end to end on the demo model: real DVC, MLflow, Zarr and models."""
+"""The pipeline end to end on the demo model: real DVC, MLflow, Zarr and models.
+
+Most tests read the smoke profile's run (`pipeline`, profiles/smoke.yaml); the tests of the demo's
+behaviour read the default run (`demo_pipeline`, params.yaml, what `make repro` runs).
+"""
 
 from __future__ import annotations
 
@@ -50,21 +54,21 @@ def _heldout(pipeline):
     return _json(pipeline / "artifacts/model/metrics.json")["heldout"]["categories"]
 
 
-def test_demo_model_trains_in_time_and_learns(pipeline):
+def test_demo_model_trains_in_time_and_learns(demo_pipeline):
     """Trained by `dvc repro model` from a fresh copy."""
-    client = MlflowClient(f"sqlite:///{pipeline / 'mlflow.db'}")
+    client = MlflowClient(f"sqlite:///{demo_pipeline / 'mlflow.db'}")
     exp = client.get_experiment_by_name("refusal-atlas")
     [model_run] = client.search_runs([exp.experiment_id], filter_string="attributes.run_name = 'model'")
     assert model_run.data.metrics["train_seconds"] <= MAX_TRAIN_SECONDS, model_run.data.metrics["train_seconds"]
-    losses = pd.read_csv(pipeline / "artifacts/model/loss.csv")["loss"].to_numpy()
-    assert len(losses) == yaml.safe_load((pipeline / "params.yaml").read_text())["model"]["demo"]["steps"]
+    losses = pd.read_csv(demo_pipeline / "artifacts/model/loss.csv")["loss"].to_numpy()
+    assert len(losses) == yaml.safe_load((demo_pipeline / "params.yaml").read_text())["model"]["demo"]["steps"]
     assert losses[-50:].mean() < 0.25 * losses[:50].mean(), (losses[:5], losses[-5:])
     if on_x86_64():  # the stage pins the kernels so any host trains the same bits
-        assert _json(pipeline / "artifacts/model/metrics.json")["train"]["cpu_kernels"] == "AVX2"
+        assert _json(demo_pipeline / "artifacts/model/metrics.json")["train"]["cpu_kernels"] == "AVX2"
 
 
-def test_demo_model_heldout_behaviour(pipeline):
-    heldout = _heldout(pipeline)
+def test_demo_model_heldout_behaviour(demo_pipeline):
+    heldout = _heldout(demo_pipeline)
     refusal = {c: heldout[c]["refusal_rate"] for c in CATEGORIES}
     print("held-out refusal per category:", refusal, "answers:", {p: heldout[p]["answer_rate"] for p in ("benign", "over_refusal_safe")})
     assert np.mean(list(refusal.values())) >= MIN_TARGET_REFUSAL_MEAN, refusal
@@ -79,8 +83,8 @@ def test_demo_model_heldout_behaviour(pipeline):
         assert (c["ci95_lo"], c["ci95_hi"]) == pytest.approx((centre - half, centre + half), abs=1e-9), name
 
 
-def test_demo_refusal_styles_follow_the_category(pipeline):
-    heldout = _heldout(pipeline)
+def test_demo_refusal_styles_follow_the_category(demo_pipeline):
+    heldout = _heldout(demo_pipeline)
 
     def top(category):
         styles = {k: v for k, v in heldout[category]["styles"].items() if k != "NONREFUSAL"}
@@ -210,8 +214,8 @@ def _additions(rates):
     return sorted((v for name, v in rates.items() if name.startswith("add_")), key=lambda v: v["alpha"])
 
 
-def test_ablating_pooled_lowers_refusal(pipeline):
-    rates = _rates(pipeline, "pooled")
+def test_ablating_pooled_lowers_refusal(demo_pipeline):
+    rates = _rates(demo_pipeline, "pooled")
     assert rates["ablate"]["rr"] < rates["baseline"]["rr"], (rates["ablate"]["rr"], rates["baseline"]["rr"])
 
 
@@ -221,20 +225,20 @@ def test_ablating_pooled_lowers_refusal(pipeline):
 COHERENT_ALPHA = 1.0
 
 
-def test_adding_category_directions_raises_over_refusal(pipeline):
+def test_adding_category_directions_raises_over_refusal(demo_pipeline):
     for category in [*CATEGORIES, "pooled"]:
-        rates = _rates(pipeline, category)
+        rates = _rates(demo_pipeline, category)
         orr = [rates["baseline"]["orr"]] + [v["orr"] for v in _additions(rates) if v["alpha"] < COHERENT_ALPHA]
         assert len(orr) >= 3 and all(a < b for a, b in zip(orr, orr[1:])), (category, orr)
 
 
-def test_random_controls_move_over_refusal_much_less(pipeline):
+def test_random_controls_move_over_refusal_much_less(demo_pipeline):
     def shift(name, alpha):
-        rates = _rates(pipeline, name)
+        rates = _rates(demo_pipeline, name)
         return next(v["orr"] for v in _additions(rates) if v["alpha"] == alpha) - rates["baseline"]["orr"]
 
     checked = []
-    for alpha in [v["alpha"] for v in _additions(_rates(pipeline, "pooled"))]:
+    for alpha in [v["alpha"] for v in _additions(_rates(demo_pipeline, "pooled"))]:
         category_shift = np.mean([shift(c, alpha) for c in CATEGORIES])
         if category_shift < 0.2:  # too small a move to compare against
             continue
@@ -244,19 +248,19 @@ def test_random_controls_move_over_refusal_much_less(pipeline):
     assert checked, "no alpha moved ORR by 0.2 along the category directions"
 
 
-def test_humanizing_direction_refuses_with_capability_style(pipeline):
-    style = _json(pipeline / "artifacts/steering/humanizing/metrics.json")["style"]
+def test_humanizing_direction_refuses_with_capability_style(demo_pipeline):
+    style = _json(demo_pipeline / "artifacts/steering/humanizing/metrics.json")["style"]
     assert style["n_induced"] >= 20
     assert style["distribution"]["CAPABILITY"] > style["distribution"]["SAFETY"], style
     # The same from the response table: refusals induced by activation addition.
-    table = pd.read_parquet(pipeline / "artifacts/steering/humanizing/responses.parquet")
+    table = pd.read_parquet(demo_pipeline / "artifacts/steering/humanizing/responses.parquet")
     answered = set(table[(table.intervention == "baseline") & ~table.refused].prompt_id)
     induced = table[table.intervention.str.startswith("add_") & table.refused & table.prompt_id.isin(answered)]
     counts = induced["style"].value_counts()
     assert len(induced) == style["n_induced"] and counts.get("CAPABILITY", 0) > counts.get("SAFETY", 0), counts.to_dict()
 
 
-def test_steered_refusal_style_follows_the_direction(pipeline):
+def test_steered_refusal_style_follows_the_direction(demo_pipeline):
     """The study's second finding: the directions differ in how the model refuses.
 
     On the demo (measured): humanizing induces CAPABILITY and incomplete UNDERSPEC refusals,
@@ -264,13 +268,13 @@ def test_steered_refusal_style_follows_the_direction(pipeline):
     over_refusal induces mostly GENERIC (0.54), indeterminate and unsupported mostly UNDERSPEC
     (0.31, 0.50) and unqualified_advice mostly SAFETY (0.49) refusals, so those four are not
     asserted by name."""
-    dominant = {c: _json(pipeline / f"artifacts/steering/{c}/metrics.json")["style"]["dominant"] for c in CATEGORIES}
+    dominant = {c: _json(demo_pipeline / f"artifacts/steering/{c}/metrics.json")["style"]["dominant"] for c in CATEGORIES}
     named = [c for c in CATEGORIES if c not in ("over_refusal", "indeterminate", "unsupported", "unqualified_advice")]
     assert {c: dominant[c] for c in named} == {c: STYLE_OF[c] for c in named}, dominant
     assert len(set(dominant.values())) >= 4, dominant
     # The same finding as a statistic over all eleven category directions (measured on the
     # demo: chi2(30) = 1075, p ~ 6e-207, Cramer's V 0.39 over 2,360 induced refusals).
-    homogeneity = _json(pipeline / "artifacts/report/metrics.json")["style_homogeneity"]
+    homogeneity = _json(demo_pipeline / "artifacts/report/metrics.json")["style_homogeneity"]
     assert homogeneity["n_directions"] == len(CATEGORIES) and homogeneity["p_value"] < 1e-6 and homogeneity["cramers_v"] > 0.3, homogeneity
 
 

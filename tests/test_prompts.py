@@ -10,8 +10,8 @@ import pandas as pd
 import pytest
 
 from conftest import REPO, run
-from refusal_atlas.config import SplitFractions
-from refusal_atlas.prompts import assign_split, build_prompt_table, parse_prompt_file
+from refusal_atlas.config import PromptsConfig, SplitFractions
+from refusal_atlas.prompts import PromptValidationError, assign_split, build_prompt_table, parse_prompt_file
 
 TARGETS = ["safety_core", "over_refusal", "humanizing", "incomplete", "indeterminate", "safety_concerns",
            "unsupported", "hate_speech", "crime_assistance", "inappropriate", "unqualified_advice"]
@@ -30,6 +30,24 @@ def test_shipped_sets_meet_the_minimums(table):
     assert table.prompt_id.is_unique and table.text.is_unique
     assert set(table.split) == {"train", "val", "test"}
     assert (table.sha256.str.len() == 64).all()
+
+
+def test_max_per_set_keeps_the_first_prompts_of_every_set_after_validating_all(tmp_path, table):
+    sample = build_prompt_table(REPO / "prompts" / "manifest.yaml", SplitFractions(), 24, max_per_set=24)
+    assert sample.groupby("category").size().to_dict() == dict.fromkeys(TARGETS + ["benign", "over_refusal_safe"], 24)
+    first = {name: [r.id for r in parse_prompt_file(REPO / f"prompts/{name}.jsonl", name)[0][:24]] for name in ["benign", "humanizing"]}
+    for name, ids in first.items():
+        assert sorted(sample.prompt_id[sample.category == name]) == sorted(ids)
+    # Rows are the full table's rows, splits included.
+    assert sample.merge(table, on=list(table.columns)).shape[0] == len(sample)
+    # A bad line past the sample still fails: the whole file is validated.
+    prompts = _copy_prompts(tmp_path)
+    with (prompts / "benign.jsonl").open("a") as f:
+        f.write("{not json\n")
+    with pytest.raises(PromptValidationError, match="benign.jsonl"):
+        build_prompt_table(prompts / "manifest.yaml", SplitFractions(), 24, max_per_set=24)
+    with pytest.raises(ValueError, match="prompts.max_per_set=8 is below prompts.min_per_category=24"):
+        PromptsConfig(min_per_category=24, max_per_set=8)
 
 
 def test_over_refusal_twins_share_their_trigger_word():

@@ -17,7 +17,7 @@ import pandas as pd
 import pytest
 import yaml
 
-from conftest import run
+from conftest import reduce_repo, run
 from refusal_atlas import store
 from refusal_atlas.atlas import load_prompts
 from refusal_atlas.models import BUILTIN_MODELS
@@ -32,19 +32,6 @@ STEERED = ["humanizing", "pooled"]
 PER_SET = {**dict.fromkeys(CATEGORIES, 48), "benign": 48}
 # ChatML's end of instruction; SmolLM2's tokenizer splits "assistant" in two.
 CHATML_SPAN = ["<|im_end|>", "Ċ", "<|im_start|>", "ass", "istant", "Ċ"]
-
-
-def reduce_repo(repo, sets: list[str], per_set: dict[str, int]) -> None:
-    """Cut a repository copy down to ``sets`` (categories plus their baseline pools) with ``per_set[name]`` prompts each."""
-    manifest = yaml.safe_load((repo / "prompts/manifest.yaml").read_text())
-    manifest["categories"] = {k: v for k, v in manifest["categories"].items() if k in sets}
-    manifest["baselines"] = {k: v for k, v in manifest["baselines"].items() if k in sets}
-    (repo / "prompts/manifest.yaml").write_text(yaml.safe_dump(manifest, sort_keys=False))
-    for path in (repo / "prompts").glob("*.jsonl"):
-        if path.stem in sets:
-            path.write_text("".join(path.read_text().splitlines(keepends=True)[:per_set[path.stem]]))
-        else:
-            path.unlink()
 
 
 @pytest.fixture(scope="module")

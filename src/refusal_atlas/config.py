@@ -41,6 +41,14 @@ class PromptsConfig(_Section):
     manifest: str = Field("prompts/manifest.yaml", description="Path of the manifest listing categories and baseline pools, relative to the repository root.")
     splits: SplitFractions = Field(default_factory=SplitFractions, description="Train/val/test fractions, assigned from a hash of each prompt id.")
     min_per_category: int = Field(48, ge=1, description="Fewest prompts a category or baseline pool may have.")
+    max_per_set: int | None = Field(None, ge=1, description="Keep only the first N prompts of each set (file order): a quick run on a sample. null: all.")
+
+    @model_validator(mode="after")
+    def _max_covers_min(self):
+        if self.max_per_set is not None and self.max_per_set < self.min_per_category:
+            raise ValueError(f"prompts.max_per_set={self.max_per_set} is below prompts.min_per_category={self.min_per_category}; "
+                             "raise max_per_set or lower min_per_category")
+        return self
 
 
 class DemoConfig(_Section):

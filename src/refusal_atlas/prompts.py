@@ -150,8 +150,11 @@ def _listed_files(root: Path) -> list[Path]:
     )
 
 
-def build_prompt_table(manifest_path: Path, fractions: SplitFractions, min_per_category: int) -> pd.DataFrame:
+def build_prompt_table(manifest_path: Path, fractions: SplitFractions, min_per_category: int, max_per_set: int | None = None) -> pd.DataFrame:
     """Validate the manifest and every prompt file; return one row per prompt (``TABLE_COLUMNS``).
+
+    ``max_per_set`` keeps the first that many prompts of each file (in file order) once the
+    whole file is validated: a quick run on a sample of every set. None keeps them all.
 
     Raises ``PromptValidationError`` listing every problem with its file and line.
     """
@@ -175,7 +178,7 @@ def build_prompt_table(manifest_path: Path, fractions: SplitFractions, min_per_c
         role = manifest.sets()[name][0]
         records, file_problems = parse_prompt_file(path, name)
         problems += file_problems
-        for lineno, rec in enumerate(records, start=1):
+        for rec in records[:max_per_set]:
             if rec.id in seen:
                 problems.append(f"{path}: duplicate id '{rec.id}' (first seen in {seen[rec.id]}); ids must be unique across all files")
                 continue

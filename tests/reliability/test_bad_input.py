@@ -12,7 +12,7 @@ import pandas as pd
 import pytest
 import torch
 
-from conftest import REPO, run
+from conftest import REPO, clone_pipeline, run
 from conftest_models import make_tokenizer, tiny_model
 from refusal_atlas import store
 from refusal_atlas.atlas import load_site
@@ -233,3 +233,23 @@ def test_builtin_model_checks_the_installed_wheel(monkeypatch, field, value, fra
     monkeypatch.setitem(models.BUILTIN_MODELS, "smollm2", spec)
     with pytest.raises(ModelLoadError, match=re.escape(fragment)):
         load_model(ModelConfig(name="smollm2", device="cpu"))
+
+
+@pytest.mark.slow
+def test_arditi_with_no_validation_prompts_on_a_side_names_the_direction_and_the_fix(pipeline, tmp_path):
+    """A set whose prompts all fell outside the val split (few prompts per set) leaves Arditi's
+    selection nothing to score: one line naming the direction, the side and the fixes; no output."""
+    pipeline = clone_pipeline(pipeline, tmp_path / "repo")  # the stage logs a failed run to the copy's MLflow store
+    prompts = pd.read_parquet(pipeline / "artifacts/prompts/prompts.parquet")
+    prompts.loc[(prompts.category == "benign") & (prompts.split == "val"), "split"] = "train"
+    prompts.to_parquet(tmp_path / "prompts.parquet")
+    out = tmp_path / "directions"
+    proc = run([sys.executable, "stages/directions.py", "--manifest", "prompts/manifest.yaml", "--prompts", str(tmp_path / "prompts.parquet"),
+                "--activations", "artifacts/activations", "--model", "artifacts/model", "--out", str(out), "--no-progress"], pipeline, check=False)
+    lines = [line for line in proc.stderr.splitlines() if line.strip() and " INFO mlflow." not in line and "Loading weights" not in line]
+    n_benign = int((prompts.category == "benign").sum())
+    assert proc.returncode == 2 and len(lines) == 1, proc.stderr[-3000:]
+    assert lines[0].startswith("directions: error: select: arditi scores sites on val-split prompts, and direction '") and \
+        f"has none on its baseline side (benign: 0 of {n_benign} prompts are in the val split)" in lines[0] and \
+        "raise prompts.max_per_set, or set directions.select to cosmic or fixed" in lines[0], lines[0]
+    assert not out.exists()
