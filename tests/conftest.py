@@ -137,7 +137,8 @@ class _Builds:
             if PIPELINES[name]:
                 apply_profile(repo, PIPELINES[name])
         for name in names:  # training, the heaviest stage, each alone (the default one's time is a recorded metric)
-            first = run(["dvc", "repro", "model"], self.repos[name], timeout=3600)
+            # Alone, OpenMP's active waiting is the faster (passive: 0.20 against 0.13 s a demo step).
+            first = run(["dvc", "repro", "model"], self.repos[name], env={"OMP_WAIT_POLICY": "ACTIVE"}, timeout=3600)
             (self.repos[name] / "repro.log").write_text(first.stdout + first.stderr)
         for name in names:  # the smoke pipeline first: most tests wait on it
             script.append(f"cd {self.repos[name]} && dvc repro >> repro.log 2>&1; echo $? > {self.repos[name]}/repro.rc")
