@@ -14,14 +14,13 @@ pin_cpu_numerics()  # before numpy and torch load: the same bits on any x86-64 h
 import shutil
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 
 from refusal_atlas.atomic import write_json, write_parquet
-from refusal_atlas.behaviour import fingerprint, generate_resumable, judge_table, refusal_rates
+from refusal_atlas.behaviour import fingerprint, generate_scored_resumable, judge_table, refusal_rates
 from refusal_atlas.classifier import load_judge_classifier
 from refusal_atlas.entry import load_stage_model, run_stage, stage_parser
-from refusal_atlas.generation import generate_scored, refusal_log_odds, refusal_token_ids
+from refusal_atlas.generation import refusal_token_ids
 from refusal_atlas.models import check_prompt_lengths, format_prompts
 
 STAGE = "baseline"
@@ -36,18 +35,10 @@ def main(args, params, run) -> None:
     formatted = format_prompts(tokenizer, table.text.tolist(), mcfg.system_prompt, mcfg.chat_template, mcfg.chat_template_kwargs)
     check_prompt_lengths(tokenizer, formatted, mcfg.max_prompt_tokens, table.prompt_id.tolist())  # all of them, before any generation
 
-    refusal_ids = refusal_token_ids(tokenizer, mcfg.refusal_tokens)
-
-    def generate_chunk(rows: range) -> list[dict]:
-        # One generation gives the responses and, from its prefill, the prompts' refusal scores.
-        responses, logprobs = generate_scored(model, tokenizer, formatted[rows.start:rows.stop], cfg.max_new_tokens, mcfg.batch_size,
-                                              max_prompt_tokens=mcfg.max_prompt_tokens)
-        return [{"response": r, "refusal_score": s} for r, s in zip(responses, refusal_log_odds(logprobs, refusal_ids).tolist())]
-
     key = fingerprint(identity, formatted, cfg.model_dump(), mcfg.batch_size, mcfg.refusal_tokens)
-    records = generate_resumable(generate_chunk, len(formatted), args.out / ".parts", key, chunk_size=8 * mcfg.batch_size, desc="baseline",
-                                 progress=not args.no_progress)
-    responses, scores = [r["response"] for r in records], np.array([r["refusal_score"] for r in records], dtype=np.float64)
+    responses, scores, _ = generate_scored_resumable(model, tokenizer, formatted, refusal_token_ids(tokenizer, mcfg.refusal_tokens), cfg.max_new_tokens,
+                                                     mcfg.batch_size, mcfg.max_prompt_tokens, args.out / ".parts", key, chunk_size=8 * mcfg.batch_size,
+                                                     desc="baseline", progress=not args.no_progress)
 
     judged = judge_table(responses, scores, params.judge.method, classifier=classifier, prompts=table.text.tolist())
     result = pd.concat([table[["prompt_id", "category", "role", "split"]], pd.Series(responses, name="response"), judged], axis=1)

@@ -11,14 +11,17 @@ from __future__ import annotations
 import hashlib
 import json
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import torch
 from tqdm.auto import tqdm
 
 from refusal_atlas.atomic import write_json
+from refusal_atlas.generation import generate_scored, kl_first_token, refusal_log_odds
 from refusal_atlas.judges import ClassifierJudge, judge_agreement, judge_responses
 
 # Chunk files hold one record per prompt (response and scores); the folder names the format,
@@ -61,6 +64,33 @@ def generate_resumable(
         write_json(part, records)
         out += records
     return out
+
+
+def generate_scored_resumable(
+    model, tokenizer, formatted: Sequence[str], refusal_ids: Sequence[int], max_new_tokens: int, batch_size: int,
+    max_prompt_tokens: int | None, parts_dir: Path, key: str, chunk_size: int, hooks: Callable[[], AbstractContextManager] = nullcontext,
+    base_logprobs: Mapping[int, torch.Tensor] | None = None, desc: str = "generate", progress: bool = True,
+) -> tuple[list[str], np.ndarray, np.ndarray]:
+    """Greedy responses to ``formatted`` under ``hooks()``, resumably, with what their prefill gives for free.
+
+    Returns (responses, refusal log-odds float64 [n], first-token KL(base || hooked) float64 for
+    the rows in ``base_logprobs`` (row in ``formatted`` -> unhooked log-probs [vocab]), in row
+    order; empty when none is given). Chunks are kept as ``generate_resumable`` keeps them.
+    """
+    base_logprobs = base_logprobs or {}
+
+    def generate_chunk(rows: range) -> list[dict]:
+        with hooks():
+            responses, logprobs = generate_scored(model, tokenizer, [formatted[i] for i in rows], max_new_tokens, batch_size,
+                                                  max_prompt_tokens=max_prompt_tokens)
+        scores = refusal_log_odds(logprobs, list(refusal_ids)).tolist()
+        based = [k for k, i in enumerate(rows) if i in base_logprobs]
+        kls = dict(zip(based, kl_first_token(torch.stack([base_logprobs[rows[k]] for k in based]), logprobs[based]).tolist())) if based else {}
+        return [{"response": r, "refusal_score": s, "kl_first_token": kls.get(k)} for k, (r, s) in enumerate(zip(responses, scores))]
+
+    records = generate_resumable(generate_chunk, len(formatted), parts_dir, key, chunk_size, desc=desc, progress=progress)
+    return ([r["response"] for r in records], np.array([r["refusal_score"] for r in records], dtype=np.float64),
+            np.array([r["kl_first_token"] for r in records if r["kl_first_token"] is not None], dtype=np.float64))
 
 
 def judge_table(

@@ -16,14 +16,13 @@ import numpy as np
 import pandas as pd
 import torch
 
-from refusal_atlas.behaviour import fingerprint, generate_resumable, judge_table
-from refusal_atlas.generation import first_token_logprobs, generate_scored, refusal_log_odds
+from refusal_atlas.behaviour import fingerprint, generate_scored_resumable, judge_table
+from refusal_atlas.generation import first_token_logprobs
 from refusal_atlas.judges import ClassifierJudge
 from refusal_atlas.steering import (
     compute_rates,
     intervention,
     intervention_alpha,
-    kl_first_token,
     teacher_forced_kls,
     transition_matrix,
 )
@@ -85,20 +84,10 @@ def evaluate_direction(
         else:
             hooks = hooks_of[name] = partial(intervention, model, name, layer, direction, alpha_unit, mean_norm)
 
-            def generate_chunk(chunk: range, hooks=hooks) -> list[dict]:
-                # The generation's prefill gives every prompt's refusal score and the benign prompts' first-token KL.
-                with hooks():
-                    responses, logprobs = generate_scored(model, tokenizer, [formatted[i] for i in chunk], max_new_tokens, batch_size,
-                                                          max_prompt_tokens=max_prompt_tokens)
-                scores = refusal_log_odds(logprobs, list(refusal_ids)).tolist()
-                return [{"response": r, "refusal_score": s, "kl_first_token": float(kl_first_token(base_of[i][None], lp[None])[0]) if i in base_of else None}
-                        for i, r, s, lp in zip(chunk, responses, scores, logprobs)]
-
-            records = generate_resumable(generate_chunk, len(formatted), parts_dir, fingerprint(key, name), 4 * batch_size,
-                                         desc=f"{label} {name}".strip(), progress=progress)
-            responses = [r["response"] for r in records]
-            scores = np.array([r["refusal_score"] for r in records], dtype=np.float64)
-            kl = np.array([r["kl_first_token"] for r in records if r["kl_first_token"] is not None], dtype=np.float64)
+            # The generation's prefill gives every prompt's refusal score and the benign prompts' first-token KL.
+            responses, scores, kl = generate_scored_resumable(model, tokenizer, formatted, refusal_ids, max_new_tokens, batch_size, max_prompt_tokens,
+                                                              parts_dir, fingerprint(key, name), 4 * batch_size, hooks=hooks, base_logprobs=base_of,
+                                                              desc=f"{label} {name}".strip(), progress=progress)
             judged = judge_table(responses, scores, judges, classifier=classifier, prompts=prompts)
         refused = judged["refused"].to_numpy()
         styles = classify(responses, refused)

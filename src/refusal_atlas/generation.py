@@ -215,6 +215,27 @@ def refusal_log_odds(logp: torch.Tensor, token_ids: list[int]) -> torch.Tensor:
     return log_p - log_not_p
 
 
+def kl_first_token(base_logprobs, steered_logprobs) -> np.ndarray:
+    """KL(base || steered) in nats per prompt: float64 [n].
+
+    Inputs: log-probabilities [n, vocab] (torch or numpy), e.g. from ``first_token_logprobs``
+    without and with the hook. Terms where the base probability is 0 contribute 0.
+    """
+    p_log = torch.as_tensor(base_logprobs).double()
+    q_log = torch.as_tensor(steered_logprobs).double()
+    if p_log.shape != q_log.shape or p_log.ndim != 2:
+        raise ValueError(f"kl_first_token: shapes {tuple(p_log.shape)} and {tuple(q_log.shape)}; expected equal [n, vocab]")
+    return kl_rows(p_log, q_log).numpy()
+
+
+def kl_rows(p_log: torch.Tensor, q_log: torch.Tensor) -> torch.Tensor:
+    """KL over the last axis of two log-probability tensors, clamped at 0 against rounding."""
+    p = p_log.exp()
+    terms = torch.where(p > 0, p * (p_log - q_log), torch.zeros_like(p))
+    return terms.sum(-1).clamp(min=0.0)
+
+
+
 # -------- Many interventions over one prompt set, sharing the prompts' common prefix --------
 
 

@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from refusal_atlas.errors import RefusalAtlasError
+from refusal_atlas.generation import kl_first_token, kl_rows  # noqa: F401 (kl_first_token: part of this module's API)
 from refusal_atlas.hooks import ablate_directions, add_direction
 from refusal_atlas.models import raise_if_too_long
 
@@ -256,26 +257,6 @@ def transition_matrix(frame: pd.DataFrame, refused_after: np.ndarray) -> pd.Data
 # ---------------------------------------------------------------------------------------
 
 
-def kl_first_token(base_logprobs, steered_logprobs) -> np.ndarray:
-    """KL(base || steered) in nats per prompt: float64 [n].
-
-    Inputs: log-probabilities [n, vocab] (torch or numpy), e.g. from ``first_token_logprobs``
-    without and with the hook. Terms where the base probability is 0 contribute 0.
-    """
-    p_log = torch.as_tensor(base_logprobs).double()
-    q_log = torch.as_tensor(steered_logprobs).double()
-    if p_log.shape != q_log.shape or p_log.ndim != 2:
-        raise ValueError(f"kl_first_token: shapes {tuple(p_log.shape)} and {tuple(q_log.shape)}; expected equal [n, vocab]")
-    return _kl_rows(p_log, q_log).numpy()
-
-
-def _kl_rows(p_log: torch.Tensor, q_log: torch.Tensor) -> torch.Tensor:
-    """KL over the last axis of two log-probability tensors, clamped at 0 against rounding."""
-    p = p_log.exp()
-    terms = torch.where(p > 0, p * (p_log - q_log), torch.zeros_like(p))
-    return terms.sum(-1).clamp(min=0.0)
-
-
 @torch.inference_mode()
 def _response_logprobs(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor, keep: int) -> torch.Tensor:
     """float32 log-softmax of the logits at the last ``keep`` positions: [batch, keep, vocab]."""
@@ -346,7 +327,7 @@ def teacher_forced_kls(
                 steered = _response_logprobs(model, ids, mask, keep)[:, :-1]
             # float32 on the model's device: [batch, keep-1, vocab] in double would double the
             # memory of the largest tensors here for no useful precision.
-            kl = _kl_rows(base, steered).double().cpu()  # [batch, keep - 1]
+            kl = kl_rows(base, steered).double().cpu()  # [batch, keep - 1]
             out[name][idx] = ((kl * token_mask).sum(1) / n_resp).numpy()
     return out
 
