@@ -27,7 +27,7 @@ def _has_avx512() -> bool:
 
 
 def test_pinned_cpu_kernels_reach_torch_and_numpy_before_they_load():
-    """ATen and MKL at their AVX2 branches, OpenBLAS at its Haswell kernels; a value the user set wins."""
+    """ATen and MKL at their AVX2 branches, OpenBLAS at its Haswell kernels, numpy at its AVX2 loops; a value the user set wins."""
     code = ("from refusal_atlas.numerics import pin_cpu_numerics; pin_cpu_numerics(); import os, torch; "
             "print(torch.backends.cpu.get_cpu_capability(), os.environ['MKL_CBWR'])")
     env = {k: v for k, v in os.environ.items() if k not in CPU_NUMERICS and k != OPT_OUT}
@@ -44,6 +44,17 @@ def test_pinned_cpu_kernels_reach_torch_and_numpy_before_they_load():
     code = ("from refusal_atlas.numerics import pin_cpu_numerics; pin_cpu_numerics(); import numpy, scipy.linalg, threadpoolctl; "
             "print(sorted({i['architecture'] for i in threadpoolctl.threadpool_info() if i['internal_api'] == 'openblas'}))")
     assert subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout.strip() == "['Haswell']"
+    # numpy's own loops (exp, log1p, tanh, sin, cos) run the AVX2 ones an AVX2-only host runs (X86_V3 is the most it enables).
+    code = ("import hashlib, numpy as np; x = np.linspace(-5, 5, 10001); print(hashlib.sha256(b''.join(f(a).tobytes() "
+            "for f in (np.exp, np.log1p, np.tanh, np.sin, np.cos) for a in (x, x.astype(np.float32)))).hexdigest())")
+    def digest(pin: bool, extra: dict) -> str:
+        prefix = "from refusal_atlas.numerics import pin_cpu_numerics; pin_cpu_numerics(); " if pin else ""
+        return subprocess.run([sys.executable, "-W", "ignore", "-c", prefix + code], env={**env, **extra}, capture_output=True, text=True,
+                              check=True).stdout.strip()
+    pinned = digest(True, {})
+    assert pinned == digest(False, {"NPY_ENABLE_CPU_FEATURES": "X86_V3"})
+    if _has_avx512():
+        assert pinned != digest(False, {}), "numpy's AVX-512 loops gave the AVX2 bits: the check cannot tell the two apart here"
     # The opt-out leaves the host's own kernels; a misspelt value stops with what to set.
     code = "from refusal_atlas.numerics import pin_cpu_numerics; pin_cpu_numerics(); import os; print(os.environ.get('ATEN_CPU_CAPABILITY'))"
     assert subprocess.run([sys.executable, "-c", code], env={**env, OPT_OUT: "native"}, capture_output=True, text=True, check=True).stdout.strip() == "None"

@@ -20,8 +20,13 @@ import sys
 # from training at the level of bits: a steered generation on one host took another token than
 # on the other, and every output after the model stage changed hash. numpy's and scipy's
 # OpenBLAS (the geometry stage's linear algebra) pick their kernels by CPU too; Haswell is
-# their AVX2 kernel set.
-CPU_NUMERICS = {"ATEN_CPU_CAPABILITY": "avx2", "MKL_CBWR": "AVX2,STRICT", "ONEDNN_MAX_CPU_ISA": "AVX2", "OPENBLAS_CORETYPE": "Haswell"}
+# their AVX2 kernel set. numpy's own loops (exp, log, tanh, sin, cos in float32 and float64)
+# dispatch by CPU as well, and its AVX-512 loops give other last bits than its AVX2 ones
+# (measured on numpy 2.4: float64 exp and log1p, float32 exp, sin, cos and tanh); disabling its
+# AVX-512 targets leaves X86_V3, the AVX2 loops an AVX2-only host runs (a target the host lacks is
+# ignored, so the setting is harmless there).
+CPU_NUMERICS = {"ATEN_CPU_CAPABILITY": "avx2", "MKL_CBWR": "AVX2,STRICT", "ONEDNN_MAX_CPU_ISA": "AVX2", "OPENBLAS_CORETYPE": "Haswell",
+                "NPY_DISABLE_CPU_FEATURES": "X86_V4 AVX512_ICL AVX512_SPR"}
 # The price, on an AVX-512 host (2 cores, SmolLM2-135M float32, measured 2026-12-06): forward
 # passes 570-580 tokens/s pinned against 830-910 with the host's AVX-512 kernels, generation
 # 1.25x slower. REFUSAL_ATLAS_CPU_KERNELS=native skips the pin: faster on such a host, and
