@@ -299,7 +299,9 @@ def test_steered_refusal_style_follows_the_direction(demo_pipeline):
     their own induce that style more often than all directions together (measured, Intel host
     seed 0 / seed 1: incomplete UNDERSPEC 4.0x / 2.8x, indeterminate GENERIC 1.8x / 1.4x,
     humanizing CAPABILITY 1.6x / 6.1x), and the styles depend on the direction as a statistic
-    over all eleven (chi2 p 1.5e-119 / 1.1e-214, Cramer's V 0.30 / 0.36; 0.39 on the AMD host)."""
+    over all eleven (chi2 p 1.5e-119 / 1.1e-214, Cramer's V 0.30 / 0.36; 0.39 on the AMD host).
+    A draw held out from choosing these bounds (seed 0 with MKL_CBWR=COMPATIBLE) passed them:
+    humanizing 7.6x, incomplete 3.4x, V 0.59."""
     styles = _induced_styles(demo_pipeline)
     enrichment = {c: round(_enrichment(styles, c, STYLE_OF[c]), 2) for c in ("incomplete", "indeterminate", "humanizing")}
     assert min(enrichment.values()) > 1.3, (enrichment, {c: s["dominant"] for c, s in styles.items()})
