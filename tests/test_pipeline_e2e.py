@@ -41,7 +41,7 @@ def test_everything_is_up_to_date(pipeline):
 # Floors for the demo's behaviour that hold for every trained draw measured, not for one. Demo
 # training is chaotic, and a host's CPU can change the draw: MKL runs its own code path on
 # non-Intel CPUs whatever MKL_CBWR says, so an AMD and an Intel host train different models
-# from one seed (README, Reliability). Measured on the default settings (1,600 steps, test
+# from one seed (docs/reliability.md). Measured on the default settings (1,600 steps, test
 # split), as (AMD host seed 0; Intel host seed 0; Intel host seed 1): target refusal per
 # category from 0.79 / 0.79 / 0.75, mean 0.93 / 0.93 / 0.87; answers 0.91 / 0.91 / 0.95 benign,
 # 0.84 / 0.78 / 0.82 over_refusal_safe. An untrained or broken model fails every floor.

@@ -48,7 +48,7 @@ def relaunch_with_accelerate(num_processes: int) -> int:
     starts a single process (multi-CPU there means mpirun), so it is torch.distributed's own
     launcher (torchrun, gloo) with accelerate's ``PartialState`` inside. Multi-node runs use
     the same launchers with ``--num_machines``/``--machine_rank``/``--main_process_ip``
-    (or torchrun's ``--nnodes``/``--rdzv-endpoint``); see the README.
+    (or torchrun's ``--nnodes``/``--rdzv-endpoint``); see docs/operations.md.
     """
     import subprocess
 

@@ -3,7 +3,7 @@
 The generation stages (baseline, steering) are rerun by tests/reliability/test_kill_resume.py
 and compared row for row with the pipeline's outputs there; this test forces a fresh run of one
 stage of every other kind but model training (a second default training costs minutes; the
-two-clean-runs comparison in the README covers it) and compares every output hash DVC records.
+two-clean-runs comparison in docs/reliability.md covers it) and compares every output hash DVC records.
 """
 
 from __future__ import annotations
