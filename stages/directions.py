@@ -18,9 +18,9 @@ import numpy as np
 import pandas as pd
 
 from refusal_atlas import store
-from refusal_atlas.atlas import POOLED, build_atlas, load_prompts, mean_resid_norm, power_flags, side_ids, site_record, validation_texts
+from refusal_atlas.atlas import POOLED, build_atlas, load_prompts, mean_resid_norm, power_flags, side_ids, site_record, validation_sides
 from refusal_atlas.atomic import atomic_path, write_json
-from refusal_atlas.directions import DirectionError, select_arditi, select_cosmic, select_fixed, stability
+from refusal_atlas.directions import select_arditi, select_cosmic, select_fixed, stability
 from refusal_atlas.entry import load_stage_model, run_stage, stage_parser
 from refusal_atlas.generation import forward_tokens_per_s, refusal_token_ids
 from refusal_atlas.models import format_prompts
@@ -56,12 +56,7 @@ def main(args, params, run) -> None:
                 model, tokenizer, _ = load_stage_model(params, args.model, run)
                 fmt = lambda texts: format_prompts(tokenizer, texts, mcfg.system_prompt, mcfg.chat_template, mcfg.chat_template_kwargs)  # noqa: E731
                 ids = refusal_token_ids(tokenizer, mcfg.refusal_tokens)
-            harmful, benign = (fmt(validation_texts(table, sets, cfg.n_val, cfg.seed)) for sets in (targets, pools))
-            for side, sets, texts in (("target", targets, harmful), ("baseline", pools, benign)):
-                if not texts:
-                    raise DirectionError(f"select: arditi scores sites on val-split prompts, and direction '{name}' has none on its {side} side "
-                                         f"({', '.join(sets)}: 0 of {int(table.category.isin(sets).sum())} prompts are in the val split). "
-                                         "Add prompts to those sets, raise prompts.max_per_set, or set directions.select to cosmic or fixed.")
+            harmful, benign = map(fmt, validation_sides(table, name, targets, pools, cfg.n_val, cfg.seed))
             start = time.perf_counter()
             site = select_arditi(model, tokenizer, units, norms, harmful, benign, ids, mcfg.batch_size, cfg.max_layer_fraction, cfg.kl_threshold, offsets, mcfg.max_prompt_tokens, progress=not args.no_progress,
                                  fallback=cfg.fallback)

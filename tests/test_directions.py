@@ -600,3 +600,16 @@ def test_validation_texts_cap_is_a_seeded_draw_of_prompt_ids():
     capped = validation_texts(table, ["x", "y"], 8, 0)
     assert len(capped) == 8 and capped == validation_texts(table.iloc[::-1], ["x", "y"], 8, 0)  # order of the table does not matter
     assert set(capped) <= {f"t{i}" for i in [*range(20), *range(30, 40)]} and capped != validation_texts(table, ["x", "y"], 8, 1)
+
+
+def test_validation_sides_names_the_direction_and_side_that_has_no_val_prompt():
+    import pandas as pd
+
+    from refusal_atlas.atlas import validation_sides
+    from refusal_atlas.directions import DirectionError
+
+    table = pd.DataFrame({"prompt_id": [f"p{i}" for i in range(6)], "category": ["x", "x", "x", "benign", "benign", "benign"],
+                          "split": ["val", "val", "train", "train", "train", "test"], "text": [f"t{i}" for i in range(6)]})
+    assert validation_sides(table.assign(split="val"), "x", ["x"], ["benign"], None, 0) == (["t0", "t1", "t2"], ["t3", "t4", "t5"])
+    with pytest.raises(DirectionError, match=r"direction 'x' has none on its baseline side \(benign: 0 of 3 prompts are in the val split\)"):
+        validation_sides(table, "x", ["x"], ["benign"], None, 0)

@@ -10,7 +10,7 @@ from conftest_models import make_tokenizer, tiny_model
 from scipy.special import log_softmax, rel_entr
 
 from refusal_atlas.errors import RefusalAtlasError
-from refusal_atlas.generation import first_token_logprobs
+from refusal_atlas.generation import first_token_logprobs, kl_first_token
 from refusal_atlas.hooks import add_direction
 from refusal_atlas.models import format_prompts
 from refusal_atlas.steering import (
@@ -23,7 +23,6 @@ from refusal_atlas.steering import (
     intervention,
     intervention_alpha,
     intervention_names,
-    kl_first_token,
     shared_knob,
     shared_knob_summary,
     teacher_forced_kl,

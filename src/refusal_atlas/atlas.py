@@ -16,7 +16,7 @@ import pandas as pd
 import xarray as xr
 
 from refusal_atlas import store
-from refusal_atlas.directions import compute_direction, draw_sides, lineage, random_controls
+from refusal_atlas.directions import DirectionError, compute_direction, draw_sides, lineage, random_controls
 
 POOLED = "pooled"
 
@@ -116,6 +116,22 @@ def validation_texts(prompts: pd.DataFrame, sets: Sequence[str], n: int | None, 
     if n is not None and len(rows) > n:
         rows = rows.iloc[np.sort(np.random.default_rng(seed).choice(len(rows), size=n, replace=False))]
     return rows.text.tolist()
+
+
+def validation_sides(prompts: pd.DataFrame, name: str, targets: Sequence[str], pools: Sequence[str], n: int | None,
+                     seed: int) -> tuple[list[str], list[str]]:
+    """``validation_texts`` of direction ``name``'s target sets and of its baseline pools: what Arditi's selection scores.
+
+    Raises ``DirectionError`` naming the direction, the side and its sets when a side has no
+    val-split prompt (a small set, or ``prompts.max_per_set``, can leave none).
+    """
+    sides = {side: validation_texts(prompts, sets, n, seed) for side, sets in (("target", targets), ("baseline", pools))}
+    for side, sets in (("target", targets), ("baseline", pools)):
+        if not sides[side]:
+            raise DirectionError(f"select: arditi scores sites on val-split prompts, and direction '{name}' has none on its {side} side "
+                                 f"({', '.join(sets)}: 0 of {int(prompts.category.isin(list(sets)).sum())} prompts are in the val split). "
+                                 "Add prompts to those sets, raise prompts.max_per_set, or set directions.select to cosmic or fixed.")
+    return sides["target"], sides["baseline"]
 
 
 def power_flags(counts: Mapping[str, Mapping[str, int]], min_per_side: int) -> dict[str, dict]:

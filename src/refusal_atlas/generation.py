@@ -235,7 +235,6 @@ def kl_rows(p_log: torch.Tensor, q_log: torch.Tensor) -> torch.Tensor:
     return terms.sum(-1).clamp(min=0.0)
 
 
-
 # -------- Many interventions over one prompt set, sharing the prompts' common prefix --------
 
 

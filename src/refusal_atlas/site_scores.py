@@ -42,7 +42,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from refusal_atlas.generation import (
-    encode_prefixed, first_token_logprobs, refusal_log_odds, refusal_scores, score_prefixed_rows,
+    encode_prefixed, first_token_logprobs, kl_rows, refusal_log_odds, refusal_scores, score_prefixed_rows,
 )
 from refusal_atlas.hooks import ablate_directions, ablate_rows, add_direction, add_rows
 
@@ -56,16 +56,9 @@ RESCORE_TOLERANCE = {torch.float32: 1e-4, torch.float64: 1e-4}
 RESCORE_TOLERANCE_HALF = 5e-2
 
 
-def kl_rows(base: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
-    """KL(base || other) per row from log-probabilities [n, vocab]: float64 [n]."""
-    base, other = base.double(), other.double()
-    p = base.exp()  # 0 · log 0 terms are 0, not NaN
-    return torch.where(p > 0, p * (base - other), 0.0).sum(-1)
-
-
 def mean_kl(base: torch.Tensor, other: torch.Tensor) -> float:
-    """Mean over prompts of KL(base || other) from log-probabilities [n, vocab]."""
-    return float(kl_rows(base, other).mean())
+    """Mean over prompts of KL(base || other) from log-probabilities [n, vocab], in float64."""
+    return float(kl_rows(base.double(), other.double()).mean())
 
 
 def _near(a: float, b: float, tol: float) -> bool:
@@ -169,7 +162,7 @@ class CandidateScorer:
 
         with tqdm(total=len(row_prompt), desc=f"select directions: kl of {len(live)}", unit="row", disable=not self.progress, leave=False) as bar:
             score_prefixed_rows(self.model, self.benign, row_prompt, row_group, lambda g: ablate_rows(self.model, self.units[g]),
-                                lambda logp, idx: kl_rows(self.base_benign[idx].to(logp.device), logp), self._rows_per_pass(self.benign),
+                                lambda logp, idx: kl_rows(self.base_benign[idx].to(logp.device).double(), logp.double()), self._rows_per_pass(self.benign),
                                 self.tally, bar.update, skip=lambda r: row_group[r] in self.kl_stopped, on_values=on_values)
 
     def kl(self, c: int) -> tuple[float, int]:

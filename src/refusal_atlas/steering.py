@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from refusal_atlas.errors import RefusalAtlasError
-from refusal_atlas.generation import kl_first_token, kl_rows  # noqa: F401 (kl_first_token: part of this module's API)
+from refusal_atlas.generation import kl_rows
 from refusal_atlas.hooks import ablate_directions, add_direction
 from refusal_atlas.models import raise_if_too_long
 
