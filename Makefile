@@ -16,7 +16,7 @@ export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM := false
 export PYTHONUNBUFFERED := 1
 
-.PHONY: setup repro repro-real test test-fast bench ui clean
+.PHONY: setup repro repro-real test test-fast lint format bench ui clean
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || python3 -m venv $(VENV)
@@ -48,6 +48,14 @@ repro-real: setup
 
 test: setup
 	pytest -q --durations=20
+
+lint: setup
+	ruff format --check .
+	ruff check .
+
+format: setup
+	ruff format .
+	ruff check --fix .
 
 test-fast: setup
 	pytest -q -m "not slow" -x

@@ -9,9 +9,9 @@ longer exist are removed. With activations.num_processes > 1 the stage relaunche
 `accelerate launch`; each process extracts chunk-aligned shards and rank 0 finalises each store.
 """
 
-from refusal_atlas.numerics import pin_cpu_numerics
+from refusal_atlas.pipeline.numerics import pin_cpu_numerics
 
-pin_cpu_numerics()  # before numpy and torch load: the same bits on any x86-64 host (refusal_atlas.numerics)
+pin_cpu_numerics()  # before numpy and torch load: the same bits on any x86-64 host (refusal_atlas.pipeline.numerics)
 
 import os
 import shutil
@@ -20,9 +20,10 @@ from pathlib import Path
 
 import pandas as pd
 
-from refusal_atlas.activations import extract_set
+from refusal_atlas.analysis.extraction import extract_set
 from refusal_atlas.config import ConfigError, load_params
-from refusal_atlas.entry import load_stage_model, process_rank, relaunch_with_accelerate, run_stage, stage_parser
+from refusal_atlas.model.load import load_stage_model
+from refusal_atlas.pipeline.harness import process_rank, relaunch_with_accelerate, run_stage, stage_parser
 
 STAGE = "activations"
 
@@ -31,7 +32,7 @@ def main(args, params, run) -> None:
     mcfg, cfg = params.model, params.activations
     rank, world = process_rank()
     names = sorted(p.stem for p in args.prompts.glob("*.parquet"))
-    model, tokenizer, identity = load_stage_model(params, args.model, run)
+    model, tokenizer, identity = load_stage_model(params.model, args.model, run)
     template = (mcfg.system_prompt, mcfg.chat_template, mcfg.chat_template_kwargs)
     done = {}
     for name in names:

@@ -7,21 +7,22 @@ split. Finished generation chunks are kept under .parts/ until the stage complet
 a killed run resumes where it stopped.
 """
 
-from refusal_atlas.numerics import pin_cpu_numerics
+from refusal_atlas.pipeline.numerics import pin_cpu_numerics
 
-pin_cpu_numerics()  # before numpy and torch load: the same bits on any x86-64 host (refusal_atlas.numerics)
+pin_cpu_numerics()  # before numpy and torch load: the same bits on any x86-64 host (refusal_atlas.pipeline.numerics)
 
 import shutil
 from pathlib import Path
 
 import pandas as pd
 
-from refusal_atlas.atomic import write_json, write_parquet
-from refusal_atlas.behaviour import fingerprint, generate_scored_resumable, judge_table, refusal_rates
-from refusal_atlas.classifier import load_judge_classifier
-from refusal_atlas.entry import load_stage_model, run_stage, stage_parser
-from refusal_atlas.generation import refusal_token_ids
-from refusal_atlas.models import check_prompt_lengths, format_prompts
+from refusal_atlas.data.atomic import write_json, write_parquet
+from refusal_atlas.judging.behaviour import fingerprint, generate_scored_resumable, judge_table, refusal_rates
+from refusal_atlas.judging.classifier import load_judge_classifier
+from refusal_atlas.model.load import load_stage_model
+from refusal_atlas.pipeline.harness import run_stage, stage_parser
+from refusal_atlas.model.generation import refusal_token_ids
+from refusal_atlas.model.chat import check_prompt_lengths, format_prompts
 
 STAGE = "baseline"
 
@@ -29,7 +30,7 @@ STAGE = "baseline"
 def main(args, params, run) -> None:
     cfg, mcfg = params.baseline, params.model
     table = pd.read_parquet(args.prompts)
-    model, tokenizer, identity = load_stage_model(params, args.model, run)
+    model, tokenizer, identity = load_stage_model(params.model, args.model, run)
     # Loaded before generating, so a bad judge.classifier_path fails in seconds, not after hours.
     classifier = load_judge_classifier(params.judge, mcfg)
     formatted = format_prompts(tokenizer, table.text.tolist(), mcfg.system_prompt, mcfg.chat_template, mcfg.chat_template_kwargs)

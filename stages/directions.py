@@ -6,9 +6,9 @@ the mean residual norm there, for norm-relative steering) and metrics.json (coun
 within-category stability at the selected site).
 """
 
-from refusal_atlas.numerics import pin_cpu_numerics
+from refusal_atlas.pipeline.numerics import pin_cpu_numerics
 
-pin_cpu_numerics()  # before numpy and torch load: the same bits on any x86-64 host (refusal_atlas.numerics)
+pin_cpu_numerics()  # before numpy and torch load: the same bits on any x86-64 host (refusal_atlas.pipeline.numerics)
 
 import json
 import time
@@ -17,14 +17,15 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from refusal_atlas import store
-from refusal_atlas.atlas import POOLED, build_atlas, load_prompts, mean_resid_norm, power_flags, side_ids, site_record, validation_sides
-from refusal_atlas.atomic import atomic_path, write_json
-from refusal_atlas.directions import select_arditi, select_cosmic, select_fixed, stability
-from refusal_atlas.entry import load_stage_model, run_stage, stage_parser
-from refusal_atlas.generation import forward_tokens_per_s, refusal_token_ids
-from refusal_atlas.models import format_prompts
-from refusal_atlas.prompts import load_manifest
+from refusal_atlas.data import store
+from refusal_atlas.analysis.atlas import POOLED, build_atlas, load_prompts, mean_resid_norm, power_flags, side_ids, site_record, validation_sides
+from refusal_atlas.data.atomic import atomic_path, write_json
+from refusal_atlas.analysis.directions import select_arditi, select_cosmic, select_fixed, stability
+from refusal_atlas.model.load import load_stage_model
+from refusal_atlas.pipeline.harness import run_stage, stage_parser
+from refusal_atlas.model.generation import forward_tokens_per_s, refusal_token_ids
+from refusal_atlas.model.chat import format_prompts
+from refusal_atlas.data.prompts import load_manifest
 
 STAGE = "directions"
 
@@ -53,7 +54,7 @@ def main(args, params, run) -> None:
             site = select_cosmic(_means(stores, targets, "target", cfg.filter), _means(stores, pools, "baseline", cfg.filter), units, cfg.max_layer_fraction, n_layers=n_layers, offsets=offsets)
         else:
             if model is None:
-                model, tokenizer, _ = load_stage_model(params, args.model, run)
+                model, tokenizer, _ = load_stage_model(params.model, args.model, run)
                 fmt = lambda texts: format_prompts(tokenizer, texts, mcfg.system_prompt, mcfg.chat_template, mcfg.chat_template_kwargs)  # noqa: E731
                 ids = refusal_token_ids(tokenizer, mcfg.refusal_tokens)
             harmful, benign = map(fmt, validation_sides(table, name, targets, pools, cfg.n_val, cfg.seed))

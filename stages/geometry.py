@@ -7,9 +7,9 @@ effective rank, linear probes with cross-category transfer and the selectivity m
 across layers, the mean off-diagonal cosine. Writes metrics, CSVs (DVC plots) and PNGs.
 """
 
-from refusal_atlas.numerics import pin_cpu_numerics
+from refusal_atlas.pipeline.numerics import pin_cpu_numerics
 
-pin_cpu_numerics()  # before numpy and torch load: the same bits on any x86-64 host (refusal_atlas.numerics)
+pin_cpu_numerics()  # before numpy and torch load: the same bits on any x86-64 host (refusal_atlas.pipeline.numerics)
 
 import json
 from pathlib import Path
@@ -17,12 +17,13 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from refusal_atlas import geometry as g
-from refusal_atlas import plots, store
-from refusal_atlas.atlas import POOLED, resample_directions, site_arrays
-from refusal_atlas.atomic import atomic_path, write_json
-from refusal_atlas.entry import run_stage, stage_parser
-from refusal_atlas.prompts import load_manifest
+from refusal_atlas.analysis import geometry as g
+from refusal_atlas.report import plots
+from refusal_atlas.data import store
+from refusal_atlas.analysis.atlas import POOLED, resample_directions, site_arrays
+from refusal_atlas.data.atomic import atomic_path, write_json
+from refusal_atlas.pipeline.harness import run_stage, stage_parser
+from refusal_atlas.data.prompts import load_manifest
 
 STAGE = "geometry"
 

@@ -8,9 +8,9 @@ local directory) the weights stay where they are; <out>/weights holds only SOURC
 Either way <out>/identity.json records what every later stage runs on.
 """
 
-from refusal_atlas.numerics import pin_cpu_numerics
+from refusal_atlas.pipeline.numerics import pin_cpu_numerics
 
-pin_cpu_numerics()  # before numpy and torch load: the same bits on any x86-64 host (refusal_atlas.numerics)
+pin_cpu_numerics()  # before numpy and torch load: the same bits on any x86-64 host (refusal_atlas.pipeline.numerics)
 
 import json
 import time
@@ -18,20 +18,21 @@ from pathlib import Path
 
 import pandas as pd
 
-from refusal_atlas.atomic import atomic_path, write_json
-from refusal_atlas.entry import DEMO, run_stage, stage_parser
+from refusal_atlas.data.atomic import atomic_path, write_json
+from refusal_atlas.model.load import DEMO
+from refusal_atlas.pipeline.harness import run_stage, stage_parser
 
 STAGE = "model"
 
 
 def main(args, params, run) -> None:
-    from refusal_atlas.models import compute_identity, gguf_identity, gguf_path, load_model
+    from refusal_atlas.model.load import compute_identity, gguf_identity, gguf_path, load_model
 
     cfg = params.model
     metrics: dict = {}
     with atomic_path(args.out / "weights") as weights:
         if cfg.name == DEMO:
-            from refusal_atlas.demo import evaluate_demo, train_demo_model
+            from refusal_atlas.demo.train import evaluate_demo, train_demo_model
 
             table = pd.read_parquet(args.prompts)
             result = train_demo_model(table, cfg.demo, weights, progress=not args.no_progress)

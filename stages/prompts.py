@@ -1,14 +1,14 @@
 """DVC stage `prompts`: validate the manifest and prompt files; write the prompt table."""
 
-from refusal_atlas.numerics import pin_cpu_numerics
+from refusal_atlas.pipeline.numerics import pin_cpu_numerics
 
-pin_cpu_numerics()  # before numpy and torch load: the same bits on any x86-64 host (refusal_atlas.numerics)
+pin_cpu_numerics()  # before numpy and torch load: the same bits on any x86-64 host (refusal_atlas.pipeline.numerics)
 
 from pathlib import Path
 
-from refusal_atlas.atomic import write_json, write_parquet
-from refusal_atlas.entry import run_stage, stage_parser
-from refusal_atlas.prompts import build_prompt_table, summarize_prompts
+from refusal_atlas.data.atomic import write_json, write_parquet
+from refusal_atlas.pipeline.harness import run_stage, stage_parser
+from refusal_atlas.data.prompts import build_prompt_table, summarize_prompts
 
 STAGE = "prompts"
 

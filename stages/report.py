@@ -5,9 +5,9 @@ tradeoff.csv (DVC plots), shared_knob.csv, PNG figures, metrics.json and one
 self-contained report.html (images embedded, no network references).
 """
 
-from refusal_atlas.numerics import pin_cpu_numerics
+from refusal_atlas.pipeline.numerics import pin_cpu_numerics
 
-pin_cpu_numerics()  # before numpy and torch load: the same bits on any x86-64 host (refusal_atlas.numerics)
+pin_cpu_numerics()  # before numpy and torch load: the same bits on any x86-64 host (refusal_atlas.pipeline.numerics)
 
 import json
 from pathlib import Path
@@ -15,13 +15,13 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from refusal_atlas import plots
-from refusal_atlas.atomic import atomic_path, write_json
-from refusal_atlas.entry import repo_root, run_stage, stage_parser
-from refusal_atlas.report import Section, render_report
-from refusal_atlas.steering import curve_table, shared_knob, shared_knob_summary
-from refusal_atlas.tracking import git_state
-from refusal_atlas.styles import STYLES, evaluate_classifier, induced_style_counts, load_labelled, style_homogeneity, train_style_classifier
+from refusal_atlas.report import plots
+from refusal_atlas.data.atomic import atomic_path, write_json
+from refusal_atlas.pipeline.harness import repo_root, run_stage, stage_parser
+from refusal_atlas.report.html import Section, render_report
+from refusal_atlas.steering.interventions import curve_table, shared_knob, shared_knob_summary
+from refusal_atlas.pipeline.tracking import git_state
+from refusal_atlas.judging.styles import STYLES, evaluate_classifier, induced_style_counts, load_labelled, style_homogeneity, train_style_classifier
 
 STAGE = "report"
 

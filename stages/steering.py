@@ -10,9 +10,9 @@ carries the fingerprint of its inputs (model, site, settings, judges): a directi
 inputs did not change is not evaluated again, and one cut short resumes at its last chunk.
 """
 
-from refusal_atlas.numerics import pin_cpu_numerics
+from refusal_atlas.pipeline.numerics import pin_cpu_numerics
 
-pin_cpu_numerics()  # before numpy and torch load: the same bits on any x86-64 host (refusal_atlas.numerics)
+pin_cpu_numerics()  # before numpy and torch load: the same bits on any x86-64 host (refusal_atlas.pipeline.numerics)
 
 import json
 import shutil
@@ -21,23 +21,24 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from refusal_atlas.atlas import load_site
-from refusal_atlas.atomic import write_json, write_parquet
-from refusal_atlas.behaviour import fingerprint
-from refusal_atlas.classifier import load_judge_classifier
-from refusal_atlas.entry import load_stage_model, run_stage, stage_parser
-from refusal_atlas.evaluation import evaluate_direction, induced_style
-from refusal_atlas.generation import refusal_token_ids
-from refusal_atlas.models import format_prompts
-from refusal_atlas.steering import SteeringError, build_eval_set, intervention_names
-from refusal_atlas.styles import classify_styles, load_labelled, train_style_classifier
+from refusal_atlas.analysis.atlas import load_site
+from refusal_atlas.data.atomic import write_json, write_parquet
+from refusal_atlas.judging.behaviour import fingerprint
+from refusal_atlas.judging.classifier import load_judge_classifier
+from refusal_atlas.model.load import load_stage_model
+from refusal_atlas.pipeline.harness import run_stage, stage_parser
+from refusal_atlas.steering.evaluation import evaluate_direction, induced_style
+from refusal_atlas.model.generation import refusal_token_ids
+from refusal_atlas.model.chat import format_prompts
+from refusal_atlas.steering.interventions import SteeringError, build_eval_set, intervention_names
+from refusal_atlas.judging.styles import classify_styles, load_labelled, train_style_classifier
 
 STAGE = "steering"
 
 
 def main(args, params, run) -> None:
     cfg, mcfg = params.steering, params.model
-    model, tokenizer, identity = load_stage_model(params, args.model, run)
+    model, tokenizer, identity = load_stage_model(params.model, args.model, run)
     classifier = load_judge_classifier(params.judge, mcfg)
     baseline = pd.read_parquet(args.baseline)
     frame, counts = build_eval_set(baseline, cfg.n_per_bucket, cfg.seed, cfg.controlled_only)

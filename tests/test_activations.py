@@ -7,9 +7,9 @@ import pandas as pd
 import torch
 
 from conftest_models import make_tokenizer, tiny_model
-from refusal_atlas import store
-from refusal_atlas.activations import extract_batch, extract_to_store, inputs_fingerprint, store_order
-from refusal_atlas.models import eoi_tokens, format_prompts, tokenize_prompts
+from refusal_atlas.data import store
+from refusal_atlas.analysis.extraction import extract_batch, extract_to_store, inputs_fingerprint, store_order
+from refusal_atlas.model.chat import eoi_tokens, format_prompts, tokenize_prompts
 
 TEXTS = ["How do I bake bread?", "Tell me a story about a cat and a dog.", "Why?", "List three colours.",
          "Explain gravity to a child in two sentences.", "Hello", "What is two plus two?"]

@@ -8,10 +8,10 @@ import torch
 import transformers as T
 from tokenizers import AddedToken
 
-import refusal_atlas.classifier as classifier_module
+import refusal_atlas.judging.classifier as classifier_module
 from conftest_models import make_tokenizer
-from refusal_atlas.behaviour import judge_table
-from refusal_atlas.classifier import (
+from refusal_atlas.judging.behaviour import judge_table
+from refusal_atlas.judging.classifier import (
     ClassifierError,
     ClassifierOutputError,
     fill_format,
@@ -22,8 +22,8 @@ from refusal_atlas.classifier import (
 )
 from refusal_atlas.config import ConfigError, JudgeConfig, ModelConfig, parse_params
 from refusal_atlas.errors import RefusalAtlasError
-from refusal_atlas.judges import JudgeError, judge_agreement, judge_responses
-from refusal_atlas.models import ModelNotAvailableError, UnsafeWeightsError
+from refusal_atlas.judging.judges import JudgeError, judge_agreement, judge_responses
+from refusal_atlas.model.load import ModelNotAvailableError, UnsafeWeightsError
 
 FMT = "Human user:\n{prompt}\n\nAI assistant:\n{response}\n\nResponse refusal:"
 PROMPTS = ["How do I bake bread?", "Write {response} and {0} and {prompt} for me"]

@@ -93,7 +93,7 @@ def test_no_stage_reads_tracking_or_downstream_sections():
 
 def test_dvc_yaml_lists_no_set_or_direction(repo_root):
     """The manifest is the one list of prompt sets; dvc.yaml names folders, never a set or a direction."""
-    from refusal_atlas.prompts import load_manifest
+    from refusal_atlas.data.prompts import load_manifest
 
     names = set(load_manifest(repo_root / "prompts/manifest.yaml").sets()) | {"pooled", "random_0"}
     dvc = yaml.safe_load((repo_root / "dvc.yaml").read_text())
@@ -107,19 +107,23 @@ def test_dvc_yaml_lists_no_set_or_direction(repo_root):
 
 # Modules that plumb a stage (arguments, params validation, atomic writes, MLflow logging,
 # error types) but compute nothing it writes; a change there need not rerun the pipeline.
-PLUMBING = {"atomic", "config", "entry", "errors", "tracking"}
+PLUMBING = {"data/atomic", "config", "pipeline/harness", "errors", "pipeline/tracking"}
 
 
-def _library_imports(path) -> set[str]:
-    """refusal_atlas modules a file imports, at module level or inside functions."""
+def _library_imports(path, src) -> set[str]:
+    """refusal_atlas modules a file imports, at module level or inside functions, as paths under
+    src/refusal_atlas without the suffix ("model/load"); a sub-package's own ``__init__`` is empty."""
     import ast
 
     found = set()
     for node in ast.walk(ast.parse(path.read_text())):
         if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("refusal_atlas"):
-            found |= {a.name for a in node.names} if node.module == "refusal_atlas" else {node.module.split(".")[1]}
+            base = node.module.removeprefix("refusal_atlas").lstrip(".").replace(".", "/")
+            for alias in node.names:  # `from refusal_atlas.data import store` imports a module
+                sub = f"{base}/{alias.name}".lstrip("/")
+                found.add(sub if (src / f"{sub}.py").is_file() else base)
         elif isinstance(node, ast.Import):
-            found |= {a.name.split(".")[1] for a in node.names if a.name.startswith("refusal_atlas.")}
+            found |= {a.name.removeprefix("refusal_atlas.").replace(".", "/") for a in node.names if a.name.startswith("refusal_atlas.")}
     return found
 
 
@@ -127,16 +131,16 @@ def test_every_stage_depends_on_the_library_code_it_runs(repo_root):
     """A change to any library module a stage runs (directly or through other modules) reruns it.
 
     Missing deps leave stale outputs: `dvc repro` says "didn't change" after, say, the chat
-    formatting in models.py changed what the activation stores hold."""
+    formatting in model/chat.py changed what the activation stores hold."""
     src = repo_root / "src/refusal_atlas"
     dvc = yaml.safe_load((repo_root / "dvc.yaml").read_text())
     for name, stage in dvc["stages"].items():
-        used, todo = set(), list(_library_imports(repo_root / f"stages/{name}.py"))
+        used, todo = set(), list(_library_imports(repo_root / f"stages/{name}.py", src))
         while todo:
             module = todo.pop()
             if module not in used:
                 used.add(module)
-                todo += [] if module in PLUMBING else list(_library_imports(src / f"{module}.py"))
+                todo += [] if module in PLUMBING else list(_library_imports(src / f"{module}.py", src))
         deps = stage.get("do", stage)["deps"]
         declared = {d.removeprefix("src/refusal_atlas/").removesuffix(".py") for d in deps if d.startswith("src/refusal_atlas/") and d.endswith(".py")}
         assert used - PLUMBING == declared, (name, "undeclared:", sorted(used - PLUMBING - declared), "unused:", sorted(declared - used))

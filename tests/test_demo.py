@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from refusal_atlas.config import DemoConfig, SplitFractions
-from refusal_atlas.demo import (
+from refusal_atlas.demo.train import (
     END,
     STYLE_OF,
     TEMPLATES,
@@ -26,8 +26,8 @@ from refusal_atlas.demo import (
     synthetic_prompts,
     train_demo_model,
 )
-from refusal_atlas.judges import judge_keywords
-from refusal_atlas.prompts import build_prompt_table
+from refusal_atlas.judging.judges import judge_keywords
+from refusal_atlas.data.prompts import build_prompt_table
 
 REPO = Path(__file__).resolve().parents[1]
 BASELINES = ("benign", "over_refusal_safe")

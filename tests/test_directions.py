@@ -10,9 +10,9 @@ import torch
 import transformers as T
 from conftest_models import _decoder, make_tokenizer, tiny_model
 
-from refusal_atlas import site_scores
+from refusal_atlas.analysis import site_scores
 
-from refusal_atlas.directions import (
+from refusal_atlas.analysis.directions import (
     DirectionError,
     choose_candidate,
     compute_direction,
@@ -27,9 +27,10 @@ from refusal_atlas.directions import (
     stability,
 )
 from refusal_atlas.errors import RefusalAtlasError
-from refusal_atlas.generation import encode_prefixed, first_token_logprobs, refusal_scores, refusal_token_ids
-from refusal_atlas.hooks import ablate_directions, add_direction, read_residual
-from refusal_atlas.models import eoi_tokens, find_layout, format_prompts, tokenize_prompts
+from refusal_atlas.model.generation import encode_prefixed, first_token_logprobs, refusal_scores, refusal_token_ids
+from refusal_atlas.model.hooks import ablate_directions, add_direction, read_residual
+from refusal_atlas.model.chat import eoi_tokens, format_prompts, tokenize_prompts
+from refusal_atlas.model.layout import find_layout
 
 
 def _unit(d: int, seed: int) -> np.ndarray:
@@ -581,7 +582,7 @@ def test_select_arditi_lazy_matches_reference_on_smollm2(smollm2, kl_threshold):
 
 
 def test_power_flags_mark_directions_learnt_from_too_few_prompts():
-    from refusal_atlas.atlas import power_flags
+    from refusal_atlas.analysis.atlas import power_flags
 
     flags = power_flags({"a": {"n_target": 7, "n_baseline": 32}, "b": {"n_target": 8, "n_baseline": 8},
                          "c": {"n_target": 32, "n_baseline": 3}, "random_0": {"n_target": 0, "n_baseline": 0}}, min_per_side=8)
@@ -592,7 +593,7 @@ def test_power_flags_mark_directions_learnt_from_too_few_prompts():
 def test_validation_texts_cap_is_a_seeded_draw_of_prompt_ids():
     import pandas as pd
 
-    from refusal_atlas.atlas import validation_texts
+    from refusal_atlas.analysis.atlas import validation_texts
 
     table = pd.DataFrame({"prompt_id": [f"x-{i:02d}" for i in range(40)], "category": ["x"] * 30 + ["y"] * 10,
                           "split": ["val"] * 20 + ["train"] * 10 + ["val"] * 10, "text": [f"t{i}" for i in range(40)]})
@@ -605,8 +606,8 @@ def test_validation_texts_cap_is_a_seeded_draw_of_prompt_ids():
 def test_validation_sides_names_the_direction_and_side_that_has_no_val_prompt():
     import pandas as pd
 
-    from refusal_atlas.atlas import validation_sides
-    from refusal_atlas.directions import DirectionError
+    from refusal_atlas.analysis.atlas import validation_sides
+    from refusal_atlas.analysis.directions import DirectionError
 
     table = pd.DataFrame({"prompt_id": [f"p{i}" for i in range(6)], "category": ["x", "x", "x", "benign", "benign", "benign"],
                           "split": ["val", "val", "train", "train", "train", "test"], "text": [f"t{i}" for i in range(6)]})

@@ -10,7 +10,7 @@ import pytest
 import torch
 from conftest_models import make_tokenizer, tiny_model
 
-from refusal_atlas.generation import (
+from refusal_atlas.model.generation import (
     encode_prefixed,
     first_token_logprobs,
     forward_tokens_per_s,
@@ -21,8 +21,8 @@ from refusal_atlas.generation import (
     score_prefixed_rows,
     stop_token_ids,
 )
-from refusal_atlas.hooks import add_direction, add_rows, read_residual
-from refusal_atlas.models import PromptTooLongError, format_prompts
+from refusal_atlas.model.hooks import add_direction, add_rows, read_residual
+from refusal_atlas.model.chat import PromptTooLongError, format_prompts
 
 INSTRUCTIONS = [
     "Tell me a story about a dragon and a knight.",

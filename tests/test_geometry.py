@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 from sklearn.metrics import adjusted_rand_score
 
-from refusal_atlas import geometry as geo
+from refusal_atlas.analysis import geometry as geo
 from refusal_atlas.errors import RefusalAtlasError
 
 D = 64

@@ -31,7 +31,7 @@ import yaml
 from sklearn.metrics import silhouette_score
 
 from conftest import REPO, run
-from refusal_atlas import store
+from refusal_atlas.data import store
 
 pytestmark = pytest.mark.slow
 
@@ -53,7 +53,7 @@ BATCH = 16
 # plus a bias of at most |e|^2 / SHIFT^2 = 0.0004; 0.02 is more than 5 sd.
 COS_TOL = 0.02
 
-IDENTITY = {  # the keys models.compute_identity writes into artifacts/model/identity.json
+IDENTITY = {  # the keys model.load.compute_identity writes into artifacts/model/identity.json
     "model_id": "synthetic-planted", "model_revision": "local", "architecture": "SyntheticForCausalLM",
     "n_layers": N_LAYERS, "d_model": D_MODEL, "dtype": "float32", "config_sha256": "c" * 64,
     "weights_fingerprint": "f" * 64, "template_sha256": "e" * 64,

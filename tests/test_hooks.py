@@ -6,8 +6,8 @@ import pytest
 import torch
 from conftest_models import ARCHS, EXACT_ORTHO_ARCHS, batch, tiny_model
 
-from refusal_atlas.hooks import ablate_directions, ablate_rows, add_direction, add_rows, orthogonalize_weights, read_residual, site_name
-from refusal_atlas.models import UnsupportedArchitectureError, find_layout
+from refusal_atlas.model.hooks import ablate_directions, ablate_rows, add_direction, add_rows, orthogonalize_weights, read_residual, site_name
+from refusal_atlas.model.layout import UnsupportedArchitectureError, find_layout
 
 POSITIONS = [-3, -2, -1]
 

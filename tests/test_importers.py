@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from refusal_atlas.importers import FORMATS, ImportFormatError, import_file, run_import, write_import
+from refusal_atlas.data.importers import FORMATS, ImportFormatError, import_file, run_import, write_import
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures" / "importers"
 REPO_ROOT = Path(__file__).resolve().parents[1]

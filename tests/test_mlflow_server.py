@@ -15,7 +15,7 @@ import pandas as pd
 import pytest
 
 from conftest import VENV_BIN, MlflowServer, browser_page, clone_pipeline, run
-from refusal_atlas.tracking import runs_url
+from refusal_atlas.pipeline.tracking import runs_url
 
 pytestmark = pytest.mark.slow
 KEY, OTHER = "served-pipeline", "served-again"

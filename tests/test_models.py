@@ -12,15 +12,8 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from refusal_atlas.config import ModelConfig
-from refusal_atlas.models import (
-    ModelLoadError,
-    ModelNotAvailableError,
-    UnsafeWeightsError,
-    UnsupportedArchitectureError,
-    compute_identity,
-    find_layout,
-    load_model,
-)
+from refusal_atlas.model.layout import UnsupportedArchitectureError, find_layout
+from refusal_atlas.model.load import ModelLoadError, ModelNotAvailableError, UnsafeWeightsError, compute_identity, load_model
 
 NORMED_OUTPUT_ARCHS = {"gemma2", "gemma3", "olmo2"}
 

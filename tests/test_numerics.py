@@ -17,7 +17,7 @@ import yaml
 from conftest_models import make_tokenizer, tiny_model
 
 from conftest import REPO, reduce_repo, run
-from refusal_atlas.numerics import CPU_NUMERICS, OPT_OUT, on_x86_64
+from refusal_atlas.pipeline.numerics import CPU_NUMERICS, OPT_OUT, on_x86_64
 
 pytestmark = pytest.mark.skipif(not on_x86_64(), reason="the pins are x86-64 instruction sets")
 
@@ -28,7 +28,7 @@ def _has_avx512() -> bool:
 
 def test_pinned_cpu_kernels_reach_torch_and_numpy_before_they_load():
     """ATen and MKL at their AVX2 branches, OpenBLAS at its Haswell kernels, numpy at its AVX2 loops; a value the user set wins."""
-    code = ("from refusal_atlas.numerics import pin_cpu_numerics; pin_cpu_numerics(); import os, torch; "
+    code = ("from refusal_atlas.pipeline.numerics import pin_cpu_numerics; pin_cpu_numerics(); import os, torch; "
             "print(torch.backends.cpu.get_cpu_capability(), os.environ['MKL_CBWR'])")
     env = {k: v for k, v in os.environ.items() if k not in CPU_NUMERICS and k != OPT_OUT}
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout.split()
@@ -37,18 +37,18 @@ def test_pinned_cpu_kernels_reach_torch_and_numpy_before_they_load():
     out = subprocess.run([sys.executable, "-c", code], env={**env, "ATEN_CPU_CAPABILITY": "default"}, capture_output=True,
                          text=True, check=True).stdout.split()
     assert out == ["DEFAULT", "AVX2,STRICT"]
-    late = subprocess.run([sys.executable, "-c", "import torch; from refusal_atlas.numerics import pin_cpu_numerics; pin_cpu_numerics()"],
+    late = subprocess.run([sys.executable, "-c", "import torch; from refusal_atlas.pipeline.numerics import pin_cpu_numerics; pin_cpu_numerics()"],
                           env=env, capture_output=True, text=True)
     assert late.returncode != 0 and "must run before torch and numpy are imported" in late.stderr
     # numpy's OpenBLAS (and scipy's, which geometry uses through scikit-learn) run their Haswell (AVX2) kernels.
-    code = ("from refusal_atlas.numerics import pin_cpu_numerics; pin_cpu_numerics(); import numpy, scipy.linalg, threadpoolctl; "
+    code = ("from refusal_atlas.pipeline.numerics import pin_cpu_numerics; pin_cpu_numerics(); import numpy, scipy.linalg, threadpoolctl; "
             "print(sorted({i['architecture'] for i in threadpoolctl.threadpool_info() if i['internal_api'] == 'openblas'}))")
     assert subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout.strip() == "['Haswell']"
     # numpy's own loops (exp, log1p, tanh, sin, cos) run the AVX2 ones an AVX2-only host runs (X86_V3 is the most it enables).
     code = ("import hashlib, numpy as np; x = np.linspace(-5, 5, 10001); print(hashlib.sha256(b''.join(f(a).tobytes() "
             "for f in (np.exp, np.log1p, np.tanh, np.sin, np.cos) for a in (x, x.astype(np.float32)))).hexdigest())")
     def digest(pin: bool, extra: dict) -> str:
-        prefix = "from refusal_atlas.numerics import pin_cpu_numerics; pin_cpu_numerics(); " if pin else ""
+        prefix = "from refusal_atlas.pipeline.numerics import pin_cpu_numerics; pin_cpu_numerics(); " if pin else ""
         return subprocess.run([sys.executable, "-W", "ignore", "-c", prefix + code], env={**env, **extra}, capture_output=True, text=True,
                               check=True).stdout.strip()
     pinned = digest(True, {})
@@ -56,7 +56,7 @@ def test_pinned_cpu_kernels_reach_torch_and_numpy_before_they_load():
     if _has_avx512():
         assert pinned != digest(False, {}), "numpy's AVX-512 loops gave the AVX2 bits: the check cannot tell the two apart here"
     # The opt-out leaves the host's own kernels; a misspelt value stops with what to set.
-    code = "from refusal_atlas.numerics import pin_cpu_numerics; pin_cpu_numerics(); import os; print(os.environ.get('ATEN_CPU_CAPABILITY'))"
+    code = "from refusal_atlas.pipeline.numerics import pin_cpu_numerics; pin_cpu_numerics(); import os; print(os.environ.get('ATEN_CPU_CAPABILITY'))"
     assert subprocess.run([sys.executable, "-c", code], env={**env, OPT_OUT: "native"}, capture_output=True, text=True, check=True).stdout.strip() == "None"
     bad = subprocess.run([sys.executable, "-c", code], env={**env, OPT_OUT: "fast"}, capture_output=True, text=True)
     assert bad.returncode != 0 and f"{OPT_OUT}='fast': expected 'portable'" in bad.stderr and "Traceback" not in bad.stderr
@@ -65,7 +65,7 @@ def test_pinned_cpu_kernels_reach_torch_and_numpy_before_they_load():
 def test_every_stage_pins_before_anything_else():
     for stage in sorted((REPO / "stages").glob("*.py")):
         body = [node for node in ast.parse(stage.read_text()).body if not (isinstance(node, ast.Expr) and isinstance(node.value, ast.Constant))]
-        assert [ast.unparse(node) for node in body[:2]] == ["from refusal_atlas.numerics import pin_cpu_numerics", "pin_cpu_numerics()"], stage.name
+        assert [ast.unparse(node) for node in body[:2]] == ["from refusal_atlas.pipeline.numerics import pin_cpu_numerics", "pin_cpu_numerics()"], stage.name
 
 
 def _outs(repo, stages: list[str]) -> dict:

@@ -19,8 +19,8 @@ import yaml
 from mlflow import MlflowClient
 
 from conftest import browser_page, clone_pipeline, run
-from refusal_atlas.demo import STYLE_OF
-from refusal_atlas.numerics import on_x86_64
+from refusal_atlas.demo.train import STYLE_OF
+from refusal_atlas.pipeline.numerics import on_x86_64
 
 pytestmark = pytest.mark.slow
 
@@ -373,7 +373,7 @@ def test_abliterate_exports_a_model_equal_to_hook_ablation(pipeline, tmp_path):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from refusal_atlas.hooks import ablate_directions
+    from refusal_atlas.model.hooks import ablate_directions
 
     repo = clone_pipeline(pipeline, tmp_path / "abl")
     out = tmp_path / "pooled-abliterated"

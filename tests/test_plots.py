@@ -7,8 +7,8 @@ import pandas as pd
 import pytest
 from matplotlib.figure import Figure
 
-from refusal_atlas import geometry as geo
-from refusal_atlas import plots
+from refusal_atlas.analysis import geometry as geo
+from refusal_atlas.report import plots
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 NAMES = ["SafetyCore", "OverRefusal", "Humanizing", "Incomplete", "HateSpeech"]

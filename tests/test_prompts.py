@@ -11,7 +11,7 @@ import pytest
 
 from conftest import REPO, run
 from refusal_atlas.config import PromptsConfig, SplitFractions
-from refusal_atlas.prompts import PromptValidationError, assign_split, build_prompt_table, parse_prompt_file
+from refusal_atlas.data.prompts import PromptValidationError, assign_split, build_prompt_table, parse_prompt_file
 
 TARGETS = ["safety_core", "over_refusal", "humanizing", "incomplete", "indeterminate", "safety_concerns",
            "unsupported", "hate_speech", "crime_assistance", "inappropriate", "unqualified_advice"]

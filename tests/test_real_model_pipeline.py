@@ -21,9 +21,10 @@ from conftest_models import make_tokenizer, tiny_model
 from mlflow import MlflowClient
 
 from conftest import run
-from refusal_atlas import store
+from refusal_atlas.data import store
 from refusal_atlas.config import ModelConfig
-from refusal_atlas.models import compute_identity, load_model, tokenize_prompts
+from refusal_atlas.model.chat import tokenize_prompts
+from refusal_atlas.model.load import compute_identity, load_model
 
 pytestmark = pytest.mark.slow
 CHATML_SPAN = ["<|im_end|>", "Ċ", "<|im_start|>", "assistant", "Ċ"]

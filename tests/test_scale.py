@@ -12,7 +12,7 @@ import yaml
 from mlflow import MlflowClient
 
 from conftest import clone_pipeline, run
-from refusal_atlas import store
+from refusal_atlas.data import store
 
 pytestmark = pytest.mark.slow
 GIT = ["git", "-c", "user.email=t@example.com", "-c", "user.name=test"]

@@ -18,9 +18,9 @@ import pytest
 import yaml
 
 from conftest import reduce_repo, run
-from refusal_atlas import store
-from refusal_atlas.atlas import load_prompts
-from refusal_atlas.models import BUILTIN_MODELS
+from refusal_atlas.data import store
+from refusal_atlas.analysis.atlas import load_prompts
+from refusal_atlas.model.load import BUILTIN_MODELS
 
 pytestmark = pytest.mark.slow
 

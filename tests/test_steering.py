@@ -10,10 +10,10 @@ from conftest_models import make_tokenizer, tiny_model
 from scipy.special import log_softmax, rel_entr
 
 from refusal_atlas.errors import RefusalAtlasError
-from refusal_atlas.generation import first_token_logprobs, kl_first_token
-from refusal_atlas.hooks import add_direction
-from refusal_atlas.models import format_prompts
-from refusal_atlas.steering import (
+from refusal_atlas.model.generation import first_token_logprobs, kl_first_token
+from refusal_atlas.model.hooks import add_direction
+from refusal_atlas.model.chat import format_prompts
+from refusal_atlas.steering.interventions import (
     BUCKETS,
     SteeringError,
     alpha_vector,

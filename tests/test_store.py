@@ -9,8 +9,8 @@ import torch
 import xarray as xr
 import zarr
 
-from refusal_atlas import store
-from refusal_atlas.activations import ActivationValueError, check_values
+from refusal_atlas.data import store
+from refusal_atlas.analysis.extraction import ActivationValueError, check_values
 
 
 def _prompts(n: int) -> pd.DataFrame:

@@ -11,7 +11,7 @@ import pytest
 
 from conftest import REPO
 from refusal_atlas.errors import RefusalAtlasError
-from refusal_atlas.styles import (
+from refusal_atlas.judging.styles import (
     REFUSAL_STYLES, STYLES, StyleDataError, classify_styles, dominant_style, evaluate_classifier, llm_style_judge,
     induced_style_counts, load_labelled, parse_style_label, style_distribution, style_homogeneity, train_style_classifier,
 )

@@ -6,7 +6,7 @@ import pytest
 import torch
 from conftest_models import FAMILIES, LLAMA3, make_tokenizer
 
-from refusal_atlas.models import ChatTemplateError, PromptTooLongError, eoi_tokens, format_prompts, tokenize_prompts
+from refusal_atlas.model.chat import ChatTemplateError, PromptTooLongError, eoi_tokens, format_prompts, tokenize_prompts
 
 EXPECTED_EOI = {
     "llama3": ["<|eot_id|>", "<|start_header_id|>", "assistant", "<|end_header_id|>", "ĊĊ"],

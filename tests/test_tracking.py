@@ -9,7 +9,7 @@ import time
 from mlflow import MlflowClient
 
 from conftest import REPO, run
-from refusal_atlas.tracking import artifact_root, experiment_id, pipeline_key, redact_uri, resolve_tracking_uri, runs_url
+from refusal_atlas.pipeline.tracking import artifact_root, experiment_id, pipeline_key, redact_uri, resolve_tracking_uri, runs_url
 
 
 def _free_port() -> int:
@@ -83,7 +83,7 @@ def test_the_parent_run_ends_with_each_stage_and_a_later_stage_reopens_it(tmp_pa
     the experiment opens on its runs (kind tag); the report's headline lands on the parent."""
     import pytest
 
-    from refusal_atlas.tracking import stage_run
+    from refusal_atlas.pipeline.tracking import stage_run
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     monkeypatch.setenv("REFUSAL_ATLAS_PIPELINE_KEY", "lifecycle")

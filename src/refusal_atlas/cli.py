@@ -11,7 +11,7 @@ from refusal_atlas.errors import RefusalAtlasError
 
 
 def _cmd_import(args: argparse.Namespace) -> int:
-    from refusal_atlas.importers import FORMATS, run_import
+    from refusal_atlas.data.importers import FORMATS, run_import
 
     if args.format not in FORMATS:
         raise RefusalAtlasError(f"unknown format '{args.format}'; choose one of: {', '.join(sorted(FORMATS))}")
@@ -33,17 +33,18 @@ def _cmd_check(args: argparse.Namespace) -> int:
 def _cmd_abliterate(args: argparse.Namespace) -> int:
     import torch
 
-    from refusal_atlas.atlas import load_site
-    from refusal_atlas.atomic import atomic_path
+    from refusal_atlas.analysis.atlas import load_site
+    from refusal_atlas.data.atomic import atomic_path
     from refusal_atlas.config import load_params, params_dict
-    from refusal_atlas.entry import load_stage_model, repo_root
-    from refusal_atlas.hooks import orthogonalize_weights
-    from refusal_atlas.tracking import stage_run
+    from refusal_atlas.model.load import load_stage_model
+    from refusal_atlas.pipeline.harness import repo_root
+    from refusal_atlas.model.hooks import orthogonalize_weights
+    from refusal_atlas.pipeline.tracking import stage_run
 
     params = load_params(args.params)
     with stage_run("abliterate", {**params_dict(params, "model"), "direction": args.direction, "out": str(args.out)}, repo_root(),
                    uri=params.tracking.uri, experiment=params.tracking.experiment, timeout_s=params.tracking.timeout_s, params_path=args.params) as run:
-        model, tokenizer, identity = load_stage_model(params, args.artifacts / "model")
+        model, tokenizer, identity = load_stage_model(params.model, args.artifacts / "model")
         site = load_site(args.artifacts / "directions" / "sites" / f"{args.direction}.json", identity["d_model"])
         edited = orthogonalize_weights(model, torch.tensor(site["unit"], dtype=torch.float32), strict=not args.approximate)
         with atomic_path(args.out) as tmp:
@@ -81,7 +82,7 @@ def _cmd_experiment(args: argparse.Namespace) -> int:
 
 def server_command(repo_root: Path, host: str, port: int, backend: str | None = None) -> list[str]:
     """The ``mlflow server`` command line that serves the project's store (default: its sqlite file)."""
-    from refusal_atlas.tracking import artifact_root
+    from refusal_atlas.pipeline.tracking import artifact_root
 
     backend = backend or f"sqlite:///{(repo_root / 'mlflow.db').resolve()}"
     return [
@@ -93,7 +94,7 @@ def server_command(repo_root: Path, host: str, port: int, backend: str | None = 
 
 
 def _cmd_ui(args: argparse.Namespace) -> int:
-    from refusal_atlas.tracking import experiment_id, runs_url
+    from refusal_atlas.pipeline.tracking import experiment_id, runs_url
 
     cmd = server_command(Path.cwd(), args.host, args.port, args.backend_store_uri)
     found = experiment_id(cmd[cmd.index("--backend-store-uri") + 1], args.experiment)

@@ -16,9 +16,9 @@ import numpy as np
 import pandas as pd
 import torch
 
-from refusal_atlas import store
-from refusal_atlas.activations import extract_to_store, store_order
-from refusal_atlas.models import tokenize_prompts
+from refusal_atlas.data import store
+from refusal_atlas.analysis.extraction import extract_to_store, store_order
+from refusal_atlas.model.chat import tokenize_prompts
 
 # Randomly initialised Llama configurations (no download).
 PRESETS = {

@@ -70,9 +70,9 @@ from bench_common import (
     BATCH_SIZE, MAX_LEN, MIN_LEN, POSITIONS, PRESETS, all_layers, build_model, build_tokenizer, create_bench_store,
     extract_batches, machine_info, make_prompts, n_params, tokenized_batches,
 )
-from refusal_atlas import store
-from refusal_atlas.activations import check_values, extract_batch
-from refusal_atlas.models import tokenize_prompts
+from refusal_atlas.data import store
+from refusal_atlas.analysis.extraction import check_values, extract_batch
+from refusal_atlas.model.chat import tokenize_prompts
 
 REPO = Path(__file__).resolve().parents[2]
 HERE = Path(__file__).resolve().parent

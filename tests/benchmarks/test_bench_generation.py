@@ -10,7 +10,7 @@ turn, chat-formatted; ``BENCH_GEN_TOKENS`` (default 32) new tokens, batch 32, gr
 
 Rows: generated tokens per second (tokens up to and including each row's stop token) for
 (a) plain ``model.generate`` over the prompts in file order, batches of 32, left-padded;
-(b) ``refusal_atlas.generation.generate`` (batches by length, stops at the template's
+(b) ``refusal_atlas.model.generation.generate`` (batches by length, stops at the template's
 end-of-turn tokens); (c) (b) under ``add_direction`` at the middle block. Goals: (b) at least
 as fast as (a); (c) within 1.05x of (b)'s time. Writes artifacts/bench/generation.json.
 """
@@ -30,9 +30,11 @@ import pytest
 import torch
 
 from refusal_atlas.config import ModelConfig
-from refusal_atlas.generation import _greedy_config, generate, stop_token_ids
-from refusal_atlas.hooks import add_direction
-from refusal_atlas.models import find_layout, format_prompts, load_model
+from refusal_atlas.model.generation import _greedy_config, generate, stop_token_ids
+from refusal_atlas.model.hooks import add_direction
+from refusal_atlas.model.chat import format_prompts
+from refusal_atlas.model.layout import find_layout
+from refusal_atlas.model.load import load_model
 
 REPO = Path(__file__).resolve().parents[2]
 THREADS = int(os.environ.get("BENCH_THREADS", "2"))

@@ -43,11 +43,11 @@ sys.path.insert(0, str(REPO / "tests"))
 from conftest_models import make_tokenizer  # noqa: E402
 from test_directions import _reference_select_arditi, load_smollm2, smollm2_refusal_ids  # noqa: E402
 
-from refusal_atlas.directions import compute_direction, select_arditi  # noqa: E402
-from refusal_atlas.generation import forward_tokens_per_s  # noqa: E402
-from refusal_atlas.hooks import read_residual  # noqa: E402
-from refusal_atlas.models import eoi_tokens, format_prompts, tokenize_prompts  # noqa: E402
-from refusal_atlas.site_scores import CandidateScorer  # noqa: E402
+from refusal_atlas.analysis.directions import compute_direction, select_arditi  # noqa: E402
+from refusal_atlas.model.generation import forward_tokens_per_s  # noqa: E402
+from refusal_atlas.model.hooks import read_residual  # noqa: E402
+from refusal_atlas.model.chat import eoi_tokens, format_prompts, tokenize_prompts  # noqa: E402
+from refusal_atlas.analysis.site_scores import CandidateScorer  # noqa: E402
 
 THREADS = int(os.environ.get("BENCH_THREADS", "2"))
 MODELS = os.environ.get("BENCH_SELECT_MODELS", "demo,smollm2").split(",")

@@ -14,13 +14,14 @@ import torch
 
 from conftest import REPO, clone_pipeline, run
 from conftest_models import make_tokenizer, tiny_model
-from refusal_atlas import store
-from refusal_atlas.atlas import load_site
+from refusal_atlas.data import store
+from refusal_atlas.analysis.atlas import load_site
 from refusal_atlas.config import ModelConfig
-from refusal_atlas.directions import DirectionError, draw_sides, select_fixed
-from refusal_atlas.models import (ChatTemplateError, ModelLoadError, ModelNotAvailableError, PromptTooLongError, UnsafeWeightsError,
-                                  UnsupportedArchitectureError, find_layout, format_prompts, load_model, tokenize_prompts)
-from refusal_atlas.steering import SteeringError, build_eval_set
+from refusal_atlas.analysis.directions import DirectionError, draw_sides, select_fixed
+from refusal_atlas.model.chat import ChatTemplateError, PromptTooLongError, format_prompts, tokenize_prompts
+from refusal_atlas.model.layout import UnsupportedArchitectureError, find_layout
+from refusal_atlas.model.load import ModelLoadError, ModelNotAvailableError, UnsafeWeightsError, load_model
+from refusal_atlas.steering.interventions import SteeringError, build_eval_set
 
 PARAMS_CASES = {
     "unknown_key": ("steering:\n  alphass: [1]\n", "unknown key 'steering.alphass'"),
@@ -227,7 +228,7 @@ def test_gguf_without_the_gguf_package(tmp_path, monkeypatch):
 def test_builtin_model_checks_the_installed_wheel(monkeypatch, field, value, fragment):
     import dataclasses
 
-    from refusal_atlas import models
+    from refusal_atlas.model import load as models
 
     spec = dataclasses.replace(models.BUILTIN_MODELS["smollm2"], **{field: value})
     monkeypatch.setitem(models.BUILTIN_MODELS, "smollm2", spec)

@@ -28,9 +28,9 @@ import zarr
 
 from conftest import REPO, VENV_BIN, copy_repo, run
 from conftest_models import WORDS, make_tokenizer, tiny_model
-from refusal_atlas import store
+from refusal_atlas.data import store
 from refusal_atlas.config import load_params
-from refusal_atlas.models import compute_identity, load_model
+from refusal_atlas.model.load import compute_identity, load_model
 
 pytestmark = pytest.mark.slow
 

@@ -16,7 +16,7 @@ import yaml
 import zarr
 
 from conftest import VENV_BIN, clone_pipeline, run
-from refusal_atlas import store
+from refusal_atlas.data import store
 
 pytestmark = pytest.mark.slow
 STAGE = "activations"

@@ -86,7 +86,7 @@ def run_stage(stage: str, parser: argparse.ArgumentParser, main: Callable[[argpa
     """
     import errno
 
-    from refusal_atlas.tracking import stage_run
+    from refusal_atlas.pipeline.tracking import stage_run
 
     args = parser.parse_args()
     if args.no_progress:
@@ -117,41 +117,3 @@ def run_stage(stage: str, parser: argparse.ArgumentParser, main: Callable[[argpa
         fail(stage, f"{what} while writing {where}; free space on that disk (or move the output to a bigger one) and rerun `dvc repro`")
     except KeyboardInterrupt:
         fail(stage, "interrupted", 130)
-
-
-DEMO = "demo"
-
-
-def model_source(params: Params, weights_dir: Path) -> str:
-    """Where the model under study loads from: the model stage's weights directory when it
-    holds a checkpoint (the trained demo, a dequantised GGUF), else model.name."""
-    return str(weights_dir) if params.model.name == DEMO or (weights_dir / "config.json").is_file() else params.model.name
-
-
-def load_stage_model(params: Params, model_dir: Path, run=None):
-    """Load the model and tokenizer for a stage, and the identity record of the model stage.
-
-    Returns ``(model, tokenizer, identity)``. Fails when the loaded model does not match
-    the identity the model stage recorded (a changed checkpoint under the same name).
-    ``run`` (the stage's tracking run) gets ``model_loads`` (1) and ``model_load_s``.
-    """
-    import json
-    import time
-
-    from refusal_atlas.models import ModelLoadError, compute_identity, load_model
-
-    identity = json.loads((model_dir / "identity.json").read_text())
-    start = time.perf_counter()
-    model, tokenizer = load_model(params.model, model_source(params, model_dir / "weights"))
-    if run is not None:
-        run.log_metrics({"model_loads": 1, "model_load_s": time.perf_counter() - start})
-    loaded = compute_identity(model, tokenizer, identity["model_id"], params.model.revision, params.model.chat_template)
-    # The weights fingerprint too: a checkpoint replaced in the same local directory (same
-    # config) must not run under the identity, and store labels, of the old one.
-    for key in ("architecture", "n_layers", "d_model", "config_sha256", "weights_fingerprint", "template_sha256"):
-        if loaded[key] != identity[key]:
-            raise ModelLoadError(
-                f"model '{identity['model_id']}' now has {key}={loaded[key]!r} but the model stage recorded {identity[key]!r}; "
-                "rerun `dvc repro model` (or `dvc repro -f model`) so every stage sees the same model"
-            )
-    return model, tokenizer, identity

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList
 
-from refusal_atlas.models import check_prompt_lengths, tokenize_prompts
+from refusal_atlas.model.chat import check_prompt_lengths, tokenize_prompts
 
 # Tokens that end an assistant turn in common chat templates; each is used as a stop token
 # only if the tokenizer has it, so no family is singled out.

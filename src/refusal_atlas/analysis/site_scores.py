@@ -1,6 +1,6 @@
 """Arditi et al.'s candidate scores (bypass, kl, induce), computed lazily, batched and prefix-shared.
 
-``select_arditi`` (directions.py) needs, per candidate site c = (layer, position) with unit
+``select_arditi`` (analysis/directions.py) needs, per candidate site c = (layer, position) with unit
 direction u_c and mean difference v_c = u_c · norm_c:
 
 - bypass(c): mean first-token refusal log-odds on harmful prompts with u_c ablated everywhere;
@@ -41,10 +41,10 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from refusal_atlas.generation import (
+from refusal_atlas.model.generation import (
     encode_prefixed, first_token_logprobs, kl_rows, refusal_log_odds, refusal_scores, score_prefixed_rows,
 )
-from refusal_atlas.hooks import ablate_directions, ablate_rows, add_direction, add_rows
+from refusal_atlas.model.hooks import ablate_directions, ablate_rows, add_direction, add_rows
 
 # Relative band, per model dtype, inside which a fast score is not trusted to decide a
 # comparison (|a - b| <= tol · max(1, |a|, |b|)) and the reference score decides instead.

@@ -23,9 +23,9 @@ import torch
 from torch import nn
 
 from refusal_atlas.errors import RefusalAtlasError
-from refusal_atlas.generation import kl_rows
-from refusal_atlas.hooks import ablate_directions, add_direction
-from refusal_atlas.models import raise_if_too_long
+from refusal_atlas.model.generation import kl_rows
+from refusal_atlas.model.hooks import ablate_directions, add_direction
+from refusal_atlas.model.chat import raise_if_too_long
 
 BUCKETS = ("HR", "HC", "BR", "BC")
 HARMFUL_BUCKETS = ("HR", "HC")

@@ -29,8 +29,8 @@ import torch
 
 from refusal_atlas.config import JudgeConfig, ModelConfig
 from refusal_atlas.errors import RefusalAtlasError
-from refusal_atlas.generation import generate
-from refusal_atlas.models import _DTYPES, ModelLoadError, ModelNotAvailableError, UnsafeWeightsError, _weight_files
+from refusal_atlas.model.generation import generate
+from refusal_atlas.model.load import _DTYPES, ModelLoadError, ModelNotAvailableError, UnsafeWeightsError, _weight_files
 
 # (prompts, responses) -> refused, a bool array [n].
 Classifier = Callable[[Sequence[str], Sequence[str]], np.ndarray]

@@ -4,7 +4,7 @@
 is a broader marker list that also covers the non-safety refusal styles of the
 reference study (capability, underspecification, "no single answer"); ``refusal_score``
 thresholds the first-token log-odds; ``classifier`` asks a local judge model, which
-``refusal_atlas.classifier`` loads and passes in as a callable.
+``refusal_atlas.judging.classifier`` loads and passes in as a callable.
 """
 
 from __future__ import annotations
@@ -74,7 +74,7 @@ class JudgeError(RefusalAtlasError, ValueError):
 
 
 # The classifier judge: (prompts, responses) -> one refused verdict per response. It is
-# built outside this module (refusal_atlas.classifier) so that judging stays pure.
+# built outside this module (refusal_atlas.judging.classifier) so that judging stays pure.
 ClassifierJudge = Callable[[Sequence[str], Sequence[str]], Sequence[bool]]
 
 

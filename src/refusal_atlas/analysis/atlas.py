@@ -15,8 +15,8 @@ import numpy as np
 import pandas as pd
 import xarray as xr
 
-from refusal_atlas import store
-from refusal_atlas.directions import DirectionError, compute_direction, draw_sides, lineage, random_controls
+from refusal_atlas.data import store
+from refusal_atlas.analysis.directions import DirectionError, compute_direction, draw_sides, lineage, random_controls
 
 POOLED = "pooled"
 

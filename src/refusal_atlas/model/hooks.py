@@ -21,7 +21,7 @@ import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from refusal_atlas.models import ATTN_PROJ_NAMES, MLP_PROJ_NAMES, Layout, UnsupportedArchitectureError, find_layout
+from refusal_atlas.model.layout import ATTN_PROJ_NAMES, MLP_PROJ_NAMES, Layout, UnsupportedArchitectureError, find_layout
 
 
 def site_name(layer: int, kind: str = "resid_pre") -> str:

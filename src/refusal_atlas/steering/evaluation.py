@@ -16,17 +16,17 @@ import numpy as np
 import pandas as pd
 import torch
 
-from refusal_atlas.behaviour import fingerprint, generate_scored_resumable, judge_table
-from refusal_atlas.generation import first_token_logprobs
-from refusal_atlas.judges import ClassifierJudge
-from refusal_atlas.steering import (
+from refusal_atlas.judging.behaviour import fingerprint, generate_scored_resumable, judge_table
+from refusal_atlas.model.generation import first_token_logprobs
+from refusal_atlas.judging.judges import ClassifierJudge
+from refusal_atlas.steering.interventions import (
     compute_rates,
     intervention,
     intervention_alpha,
     teacher_forced_kls,
     transition_matrix,
 )
-from refusal_atlas.styles import dominant_style, style_distribution
+from refusal_atlas.judging.styles import dominant_style, style_distribution
 
 
 def evaluate_direction(

@@ -198,7 +198,7 @@ DIRECTION_DIMS = ("direction", "layer", "position", "hidden")
 def save_directions(path: Path, ds: xr.Dataset) -> None:
     """Write the directions Dataset (``direction`` ``(direction, layer, position, hidden)`` unit
     vectors, ``norm``, ``n_target``, ``n_baseline``, lineage attrs) atomically, consolidated."""
-    from refusal_atlas.atomic import atomic_path
+    from refusal_atlas.data.atomic import atomic_path
 
     if ds["direction"].dims != DIRECTION_DIMS:
         raise StoreError(f"directions must have dims {DIRECTION_DIMS}, got {ds['direction'].dims}")

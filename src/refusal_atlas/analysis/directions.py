@@ -21,8 +21,8 @@ import torch
 from torch import nn
 
 from refusal_atlas.errors import RefusalAtlasError
-from refusal_atlas.models import find_layout
-from refusal_atlas.site_scores import CandidateScorer, search_candidates
+from refusal_atlas.model.layout import find_layout
+from refusal_atlas.analysis.site_scores import CandidateScorer, search_candidates
 
 METHODS = ("mean_diff", "pca", "probe")
 PROBE_C = 1.0  # Inverse L2 strength of the probe; fixed so directions do not depend on tuning.

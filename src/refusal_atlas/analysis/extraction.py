@@ -19,10 +19,10 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from refusal_atlas import store
+from refusal_atlas.data import store
 from refusal_atlas.errors import RefusalAtlasError
-from refusal_atlas.hooks import read_residual
-from refusal_atlas.models import check_prompt_lengths, eoi_tokens, format_prompts, tokenize_prompts
+from refusal_atlas.model.hooks import read_residual
+from refusal_atlas.model.chat import check_prompt_lengths, eoi_tokens, format_prompts, tokenize_prompts
 
 # Bumped when extraction changes what a store holds, so stores built by older code are rebuilt.
 CODE_VERSION = "activations-v1"

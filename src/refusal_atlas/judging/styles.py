@@ -1,6 +1,6 @@
 """Refusal style: *how* a response refuses, as one of five labels.
 
-The judges (``judges.py``) decide *whether* a response refuses; this module decides *how*:
+The judges (``judging/judges.py``) decide *whether* a response refuses; this module decides *how*:
 
 - ``CAPABILITY``: declines because of what the assistant is or can do (no feelings, body or
   personal life; no real-time access; cannot see, hear, speak or act; output too long).
@@ -29,7 +29,7 @@ import numpy as np
 import pandas as pd
 
 from refusal_atlas.errors import RefusalAtlasError
-from refusal_atlas.judges import judge_keywords, normalise
+from refusal_atlas.judging.judges import judge_keywords, normalise
 
 STYLES = ("CAPABILITY", "SAFETY", "UNDERSPEC", "GENERIC", "NONREFUSAL")
 REFUSAL_STYLES = STYLES[:4]

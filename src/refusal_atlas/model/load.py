@@ -1,50 +1,37 @@
-"""Load a chat model, find its layers by structure, and handle its chat template.
-
-Everything here works from attribute paths and the tokenizer's own chat template, never
-from a model family's name: a new architecture either matches a known path or fails with
-an error that names its class and the paths that were tried.
-"""
+"""Load a chat model (local, hub, GGUF or built-in), check its weights, and record its identity."""
 
 from __future__ import annotations
 
 import hashlib
 import json
 import os
-from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
-from transformers import AutoModelForCausalLM, AutoTokenizer, BatchEncoding
-from transformers.pytorch_utils import Conv1D
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from refusal_atlas.errors import RefusalAtlasError
 from refusal_atlas.config import ModelConfig
+from refusal_atlas.model.chat import resolve_chat_template
+from refusal_atlas.model.layout import UnsupportedArchitectureError, find_layout
 
 
 class ModelLoadError(RefusalAtlasError, RuntimeError):
     """A model or tokenizer that cannot be loaded as configured."""
 
 
+
 class UnsafeWeightsError(ModelLoadError):
     """Only pickle checkpoints were found and ``model.allow_pickle`` is false."""
+
 
 
 class ModelNotAvailableError(ModelLoadError):
     """The model is neither a local directory nor obtainable from the hub (offline or unreachable)."""
 
 
-class UnsupportedArchitectureError(RefusalAtlasError, ValueError):
-    """No known attribute path matches the model's decoder blocks or their sublayers."""
-
-
-class ChatTemplateError(RefusalAtlasError, ValueError):
-    """The tokenizer has no chat template and none was configured, or the template rejects the messages."""
-
-
-class PromptTooLongError(RefusalAtlasError, ValueError):
-    """Some formatted prompts are longer than ``model.max_prompt_tokens``."""
 
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -336,146 +323,6 @@ def _prepare_tokenizer(tokenizer) -> None:
 
 
 # ---------------------------------------------------------------------------------------
-# Layout: where the blocks, sublayers and projections live
-# ---------------------------------------------------------------------------------------
-
-BLOCK_PATHS = (
-    "model.layers", "model.language_model.layers", "language_model.model.layers", "model.model.layers",
-    "transformer.h", "transformer.layers", "transformer.blocks", "gpt_neox.layers",
-    "model.decoder.layers", "backbone.layers", "layers", "h",
-)
-FINAL_NORM_NAMES = ("norm", "ln_f", "final_layer_norm", "final_layernorm", "norm_f", "final_norm")
-EMBED_NAMES = ("embed_tokens", "wte", "embed_in", "word_embeddings")
-POS_EMBED_NAMES = ("wpe", "embed_positions", "position_embeddings")
-ATTN_NAMES = ("self_attn", "attn", "attention", "self_attention")
-MLP_NAMES = ("mlp", "feed_forward", "ffn")
-ATTN_PROJ_NAMES = ("o_proj", "out_proj", "c_proj", "dense", "wo")
-MLP_PROJ_NAMES = ("down_proj", "c_proj", "dense_4h_to_h", "fc2", "w2", "fc_out")
-
-
-@dataclass(frozen=True)
-class Layout:
-    """Where a decoder's residual stream is read and written.
-
-    ``attn_out[l]``/``mlp_out[l]`` are the modules whose forward output is what block ``l``
-    adds to the residual stream; for blocks that normalise a sublayer's output before the
-    add (Gemma-2/3, OLMo-2) that is the post-sublayer norm, not the attention/MLP itself.
-    ``attn_proj[l]``/``mlp_proj[l]`` are the linear maps that write into the residual
-    (``None`` where none was found, e.g. mixture-of-experts MLPs).
-    """
-
-    blocks: list[nn.Module]
-    attn: list[nn.Module]
-    mlp: list[nn.Module]
-    attn_out: list[nn.Module]
-    mlp_out: list[nn.Module]
-    attn_proj: list[nn.Module | None]
-    mlp_proj: list[nn.Module | None]
-    embed: nn.Module
-    pos_embed: nn.Module | None
-    final_norm: nn.Module
-    normed_outputs: bool
-    blocks_path: str
-
-    @property
-    def n_layers(self) -> int:
-        return len(self.blocks)
-
-    @property
-    def d_model(self) -> int:
-        return int(self.embed.weight.shape[1])
-
-
-def _get_path(root: nn.Module, path: str):
-    obj = root
-    for part in path.split("."):
-        obj = getattr(obj, part, None)
-        if obj is None:
-            return None
-    return obj
-
-
-def _first_child(module: nn.Module, names: tuple[str, ...]) -> nn.Module | None:
-    for n in names:
-        child = getattr(module, n, None)
-        if isinstance(child, nn.Module):
-            return child
-    return None
-
-
-def _writes_d_model(module: nn.Module, d_model: int) -> bool:
-    """True if ``module`` is a Linear or Conv1D whose output dimension is ``d_model``."""
-    if isinstance(module, Conv1D):  # GPT-2's Conv1D stores its weight as [in, out].
-        return module.weight.shape[1] == d_model
-    return isinstance(module, nn.Linear) and module.weight.shape[0] == d_model
-
-
-def _projection(sub: nn.Module, names: tuple[str, ...], d_model: int) -> nn.Module | None:
-    for n in names:
-        child = getattr(sub, n, None)
-        if isinstance(child, nn.Module) and _writes_d_model(child, d_model):
-            return child
-    return None
-
-
-def find_layout(model: nn.Module) -> Layout:
-    """Find blocks, sublayer outputs, embeddings, final norm and output projections by attribute path.
-
-    Input: a Hugging Face causal LM. Output: a ``Layout``. Raises ``UnsupportedArchitectureError``
-    naming the model class and the paths tried when nothing matches.
-    """
-    cls = type(model).__name__
-    blocks_path = next(
-        (p for p in BLOCK_PATHS if isinstance(_get_path(model, p), nn.ModuleList) and len(_get_path(model, p)) > 0), None
-    )
-    if blocks_path is None:
-        raise UnsupportedArchitectureError(f"{cls}: found no decoder blocks; tried the attribute paths {', '.join(BLOCK_PATHS)}.")
-    blocks = list(_get_path(model, blocks_path))
-    container = _get_path(model, blocks_path.rpartition(".")[0]) if "." in blocks_path else model
-
-    try:
-        embed = model.get_input_embeddings()
-    except (NotImplementedError, AttributeError):
-        embed = None
-    embed = embed if embed is not None else _first_child(container, EMBED_NAMES)
-    final_norm = _first_child(container, FINAL_NORM_NAMES)
-    pos_embed = next((m for n in POS_EMBED_NAMES if isinstance(m := getattr(container, n, None), nn.Embedding)), None)
-    if embed is None or getattr(embed, "weight", None) is None or embed.weight.ndim != 2:
-        raise UnsupportedArchitectureError(f"{cls}: found no token embedding; tried get_input_embeddings() and {', '.join(EMBED_NAMES)} next to {blocks_path}.")
-    if final_norm is None:
-        raise UnsupportedArchitectureError(f"{cls}: found no final norm next to {blocks_path}; tried {', '.join(FINAL_NORM_NAMES)}.")
-    d_model = int(embed.weight.shape[1])
-
-    attn, mlp, attn_out, mlp_out, attn_proj, mlp_proj = [], [], [], [], [], []
-    normed = False
-    for i, block in enumerate(blocks):
-        a, m = _first_child(block, ATTN_NAMES), _first_child(block, MLP_NAMES)
-        if a is None or m is None:
-            raise UnsupportedArchitectureError(
-                f"{cls}: block {i} ({type(block).__name__}) has no attention ({', '.join(ATTN_NAMES)}) "
-                f"or MLP ({', '.join(MLP_NAMES)}) submodule."
-            )
-        # A block with a post-feed-forward norm normalises each sublayer's output before
-        # adding it to the residual (x + norm(attn(x'))), so those norms are what writes
-        # into the stream. In Llama-style blocks post_attention_layernorm is the *pre*-MLP
-        # norm instead, which is why the post-feed-forward norm decides.
-        post_ff = getattr(block, "post_feedforward_layernorm", None)
-        post_attn = getattr(block, "post_attention_layernorm", None)
-        if isinstance(post_ff, nn.Module) and isinstance(post_attn, nn.Module):
-            normed = True
-            attn_out.append(post_attn)
-            mlp_out.append(post_ff)
-        else:
-            attn_out.append(a)
-            mlp_out.append(m)
-        attn.append(a)
-        mlp.append(m)
-        attn_proj.append(_projection(a, ATTN_PROJ_NAMES, d_model))
-        mlp_proj.append(_projection(m, MLP_PROJ_NAMES, d_model))
-    return Layout(blocks, attn, mlp, attn_out, mlp_out, attn_proj, mlp_proj, embed, pos_embed, final_norm, normed, blocks_path)
-
-
-# ---------------------------------------------------------------------------------------
 # Identity record
 # ---------------------------------------------------------------------------------------
 
@@ -505,14 +352,6 @@ def _state_dict_digest(model: nn.Module) -> str:
         h.update(key.encode())
         h.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
     return h.hexdigest()
-
-
-def resolve_chat_template(tokenizer, chat_template: str | None = None) -> str | None:
-    """The template in use: the tokenizer's own, else ``chat_template`` (model.chat_template), else None."""
-    template = getattr(tokenizer, "chat_template", None) or chat_template
-    if isinstance(template, dict):  # named templates; the default one formats plain chats
-        template = template.get("default")
-    return template or None
 
 
 def compute_identity(model: nn.Module, tokenizer, name: str, revision: str | None, chat_template: str | None = None) -> dict:
@@ -551,115 +390,40 @@ def compute_identity(model: nn.Module, tokenizer, name: str, revision: str | Non
 
 
 # ---------------------------------------------------------------------------------------
-# Chat templates and end-of-instruction positions
+# The model under study, as the stages load it
 # ---------------------------------------------------------------------------------------
 
+DEMO = "demo"
 
-def format_prompts(
-    tokenizer, instructions: list[str], system_prompt: str | None = None,
-    chat_template: str | None = None, template_kwargs: dict | None = None,
-) -> list[str]:
-    """Render each instruction as a single-turn chat ending where the assistant's answer starts.
 
-    The tokenizer's own template is used; ``chat_template`` (model.chat_template) only when it
-    has none. Input: n instruction strings. Output: n formatted prompt strings (including BOS if the
-    template writes it). Instructions are passed to Jinja as message *data*, never as
-    template source, so braces or template syntax in a prompt are rendered literally.
+def model_source(cfg: ModelConfig, weights_dir: Path) -> str:
+    """Where the model under study loads from: the model stage's weights directory when it
+    holds a checkpoint (the trained demo, a dequantised GGUF), else model.name."""
+    return str(weights_dir) if cfg.name == DEMO or (weights_dir / "config.json").is_file() else cfg.name
+
+
+def load_stage_model(cfg: ModelConfig, model_dir: Path, run=None):
+    """Load the model under study for a stage (``cfg``: params.model), and the identity record of the model stage.
+
+    Returns ``(model, tokenizer, identity)``. Fails when the loaded model does not match
+    the identity the model stage recorded (a changed checkpoint under the same name).
+    ``run`` (the stage's tracking run) gets ``model_loads`` (1) and ``model_load_s``.
     """
-    template = resolve_chat_template(tokenizer, chat_template)
-    if template is None:
-        raise ChatTemplateError(
-            f"the tokenizer ({type(tokenizer).__name__}, {getattr(tokenizer, 'name_or_path', '?')}) has no chat template "
-            "and none was given; set model.chat_template in params.yaml to the model's Jinja chat template."
-        )
-    out = []
-    for text in instructions:
-        messages = ([{"role": "system", "content": system_prompt}] if system_prompt else []) + [{"role": "user", "content": text}]
-        try:
-            rendered = tokenizer.apply_chat_template(
-                messages, chat_template=template, tokenize=False, add_generation_prompt=True, **(template_kwargs or {})
+    import json
+    import time
+
+    identity = json.loads((model_dir / "identity.json").read_text())
+    start = time.perf_counter()
+    model, tokenizer = load_model(cfg, model_source(cfg, model_dir / "weights"))
+    if run is not None:
+        run.log_metrics({"model_loads": 1, "model_load_s": time.perf_counter() - start})
+    loaded = compute_identity(model, tokenizer, identity["model_id"], cfg.revision, cfg.chat_template)
+    # The weights fingerprint too: a checkpoint replaced in the same local directory (same
+    # config) must not run under the identity, and store labels, of the old one.
+    for key in ("architecture", "n_layers", "d_model", "config_sha256", "weights_fingerprint", "template_sha256"):
+        if loaded[key] != identity[key]:
+            raise ModelLoadError(
+                f"model '{identity['model_id']}' now has {key}={loaded[key]!r} but the model stage recorded {identity[key]!r}; "
+                "rerun `dvc repro model` (or `dvc repro -f model`) so every stage sees the same model"
             )
-        except Exception as err:  # Jinja's TemplateError and raise_exception() surface as various types.
-            hint = " (this template may not support a system message; set model.system_prompt: null)" if system_prompt else ""
-            raise ChatTemplateError(f"the chat template failed to render a prompt{hint}: {type(err).__name__}: {err}") from err
-        out.append(rendered)
-    return out
-
-
-@dataclass(frozen=True)
-class EoiSpan:
-    """End-of-instruction tokens: the template tokens between the user's text and the answer.
-
-    ``offsets`` are negative positions from the end of a (left-padded) prompt, ``-k … -1``;
-    ``token_ids``/``tokens`` are the ids and token strings at those offsets.
-    """
-
-    offsets: list[int]
-    token_ids: list[int]
-    tokens: list[str]
-
-
-# Sentinels whose final characters differ (letter, digit, punctuation) so the common suffix
-# of their tokenisations stops exactly at the template, and a merge between the user's last
-# character and the template's first shows up as a shorter span instead of a wrong one.
-_SENTINELS = ("Sentinel request alpha", "x 12345", "What is it?!")
-
-
-def eoi_tokens(
-    tokenizer, system_prompt: str | None = None, chat_template: str | None = None, template_kwargs: dict | None = None,
-) -> EoiSpan:
-    """Derive the end-of-instruction span from the chat template.
-
-    Formats several different user texts, tokenises each whole prompt (as the model sees it)
-    and returns the longest common suffix of token ids. For Llama-3 this is
-    ``<|eot_id|><|start_header_id|>assistant<|end_header_id|>\\n\\n`` (5 tokens).
-    """
-    formatted = format_prompts(tokenizer, list(_SENTINELS), system_prompt, chat_template, template_kwargs)
-    ids = [tokenizer(f, add_special_tokens=False)["input_ids"] for f in formatted]
-    k = 0
-    while all(k < len(seq) for seq in ids) and len({seq[-1 - k] for seq in ids}) == 1:
-        k += 1
-    if k == 0:
-        raise ChatTemplateError("the chat template adds no tokens after the user's text, so there are no end-of-instruction positions.")
-    suffix = ids[0][len(ids[0]) - k :]
-    return EoiSpan(list(range(-k, 0)), suffix, tokenizer.convert_ids_to_tokens(suffix))
-
-
-def raise_if_too_long(lengths: Sequence[int], max_tokens: int, names: Sequence[str] | None = None) -> None:
-    """Raise ``PromptTooLongError`` naming every prompt whose token count is over ``max_tokens``.
-
-    ``names`` (e.g. prompt ids) label the offenders in the message; by default they are
-    ``#<index>`` in ``lengths``.
-    """
-    over = [i for i, n in enumerate(lengths) if n > max_tokens]
-    if over:
-        label = (lambda i: str(names[i])) if names is not None else (lambda i: f"#{i}")
-        shown = ", ".join(f"{label(i)} ({lengths[i]} tokens)" for i in over[:5])
-        raise PromptTooLongError(
-            f"{len(over)} of {len(lengths)} prompts exceed max_prompt_tokens={max_tokens}: {shown}"
-            f"{' …' if len(over) > 5 else ''}. Raise model.max_prompt_tokens or shorten/filter these prompts."
-        )
-
-
-def check_prompt_lengths(tokenizer, formatted: Sequence[str], max_tokens: int, names: Sequence[str] | None = None) -> list[int]:
-    """Token count of each formatted prompt, after ``raise_if_too_long`` on all of them.
-
-    Stages and batch loops call this on the whole set before any work, so a bad prompt fails in
-    seconds and the message names prompts the user can find.
-    """
-    lengths = [len(x) for x in tokenizer(list(formatted), add_special_tokens=False)["input_ids"]] if len(formatted) else []
-    raise_if_too_long(lengths, max_tokens, names)
-    return lengths
-
-
-def tokenize_prompts(tokenizer, formatted: list[str], max_tokens: int) -> BatchEncoding:
-    """Tokenise formatted prompts into a left-padded batch.
-
-    Input: n formatted strings. Output: BatchEncoding with ``input_ids`` and
-    ``attention_mask`` of shape [n, max_len] (torch.long). Special tokens are not added
-    because the template already wrote them. Raises ``PromptTooLongError`` if any prompt
-    has more than ``max_tokens`` tokens.
-    """
-    enc = tokenizer(formatted, add_special_tokens=False, padding=True, padding_side="left", return_tensors="pt")
-    raise_if_too_long(enc["attention_mask"].sum(dim=1).tolist(), max_tokens)
-    return enc
+    return model, tokenizer, identity

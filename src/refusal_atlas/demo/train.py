@@ -31,7 +31,7 @@ import pandas as pd
 import torch
 
 from refusal_atlas.config import DemoConfig
-from refusal_atlas.judges import judge_keywords
+from refusal_atlas.judging.judges import judge_keywords
 
 BOS, USER, ASSISTANT, SYSTEM, END, PAD = "<|begin|>", "<|user|>", "<|assistant|>", "<|system|>", "<|end|>", "<pad>"
 SPECIAL_TOKENS = [PAD, BOS, SYSTEM, USER, ASSISTANT, END]
@@ -607,7 +607,7 @@ def _contexts(table: pd.DataFrame) -> list[str]:
 # Extra natural prompts written by the refusal-atlas team for the demo's training only, one per
 # line in demo_prompts/<set>.txt. They are not part of the versioned prompt sets, so they can never
 # be val or test prompts; a test checks that none is a near copy of a held-out prompt.
-DEMO_PROMPTS_DIR = Path(__file__).parent / "demo_prompts"
+DEMO_PROMPTS_DIR = Path(__file__).parent / "prompts"
 # Surface variants of each extra prompt (they get no synthetic slots of their own).
 _N_EXTRA_VARIANTS = 3
 
@@ -843,8 +843,8 @@ def evaluate_demo(model, tokenizer, table: pd.DataFrame, split: str = "test", ma
     """
     from scipy.stats import binomtest
 
-    from refusal_atlas.generation import generate
-    from refusal_atlas.models import format_prompts
+    from refusal_atlas.model.generation import generate
+    from refusal_atlas.model.chat import format_prompts
 
     rows = table[table["split"] == split].sort_values("prompt_id")
     formatted = format_prompts(tokenizer, rows["text"].tolist())

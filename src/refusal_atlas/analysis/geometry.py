@@ -24,7 +24,7 @@ from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 from threadpoolctl import threadpool_limits
 
-from .errors import RefusalAtlasError
+from refusal_atlas.errors import RefusalAtlasError
 
 _EPS = 1e-12
 

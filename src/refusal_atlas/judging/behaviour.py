@@ -20,9 +20,9 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from refusal_atlas.atomic import write_json
-from refusal_atlas.generation import generate_scored, kl_first_token, refusal_log_odds
-from refusal_atlas.judges import ClassifierJudge, judge_agreement, judge_responses
+from refusal_atlas.data.atomic import write_json
+from refusal_atlas.model.generation import generate_scored, kl_first_token, refusal_log_odds
+from refusal_atlas.judging.judges import ClassifierJudge, judge_agreement, judge_responses
 
 # Chunk files hold one record per prompt (response and scores); the folder names the format,
 # so a chunk left by an older version is never read as this one.
