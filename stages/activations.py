@@ -37,35 +37,63 @@ def main(args, params, run) -> None:
     done = {}
     for name in names:
         prompts = pd.read_parquet(args.prompts / f"{name}.parquet").merge(
-            pd.read_parquet(args.verdicts / f"{name}.parquet")[["prompt_id", "refused"]], on="prompt_id", how="left", validate="one_to_one")
-        done[name] = extract_set(model, tokenizer, identity, prompts, args.out / f"{name}.zarr", name=name, template=template, dtype=cfg.dtype,
-                                 batch_size=mcfg.batch_size, max_prompt_tokens=mcfg.max_prompt_tokens, rank=rank, world=world,
-                                 barrier=lambda: _barrier(world), progress=not args.no_progress and rank == 0)
+            pd.read_parquet(args.verdicts / f"{name}.parquet")[["prompt_id", "refused"]],
+            on="prompt_id",
+            how="left",
+            validate="one_to_one",
+        )
+        done[name] = extract_set(
+            model,
+            tokenizer,
+            identity,
+            prompts,
+            args.out / f"{name}.zarr",
+            name=name,
+            template=template,
+            dtype=cfg.dtype,
+            batch_size=mcfg.batch_size,
+            max_prompt_tokens=mcfg.max_prompt_tokens,
+            rank=rank,
+            world=world,
+            barrier=lambda: _barrier(world),
+            progress=not args.no_progress and rank == 0,
+        )
     if rank > 0:
         return
     for stale in sorted(set(args.out.glob("*.zarr")) - {args.out / f"{n}.zarr" for n in names}):
         shutil.rmtree(stale)
     run.log_identity(identity)
     run.log_input(args.prompts)
-    run.log_metrics({"n_processes": world, "n_sets_rebuilt": sum(d["rebuilt"] for d in done.values()),
-                     "n_sets_extracted": sum(d["n_batches_written"] > 0 for d in done.values()), "sets": done})
+    run.log_metrics(
+        {
+            "n_processes": world,
+            "n_sets_rebuilt": sum(d["rebuilt"] for d in done.values()),
+            "n_sets_extracted": sum(d["n_batches_written"] > 0 for d in done.values()),
+            "sets": done,
+        }
+    )
     fresh = [f"{n} ({d['n_batches_written']} batches)" for n, d in done.items() if d["n_batches_written"]]
-    print(f"activations: {len(names)} stores ({len(fresh)} extracted: {', '.join(fresh) or 'none'}; the rest up to date; {world} process(es)) -> {args.out}")
+    print(
+        f"activations: {len(names)} stores ({len(fresh)} extracted: {', '.join(fresh) or 'none'}; the rest up to date; {world} process(es)) -> {args.out}"
+    )
 
 
 def _barrier(world: int) -> None:
     if world > 1:
-        from accelerate import PartialState
-
         import torch
+        from accelerate import PartialState
 
         PartialState(cpu=not torch.cuda.is_available()).wait_for_everyone()
 
 
 if __name__ == "__main__":
     parser = stage_parser(STAGE, __doc__)
-    parser.add_argument("--prompts", type=Path, required=True, help="artifacts/prompts/sets (one <set>.parquet per prompt set)")
-    parser.add_argument("--verdicts", type=Path, required=True, help="artifacts/baseline/sets (one <set>.parquet of verdicts per set)")
+    parser.add_argument(
+        "--prompts", type=Path, required=True, help="artifacts/prompts/sets (one <set>.parquet per prompt set)"
+    )
+    parser.add_argument(
+        "--verdicts", type=Path, required=True, help="artifacts/baseline/sets (one <set>.parquet of verdicts per set)"
+    )
     parser.add_argument("--model", type=Path, required=True, help="artifacts/model")
     parser.add_argument("--out", type=Path, required=True, help="artifacts/activations (one <set>.zarr per set)")
     known, _ = parser.parse_known_args()

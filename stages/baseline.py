@@ -19,10 +19,10 @@ import pandas as pd
 from refusal_atlas.data.atomic import write_json, write_parquet
 from refusal_atlas.judging.behaviour import fingerprint, generate_scored_resumable, judge_table, refusal_rates
 from refusal_atlas.judging.classifier import load_judge_classifier
+from refusal_atlas.model.chat import check_prompt_lengths, format_prompts
+from refusal_atlas.model.generation import refusal_token_ids
 from refusal_atlas.model.load import load_stage_model
 from refusal_atlas.pipeline.harness import run_stage, stage_parser
-from refusal_atlas.model.generation import refusal_token_ids
-from refusal_atlas.model.chat import check_prompt_lengths, format_prompts
 
 STAGE = "baseline"
 
@@ -33,20 +33,40 @@ def main(args, params, run) -> None:
     model, tokenizer, identity = load_stage_model(params.model, args.model, run)
     # Loaded before generating, so a bad judge.classifier_path fails in seconds, not after hours.
     classifier = load_judge_classifier(params.judge, mcfg)
-    formatted = format_prompts(tokenizer, table.text.tolist(), mcfg.system_prompt, mcfg.chat_template, mcfg.chat_template_kwargs)
-    check_prompt_lengths(tokenizer, formatted, mcfg.max_prompt_tokens, table.prompt_id.tolist())  # all of them, before any generation
+    formatted = format_prompts(
+        tokenizer, table.text.tolist(), mcfg.system_prompt, mcfg.chat_template, mcfg.chat_template_kwargs
+    )
+    check_prompt_lengths(
+        tokenizer, formatted, mcfg.max_prompt_tokens, table.prompt_id.tolist()
+    )  # all of them, before any generation
 
     key = fingerprint(identity, formatted, cfg.model_dump(), mcfg.batch_size, mcfg.refusal_tokens)
-    responses, scores, _ = generate_scored_resumable(model, tokenizer, formatted, refusal_token_ids(tokenizer, mcfg.refusal_tokens), cfg.max_new_tokens,
-                                                     mcfg.batch_size, mcfg.max_prompt_tokens, args.out / ".parts", key, chunk_size=8 * mcfg.batch_size,
-                                                     desc="baseline", progress=not args.no_progress)
+    responses, scores, _ = generate_scored_resumable(
+        model,
+        tokenizer,
+        formatted,
+        refusal_token_ids(tokenizer, mcfg.refusal_tokens),
+        cfg.max_new_tokens,
+        mcfg.batch_size,
+        mcfg.max_prompt_tokens,
+        args.out / ".parts",
+        key,
+        chunk_size=8 * mcfg.batch_size,
+        desc="baseline",
+        progress=not args.no_progress,
+    )
 
     judged = judge_table(responses, scores, params.judge.method, classifier=classifier, prompts=table.text.tolist())
-    result = pd.concat([table[["prompt_id", "category", "role", "split"]], pd.Series(responses, name="response"), judged], axis=1)
+    result = pd.concat(
+        [table[["prompt_id", "category", "role", "split"]], pd.Series(responses, name="response"), judged], axis=1
+    )
     metrics = refusal_rates(result)
     write_parquet(args.out / "responses.parquet", result)
     for name, rows in result.groupby("category"):
-        write_parquet(args.out / "sets" / f"{name}.parquet", rows[["prompt_id", "refused", "refusal_score"]].reset_index(drop=True))
+        write_parquet(
+            args.out / "sets" / f"{name}.parquet",
+            rows[["prompt_id", "refused", "refusal_score"]].reset_index(drop=True),
+        )
     write_json(args.out / "metrics.json", metrics)
     shutil.rmtree(args.out / ".parts", ignore_errors=True)
 

@@ -18,12 +18,12 @@ import numpy as np
 import pandas as pd
 
 from refusal_atlas.analysis import geometry as g
-from refusal_atlas.report import plots
-from refusal_atlas.data import store
 from refusal_atlas.analysis.atlas import POOLED, resample_directions, site_arrays
+from refusal_atlas.data import store
 from refusal_atlas.data.atomic import atomic_path, write_json
-from refusal_atlas.pipeline.harness import run_stage, stage_parser
 from refusal_atlas.data.prompts import load_manifest
+from refusal_atlas.pipeline.harness import run_stage, stage_parser
+from refusal_atlas.report import plots
 
 STAGE = "geometry"
 
@@ -36,7 +36,10 @@ def main(args, params, run) -> None:
     site = json.loads((args.directions / "selected.json").read_text())[POOLED]
     li, pi = list(atlas.layer.values).index(site["layer"]), list(atlas.position.values).index(site["position"])
     identity = json.loads((args.model / "identity.json").read_text())
-    expect = {"model_weights_fingerprint": identity["weights_fingerprint"], "template_sha256": identity["template_sha256"]}
+    expect = {
+        "model_weights_fingerprint": identity["weights_fingerprint"],
+        "template_sha256": identity["template_sha256"],
+    }
     stores = {n: store.open_store(args.activations / f"{n}.zarr", expect=expect) for n in manifest.sets()}
     units = atlas["direction"].sel(direction_name=cats).values  # [k, layer, position, hidden]
     filter_, n_per_side = atlas.attrs["filter"], int(atlas.attrs["n_per_side"])
@@ -59,9 +62,14 @@ def main(args, params, run) -> None:
     pairs = {c: (target[c], base[pools[c]]) for c in cats}
     probes, transfer = g.probe_accuracy(pairs, cfg.cv_folds, cfg.seed), g.probe_transfer(pairs, cfg.cv_folds, cfg.seed)
     test = site_arrays(stores, cats + ["benign"], "target", "label", "test", li, pi)
-    select = g.selectivity({c: test[c] for c in cats}, {c: units[i, li, pi] for i, c in enumerate(cats)}, baseline=test["benign"])
-    metrics = {**g.summarize_geometry(cos, clustering, mds, rank, distinct, probes, transfer),
-               "reference_site": {"layer": site["layer"], "position": site["position"]}, "probe_accuracy": probes.to_dict()}
+    select = g.selectivity(
+        {c: test[c] for c in cats}, {c: units[i, li, pi] for i, c in enumerate(cats)}, baseline=test["benign"]
+    )
+    metrics = {
+        **g.summarize_geometry(cos, clustering, mds, rank, distinct, probes, transfer),
+        "reference_site": {"layer": site["layer"], "position": site["position"]},
+        "probe_accuracy": probes.to_dict(),
+    }
 
     out = args.out
     with atomic_path(out / "tables") as tables:
@@ -71,22 +79,54 @@ def main(args, params, run) -> None:
         angles.to_csv(tables / "principal_angles.csv", index=False)
         transfer.to_csv(tables / "probe_transfer.csv")
         select.to_csv(tables / "selectivity.csv")
-        pd.DataFrame({"k": clustering["silhouette"].index, **{m: clustering["silhouette"][m].values for m in clustering["silhouette"].columns}}).to_csv(tables / "silhouette.csv", index=False)
+        pd.DataFrame(
+            {
+                "k": clustering["silhouette"].index,
+                **{m: clustering["silhouette"][m].values for m in clustering["silhouette"].columns},
+            }
+        ).to_csv(tables / "silhouette.csv", index=False)
         mds[2]["coords"].to_csv(tables / "mds_2d.csv")
-        pd.DataFrame({f"{m}_k{k}": ids for m, cuts in clustering["labels"].items() for k, ids in cuts.items()}).rename_axis(
-            "direction").to_csv(tables / "clusters.csv")
+        pd.DataFrame(
+            {f"{m}_k{k}": ids for m, cuts in clustering["labels"].items() for k, ids in cuts.items()}
+        ).rename_axis("direction").to_csv(tables / "clusters.csv")
     with atomic_path(out / "figures") as figures:
         figures.mkdir()
         plots.save_png(plots.cosine_heatmap(cos), figures / "cosine_heatmap.png")
-        plots.save_png(plots.layer_curve(atlas.layer.values[layers], {"mean off-diagonal cosine": per_layer}, ylabel="cosine", title="Category directions across layers"), figures / "layer_curve.png")
-        plots.save_png(plots.dendrogram_plot(clustering["linkage"]["average"], cats, "Average linkage on 1 - cos", clustering["best_k"]["average"]), figures / "dendrogram.png")
-        plots.save_png(plots.mds_scatter(mds[2]["coords"], cats, title="Metric MDS", stress=mds[2]["stress"]), figures / "mds.png")
-        plots.save_png(plots.matrix_heatmap(transfer, "Probe transfer (train → test)", "viridis", ".2f", 0, 1), figures / "probe_transfer.png")
-        plots.save_png(plots.matrix_heatmap(select, "Selectivity: projection minus benign", "RdBu_r", ".1f", center=0), figures / "selectivity.png")
-        plots.save_png(plots.explained_variance_plot(rank["cumulative"], participation_ratio=rank["participation_ratio"]), figures / "explained_variance.png")
+        plots.save_png(
+            plots.layer_curve(
+                atlas.layer.values[layers],
+                {"mean off-diagonal cosine": per_layer},
+                ylabel="cosine",
+                title="Category directions across layers",
+            ),
+            figures / "layer_curve.png",
+        )
+        plots.save_png(
+            plots.dendrogram_plot(
+                clustering["linkage"]["average"], cats, "Average linkage on 1 - cos", clustering["best_k"]["average"]
+            ),
+            figures / "dendrogram.png",
+        )
+        plots.save_png(
+            plots.mds_scatter(mds[2]["coords"], cats, title="Metric MDS", stress=mds[2]["stress"]), figures / "mds.png"
+        )
+        plots.save_png(
+            plots.matrix_heatmap(transfer, "Probe transfer (train → test)", "viridis", ".2f", 0, 1),
+            figures / "probe_transfer.png",
+        )
+        plots.save_png(
+            plots.matrix_heatmap(select, "Selectivity: projection minus benign", "RdBu_r", ".1f", center=0),
+            figures / "selectivity.png",
+        )
+        plots.save_png(
+            plots.explained_variance_plot(rank["cumulative"], participation_ratio=rank["participation_ratio"]),
+            figures / "explained_variance.png",
+        )
     # The two DVC plots (heatmap, layer curve) sit beside the tables folder.
     cos.stack().rename("cosine").rename_axis(["a", "b"]).reset_index().to_csv(out / "cosine_long.csv", index=False)
-    pd.DataFrame({"layer": atlas.layer.values[layers], "mean_offdiag_cosine": per_layer}).to_csv(out / "layer_curve.csv", index=False)
+    pd.DataFrame({"layer": atlas.layer.values[layers], "mean_offdiag_cosine": per_layer}).to_csv(
+        out / "layer_curve.csv", index=False
+    )
     write_json(out / "metrics.json", metrics)
 
     run.log_identity(identity)
@@ -94,7 +134,9 @@ def main(args, params, run) -> None:
     run.log_metrics(metrics)
     run.log_artifact(out / "figures", "figures")
     run.log_artifact(out / "tables", "tables")
-    print(f"geometry: mean off-diagonal cosine {metrics['cosine_offdiag_mean']:.3f} at layer {site['layer']}, position {site['position']} -> {out}")
+    print(
+        f"geometry: mean off-diagonal cosine {metrics['cosine_offdiag_mean']:.3f} at layer {site['layer']}, position {site['position']} -> {out}"
+    )
 
 
 if __name__ == "__main__":

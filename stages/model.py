@@ -59,7 +59,10 @@ def main(args, params, run) -> None:
                 # directory (about 1 s for SmolLM2) instead of converting the GGUF again (20 s).
                 model.save_pretrained(weights)
                 tokenizer.save_pretrained(weights)
-            (weights / "SOURCE.json").write_text(json.dumps({"model_id": cfg.name, "revision": cfg.revision, "gguf_file": gguf and gguf.name}, indent=2) + "\n")
+            (weights / "SOURCE.json").write_text(
+                json.dumps({"model_id": cfg.name, "revision": cfg.revision, "gguf_file": gguf and gguf.name}, indent=2)
+                + "\n"
+            )
             pd.DataFrame({"step": [], "loss": []}).to_csv(args.out / "loss.csv", index=False)
             identity = compute_identity(model, tokenizer, cfg.name, cfg.revision, cfg.chat_template)
             if gguf is not None:
@@ -69,7 +72,9 @@ def main(args, params, run) -> None:
 
     run.log_identity(identity)
     run.log_metrics(metrics)
-    print(f"model: {identity['architecture']} with {identity['n_layers']} layers, d_model {identity['d_model']} -> {args.out}")
+    print(
+        f"model: {identity['architecture']} with {identity['n_layers']} layers, d_model {identity['d_model']} -> {args.out}"
+    )
 
 
 if __name__ == "__main__":

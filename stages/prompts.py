@@ -7,8 +7,8 @@ pin_cpu_numerics()  # before numpy and torch load: the same bits on any x86-64 h
 from pathlib import Path
 
 from refusal_atlas.data.atomic import write_json, write_parquet
-from refusal_atlas.pipeline.harness import run_stage, stage_parser
 from refusal_atlas.data.prompts import build_prompt_table, summarize_prompts
+from refusal_atlas.pipeline.harness import run_stage, stage_parser
 
 STAGE = "prompts"
 

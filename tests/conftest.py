@@ -30,20 +30,34 @@ def _env(extra: dict | None = None) -> dict:
     A tracking URI from the caller's shell must not leak into a test's pipeline run.
     """
     inherited = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI" and not k.startswith("DVC_")}
-    return {**inherited, "PATH": f"{VENV_BIN}{os.pathsep}{os.environ.get('PATH', '')}", "HF_HUB_OFFLINE": "1", **(extra or {})}
+    return {
+        **inherited,
+        "PATH": f"{VENV_BIN}{os.pathsep}{os.environ.get('PATH', '')}",
+        "HF_HUB_OFFLINE": "1",
+        **(extra or {}),
+    }
 
 
-def run(cmd: list[str], cwd: Path, env: dict | None = None, check: bool = True, timeout: float = 1800) -> subprocess.CompletedProcess:
+def run(
+    cmd: list[str], cwd: Path, env: dict | None = None, check: bool = True, timeout: float = 1800
+) -> subprocess.CompletedProcess:
     """Run a real command with the venv first on PATH; on failure show its output."""
     proc = subprocess.run(cmd, cwd=cwd, env=_env(env), capture_output=True, text=True, timeout=timeout)
     if check and proc.returncode != 0:
-        raise AssertionError(f"{' '.join(map(str, cmd))} exited {proc.returncode}\nstdout:\n{proc.stdout[-4000:]}\nstderr:\n{proc.stderr[-4000:]}")
+        raise AssertionError(
+            f"{' '.join(map(str, cmd))} exited {proc.returncode}\nstdout:\n{proc.stdout[-4000:]}\nstderr:\n{proc.stderr[-4000:]}"
+        )
     return proc
 
 
 def copy_repo(dest: Path) -> Path:
     """Copy the repository's tracked and untracked-but-not-ignored files into ``dest`` as a fresh git repo."""
-    listed = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard", "-z"], cwd=REPO, capture_output=True, check=True).stdout
+    listed = subprocess.run(
+        ["git", "ls-files", "--cached", "--others", "--exclude-standard", "-z"],
+        cwd=REPO,
+        capture_output=True,
+        check=True,
+    ).stdout
     dest.mkdir(parents=True, exist_ok=True)
     for rel in filter(None, listed.decode().split("\0")):
         src = REPO / rel
@@ -67,7 +81,7 @@ def reduce_repo(repo, sets: list[str], per_set: dict[str, int]) -> None:
     (repo / "prompts/manifest.yaml").write_text(yaml.safe_dump(manifest, sort_keys=False))
     for path in (repo / "prompts").glob("*.jsonl"):
         if path.stem in sets:
-            path.write_text("".join(path.read_text().splitlines(keepends=True)[:per_set[path.stem]]))
+            path.write_text("".join(path.read_text().splitlines(keepends=True)[: per_set[path.stem]]))
         else:
             path.unlink()
 
@@ -85,7 +99,9 @@ def repo_copy(tmp_path: Path) -> Path:
 def shared_datasets() -> Path:
     path = SHARED / "datasets"
     if not path.is_dir():
-        pytest.skip(f"{path} not present: the shared public datasets sit beside the checkout only on the team's machines")
+        pytest.skip(
+            f"{path} not present: the shared public datasets sit beside the checkout only on the team's machines"
+        )
     return path
 
 
@@ -141,7 +157,9 @@ class _Builds:
             first = run(["dvc", "repro", "model"], self.repos[name], env={"OMP_WAIT_POLICY": "ACTIVE"}, timeout=3600)
             (self.repos[name] / "repro.log").write_text(first.stdout + first.stderr)
         for name in names:  # the smoke pipeline first: most tests wait on it
-            script.append(f"cd {self.repos[name]} && dvc repro >> repro.log 2>&1; echo $? > {self.repos[name]}/repro.rc")
+            script.append(
+                f"cd {self.repos[name]} && dvc repro >> repro.log 2>&1; echo $? > {self.repos[name]}/repro.rc"
+            )
         self.proc = subprocess.Popen(["bash", "-c", "; ".join(script)], env=_env(), start_new_session=True)
 
     def wait(self, name: str, timeout: float = 3600) -> Path:
@@ -150,9 +168,13 @@ class _Builds:
         repo, deadline = self.repos[name], time.monotonic() + timeout
         while not (repo / "repro.rc").exists():
             if time.monotonic() > deadline:
-                raise AssertionError(f"{name}: dvc repro did not finish in {timeout} s:\n{(repo / 'repro.log').read_text()[-6000:]}")
+                raise AssertionError(
+                    f"{name}: dvc repro did not finish in {timeout} s:\n{(repo / 'repro.log').read_text()[-6000:]}"
+                )
             if self.proc.poll() is not None and not (repo / "repro.rc").exists():
-                raise AssertionError(f"{name}: the build shell exited {self.proc.returncode} first:\n{(repo / 'repro.log').read_text()[-6000:]}")
+                raise AssertionError(
+                    f"{name}: the build shell exited {self.proc.returncode} first:\n{(repo / 'repro.log').read_text()[-6000:]}"
+                )
             time.sleep(1)
         if (code := (repo / "repro.rc").read_text().strip()) != "0":
             raise AssertionError(f"{name}: dvc repro exited {code}:\n{(repo / 'repro.log').read_text()[-6000:]}")
@@ -230,8 +252,14 @@ class MlflowServer:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = log.open("w")
-        self.proc = subprocess.Popen(server_command(repo, "127.0.0.1", self.port), cwd=repo, stdout=self.log, stderr=subprocess.STDOUT,
-                                     env={**os.environ, "PATH": f"{VENV_BIN}{os.pathsep}{os.environ.get('PATH', '')}"}, start_new_session=True)
+        self.proc = subprocess.Popen(
+            server_command(repo, "127.0.0.1", self.port),
+            cwd=repo,
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, "PATH": f"{VENV_BIN}{os.pathsep}{os.environ.get('PATH', '')}"},
+            start_new_session=True,
+        )
         deadline = time.monotonic() + 90
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
@@ -273,14 +301,24 @@ def browser_page(width: int = 1400, height: int = 1000):
     if path is None:
         if os.environ.get("REQUIRE_BROWSER") == "1":
             pytest.fail("REQUIRE_BROWSER=1 but Debian's chromium is not installed (apt-get install -y chromium)")
-        pytest.skip("Debian's chromium is not installed (apt-get install -y chromium); set REQUIRE_BROWSER=1 to make this a failure")
+        pytest.skip(
+            "Debian's chromium is not installed (apt-get install -y chromium); set REQUIRE_BROWSER=1 to make this a failure"
+        )
     from playwright.sync_api import sync_playwright
 
-    args = ["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking",
-            "--disable-component-update", "--disable-sync"]
+    args = [
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+    ]
     with sync_playwright() as p, tempfile.TemporaryDirectory() as profile:
-        context = p.chromium.launch_persistent_context(profile, executable_path=path, args=args, headless=True,
-                                                       viewport={"width": width, "height": height})
+        context = p.chromium.launch_persistent_context(
+            profile, executable_path=path, args=args, headless=True, viewport={"width": width, "height": height}
+        )
         try:
             yield context.new_page()
         finally:

@@ -20,8 +20,16 @@ _IDS = dict(bos_token_id=1, eos_token_id=2, pad_token_id=0)
 
 
 def _decoder(cls, vocab: int, **extra):
-    base = dict(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                num_key_value_heads=2, max_position_embeddings=256, **_IDS)
+    base = dict(
+        vocab_size=vocab,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        **_IDS,
+    )
     return cls(**{**base, **extra})
 
 
@@ -34,8 +42,15 @@ ARCH_CONFIGS = {
     "mistral": lambda v: _decoder(T.MistralConfig, v),
     "phi3": lambda v: _decoder(T.Phi3Config, v),
     "gpt2": lambda v: T.GPT2Config(vocab_size=v, n_embd=32, n_layer=2, n_head=4, n_positions=256, **_IDS),
-    "gpt_neox": lambda v: T.GPTNeoXConfig(vocab_size=v, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                          num_attention_heads=4, max_position_embeddings=256, **_IDS),
+    "gpt_neox": lambda v: T.GPTNeoXConfig(
+        vocab_size=v,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=256,
+        **_IDS,
+    ),
     "olmo2": lambda v: _decoder(T.Olmo2Config, v),
 }
 ARCHS = list(ARCH_CONFIGS)
@@ -121,14 +136,33 @@ FAMILIES = {
     "phi3": (PHI3, "<s>", "<|endoftext|>"),
 }
 SPECIAL_TOKENS = [
-    "<pad>", "<unk>", "<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>",
-    "<bos>", "<eos>", "<start_of_turn>", "<end_of_turn>", "<|im_start|>", "<|im_end|>", "<|endoftext|>", "<s>", "</s>",
-    "[INST]", "[/INST]", "<|system|>", "<|user|>", "<|assistant|>", "<|end|>", "<think>", "</think>",
+    "<pad>",
+    "<unk>",
+    "<|begin_of_text|>",
+    "<|end_of_text|>",
+    "<|start_header_id|>",
+    "<|end_header_id|>",
+    "<|eot_id|>",
+    "<bos>",
+    "<eos>",
+    "<start_of_turn>",
+    "<end_of_turn>",
+    "<|im_start|>",
+    "<|im_end|>",
+    "<|endoftext|>",
+    "<s>",
+    "</s>",
+    "[INST]",
+    "[/INST]",
+    "<|system|>",
+    "<|user|>",
+    "<|assistant|>",
+    "<|end|>",
+    "<think>",
+    "</think>",
 ]
 # Llama-3's pre-tokenisation regex, so "\n\n" and " word" pieces behave as in the real tokenizer.
-LLAMA3_SPLIT = (
-    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
-)
+LLAMA3_SPLIT = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
 WORDS = (
     "I am sorry but I cannot help with that request . As an AI assistant I can help you write a poem about the sea "
     "How do I bake bread ? What is the capital of France ? Tell me a story about a dragon and a knight . "
@@ -142,13 +176,28 @@ def _trained_tokenizer_json() -> str:
     """Train a byte-level BPE (vocab 400) once on chat-like text; returns its JSON."""
     tok = Tokenizer(models.BPE(unk_token=None))
     tok.pre_tokenizer = pre_tokenizers.Sequence(
-        [pre_tokenizers.Split(Regex(LLAMA3_SPLIT), behavior="isolated"), pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)]
+        [
+            pre_tokenizers.Split(Regex(LLAMA3_SPLIT), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
     )
     tok.decoder = decoders.ByteLevel()
     # The punctuation-before-newlines lines teach merges such as "!\n\n" that cross the
     # boundary between a user's text and a plain-text template.
-    corpus = [WORDS] * 20 + ["user\n\n", "assistant\n\n", "model\n", "\n\n", "system\n", "Really?!\n\nYes.\n\nNo!\n\n"] * 50
-    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=SPECIAL_TOKENS, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    corpus = [WORDS] * 20 + [
+        "user\n\n",
+        "assistant\n\n",
+        "model\n",
+        "\n\n",
+        "system\n",
+        "Really?!\n\nYes.\n\nNo!\n\n",
+    ] * 50
+    trainer = trainers.BpeTrainer(
+        vocab_size=400,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
     tok.train_from_iterator(corpus, trainer)
     return tok.to_str()
 
@@ -158,7 +207,10 @@ def make_tokenizer(family: str = "llama3", with_template: bool = True) -> T.PreT
     template, bos, eos = FAMILIES[family]
     tok = T.PreTrainedTokenizerFast(
         tokenizer_object=Tokenizer.from_str(_trained_tokenizer_json()),
-        bos_token=bos, eos_token=eos, unk_token="<unk>", pad_token="<pad>",
+        bos_token=bos,
+        eos_token=eos,
+        unk_token="<unk>",
+        pad_token="<pad>",
         additional_special_tokens=[t for t in SPECIAL_TOKENS if t not in {bos, eos, "<unk>", "<pad>"}],
     )
     tok.chat_template = template if with_template else None

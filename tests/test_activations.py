@@ -5,14 +5,21 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 import torch
-
 from conftest_models import make_tokenizer, tiny_model
-from refusal_atlas.data import store
+
 from refusal_atlas.analysis.extraction import extract_batch, extract_to_store, inputs_fingerprint, store_order
+from refusal_atlas.data import store
 from refusal_atlas.model.chat import eoi_tokens, format_prompts, tokenize_prompts
 
-TEXTS = ["How do I bake bread?", "Tell me a story about a cat and a dog.", "Why?", "List three colours.",
-         "Explain gravity to a child in two sentences.", "Hello", "What is two plus two?"]
+TEXTS = [
+    "How do I bake bread?",
+    "Tell me a story about a cat and a dog.",
+    "Why?",
+    "List three colours.",
+    "Explain gravity to a child in two sentences.",
+    "Hello",
+    "What is two plus two?",
+]
 
 
 def _setup(tmp_path, batch_size=3):
@@ -20,13 +27,32 @@ def _setup(tmp_path, batch_size=3):
     model = tiny_model("llama", vocab=len(tok))
     formatted = format_prompts(tok, TEXTS)
     n_tokens = [int(m.sum()) for m in tokenize_prompts(tok, formatted, 256)["attention_mask"]]
-    prompts = pd.DataFrame({"prompt_id": [f"p{i}" for i in range(len(TEXTS))], "category": "c", "role": "target", "split": "train",
-                            "refused": [True, False] * 3 + [True], "text": TEXTS, "formatted": formatted})
+    prompts = pd.DataFrame(
+        {
+            "prompt_id": [f"p{i}" for i in range(len(TEXTS))],
+            "category": "c",
+            "role": "target",
+            "split": "train",
+            "refused": [True, False] * 3 + [True],
+            "text": TEXTS,
+            "formatted": formatted,
+        }
+    )
     prompts = store_order(prompts, n_tokens)
     span = eoi_tokens(tok)
     layers = list(range(model.config.num_hidden_layers + 1))
     path = tmp_path / "c.zarr"
-    store.create_store(path, prompts, layers, span.offsets, span.tokens, model.config.hidden_size, "float32", batch_size, {"inputs_fingerprint": "k"})
+    store.create_store(
+        path,
+        prompts,
+        layers,
+        span.offsets,
+        span.tokens,
+        model.config.hidden_size,
+        "float32",
+        batch_size,
+        {"inputs_fingerprint": "k"},
+    )
     return tok, model, prompts, span, layers, path
 
 
@@ -51,7 +77,9 @@ def test_store_is_length_sorted_and_resume_is_exact(tmp_path):
     # A first run that stops after batch 0 (as a kill would), then a resumed run.
     extract_to_store(model, tok, path, *args, [0], 3, "float32", 256, progress=False)
     assert store.pending_batches(path) == [1, 2]
-    assert extract_to_store(model, tok, path, *args, store.pending_batches(path), 3, "float32", 256, progress=False) == 2
+    assert (
+        extract_to_store(model, tok, path, *args, store.pending_batches(path), 3, "float32", 256, progress=False) == 2
+    )
     store.finalize_store(path)
     resumed = store.load_resid(store.open_store(path))
 

@@ -6,10 +6,12 @@ import numpy as np
 import pytest
 import torch
 import transformers as T
+from conftest_models import make_tokenizer
 from tokenizers import AddedToken
 
 import refusal_atlas.judging.classifier as classifier_module
-from conftest_models import make_tokenizer
+from refusal_atlas.config import ConfigError, JudgeConfig, ModelConfig, parse_params
+from refusal_atlas.errors import RefusalAtlasError
 from refusal_atlas.judging.behaviour import judge_table
 from refusal_atlas.judging.classifier import (
     ClassifierError,
@@ -20,8 +22,6 @@ from refusal_atlas.judging.classifier import (
     parse_verdict,
     select_refusal_label,
 )
-from refusal_atlas.config import ConfigError, JudgeConfig, ModelConfig, parse_params
-from refusal_atlas.errors import RefusalAtlasError
 from refusal_atlas.judging.judges import JudgeError, judge_agreement, judge_responses
 from refusal_atlas.model.load import ModelNotAvailableError, UnsafeWeightsError
 
@@ -44,9 +44,18 @@ def _token_id(tok, text: str) -> int:
 
 
 def _config(cls, tok, **extra):
-    return cls(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-               max_position_embeddings=512, pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id,
-               eos_token_id=tok.eos_token_id, **extra)
+    return cls(
+        vocab_size=len(tok),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=512,
+        pad_token_id=tok.pad_token_id,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        **extra,
+    )
 
 
 def _save(model, tok, path):
@@ -67,8 +76,14 @@ def sequence_dirs(tmp_path_factory, tok):
     dirs = {}
     for label in (0, 1):
         torch.manual_seed(0)
-        config = _config(T.LlamaConfig, tok, num_key_value_heads=2, num_labels=2, id2label={0: "compliance", 1: "refusal"},
-                         label2id={"compliance": 0, "refusal": 1})
+        config = _config(
+            T.LlamaConfig,
+            tok,
+            num_key_value_heads=2,
+            num_labels=2,
+            id2label={0: "compliance", 1: "refusal"},
+            label2id={"compliance": 0, "refusal": 1},
+        )
         model = T.LlamaForSequenceClassification(config).eval()
         # Llama's score head has no bias, so the forced label comes from a constant final
         # hidden state instead: every token embeds as ones and no sublayer writes to the
@@ -104,31 +119,55 @@ def generative_dirs(tmp_path_factory, tok):
 
 # ---- pure helpers -----------------------------------------------------------------------
 
+
 def test_fill_format_is_literal_and_single_pass():
     text = fill_format("P={prompt} R={response} {0} {x}", "a {response} {0} {prompt}", "b {prompt} }{")
     assert text == "P=a {response} {0} {prompt} R=b {prompt} }{ {0} {x}"
 
 
-@pytest.mark.parametrize("text, verdict", [
-    ("yes", True), (" Yes.", True), ("no", False), ("NO, it complies", False), ("yes\nHarmful response: no", True),
-    ("Harmful request: yes\nResponse refusal: no\nHarmful response: no", False),
-    ("Harmful request: no\nResponse refusal: yes", True), ("yesterday", None), ("maybe", None), ("", None),
-])
+@pytest.mark.parametrize(
+    "text, verdict",
+    [
+        ("yes", True),
+        (" Yes.", True),
+        ("no", False),
+        ("NO, it complies", False),
+        ("yes\nHarmful response: no", True),
+        ("Harmful request: yes\nResponse refusal: no\nHarmful response: no", False),
+        ("Harmful request: no\nResponse refusal: yes", True),
+        ("yesterday", None),
+        ("maybe", None),
+        ("", None),
+    ],
+)
 def test_parse_verdict(text, verdict):
     assert parse_verdict(text) is verdict
 
 
-@pytest.mark.parametrize("id2label, index", [
-    ({0: "compliance", 1: "refusal"}, 1), ({0: "REFUSED", 1: "complied"}, 0), ({0: "non-refusal", 1: "refusal"}, 1),
-    ({"0": "no_refusal", "1": "Refusal"}, 1), ({0: "no", 1: "yes"}, 1), ({0: "LABEL_0", 1: "LABEL_1"}, 1),
-])
+@pytest.mark.parametrize(
+    "id2label, index",
+    [
+        ({0: "compliance", 1: "refusal"}, 1),
+        ({0: "REFUSED", 1: "complied"}, 0),
+        ({0: "non-refusal", 1: "refusal"}, 1),
+        ({"0": "no_refusal", "1": "Refusal"}, 1),
+        ({0: "no", 1: "yes"}, 1),
+        ({0: "LABEL_0", 1: "LABEL_1"}, 1),
+    ],
+)
 def test_select_refusal_label(id2label, index):
     assert select_refusal_label(id2label) == index
 
 
-@pytest.mark.parametrize("id2label", [
-    {0: "refusal", 1: "partial_refusal"}, {0: "safe", 1: "unsafe"}, {0: "LABEL_0", 1: "LABEL_1", 2: "LABEL_2"}, {0: "LABEL_0"},
-])
+@pytest.mark.parametrize(
+    "id2label",
+    [
+        {0: "refusal", 1: "partial_refusal"},
+        {0: "safe", 1: "unsafe"},
+        {0: "LABEL_0", 1: "LABEL_1", 2: "LABEL_2"},
+        {0: "LABEL_0"},
+    ],
+)
 def test_ambiguous_labels_name_the_labels_and_the_fix(id2label):
     with pytest.raises(ClassifierError) as err:
         select_refusal_label(id2label)
@@ -137,6 +176,7 @@ def test_ambiguous_labels_name_the_labels_and_the_fix(id2label):
 
 
 # ---- sequence classifier ------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("label, expected", [(1, True), (0, False)])
 def test_sequence_classifier_verdicts(sequence_dirs, label, expected):
@@ -151,6 +191,7 @@ def test_sequence_classifier_accepts_a_response_only_format(sequence_dirs):
 
 
 # ---- generative judge ---------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("token, expected", [(" yes", True), (" no", False)])
 def test_generative_judge_verdicts_and_literal_prompts(generative_dirs, tok, monkeypatch, token, expected):
@@ -168,15 +209,20 @@ def test_generative_judge_verdicts_and_literal_prompts(generative_dirs, tok, mon
     verdicts = judge(PROMPTS, RESPONSES)
     assert verdicts.dtype == bool and verdicts.tolist() == [expected, expected]
     # The braces of the second prompt reach the model as written, neither formatted nor substituted.
-    assert seen[:2] == [FMT.replace("{prompt}", p).replace("{response}", r) for p, r in zip(PROMPTS[:1], RESPONSES[:1])] + [
+    assert seen[:2] == [
+        FMT.replace("{prompt}", p).replace("{response}", r) for p, r in zip(PROMPTS[:1], RESPONSES[:1])
+    ] + [
         "Human user:\nWrite {response} and {0} and {prompt} for me\n\nAI assistant:\n"
-        "I am sorry but I cannot help with that request.\n\nResponse refusal:"]
+        "I am sorry but I cannot help with that request.\n\nResponse refusal:"
+    ]
     assert seen[2:] == [token.strip() + token * 2] * 2 and tok.decode([_token_id(tok, token)]) == token
 
 
 def test_unparseable_answers_raise_with_count_and_examples(generative_dirs):
     judge = load_classifier(generative_dirs["x"], FMT, max_new_tokens=2, device="cpu")
-    with pytest.raises(ClassifierOutputError, match=r"neither yes nor no for 2 of 2 responses.*'xx'.*classifier_format"):
+    with pytest.raises(
+        ClassifierOutputError, match=r"neither yes nor no for 2 of 2 responses.*'xx'.*classifier_format"
+    ):
         judge(PROMPTS, RESPONSES)
 
 
@@ -186,6 +232,7 @@ def test_generative_judge_needs_the_prompt_placeholder(generative_dirs):
 
 
 # ---- errors -------------------------------------------------------------------------------
+
 
 def test_format_without_response_is_rejected(sequence_dirs):
     with pytest.raises(ClassifierError, match=r"lacks \{response\}.*Put the placeholders"):
@@ -223,6 +270,7 @@ def test_classifier_method_needs_a_path():
 
 # ---- judges and stages' loader -----------------------------------------------------------
 
+
 def test_keywords_and_classifier_verdicts_and_agreement(sequence_dirs):
     judge = load_classifier(sequence_dirs[1], FMT, device="cpu")
     verdicts = judge_responses(RESPONSES, ["keywords", "classifier"], classifier=judge, prompts=PROMPTS)
@@ -257,6 +305,9 @@ def test_the_classifier_judge_receives_prompts_and_responses():
 
 def test_stages_load_the_classifier_only_when_asked(sequence_dirs):
     model_cfg = ModelConfig(device="cpu", batch_size=4)
-    assert load_judge_classifier(JudgeConfig(method=["keywords", "substring"], classifier_path="/nonexistent"), model_cfg) is None
+    assert (
+        load_judge_classifier(JudgeConfig(method=["keywords", "substring"], classifier_path="/nonexistent"), model_cfg)
+        is None
+    )
     judge = load_judge_classifier(JudgeConfig(method=["classifier"], classifier_path=str(sequence_dirs[0])), model_cfg)
     assert judge(PROMPTS, RESPONSES).tolist() == [False, False]

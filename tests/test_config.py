@@ -7,9 +7,9 @@ import sys
 
 import pytest
 import yaml
+from conftest import REPO
 from pydantic import BaseModel
 
-from conftest import REPO
 from refusal_atlas.config import STAGE_SECTIONS, ConfigError, Params, load_params, parse_params, stage_param_keys
 
 
@@ -70,7 +70,9 @@ def _models(model: type[BaseModel]):
 
 
 def test_every_field_has_a_description():
-    missing = [f"{m.__name__}.{name}" for m in _models(Params) for name, f in m.model_fields.items() if not f.description]
+    missing = [
+        f"{m.__name__}.{name}" for m in _models(Params) for name, f in m.model_fields.items() if not f.description
+    ]
     assert missing == []
 
 
@@ -98,7 +100,11 @@ def test_dvc_yaml_lists_no_set_or_direction(repo_root):
     names = set(load_manifest(repo_root / "prompts/manifest.yaml").sets()) | {"pooled", "random_0"}
     dvc = yaml.safe_load((repo_root / "dvc.yaml").read_text())
     assert "vars" not in dvc and all("foreach" not in s for s in dvc["stages"].values())
-    paths = [d for s in dvc["stages"].values() for d in s.get("deps", []) + [next(iter(o)) if isinstance(o, dict) else o for o in s.get("outs", [])]]
+    paths = [
+        d
+        for s in dvc["stages"].values()
+        for d in s.get("deps", []) + [next(iter(o)) if isinstance(o, dict) else o for o in s.get("outs", [])]
+    ]
     assert not [p for p in paths if any(f"/{n}." in p or f"/{n}/" in p or p.endswith(f"/{n}") for n in names)]
     for stage in ("directions", "geometry"):
         assert "artifacts/activations" in dvc["stages"][stage]["deps"]
@@ -123,7 +129,11 @@ def _library_imports(path, src) -> set[str]:
                 sub = f"{base}/{alias.name}".lstrip("/")
                 found.add(sub if (src / f"{sub}.py").is_file() else base)
         elif isinstance(node, ast.Import):
-            found |= {a.name.removeprefix("refusal_atlas.").replace(".", "/") for a in node.names if a.name.startswith("refusal_atlas.")}
+            found |= {
+                a.name.removeprefix("refusal_atlas.").replace(".", "/")
+                for a in node.names
+                if a.name.startswith("refusal_atlas.")
+            }
     return found
 
 
@@ -142,23 +152,57 @@ def test_every_stage_depends_on_the_library_code_it_runs(repo_root):
                 used.add(module)
                 todo += [] if module in PLUMBING else list(_library_imports(src / f"{module}.py", src))
         deps = stage.get("do", stage)["deps"]
-        declared = {d.removeprefix("src/refusal_atlas/").removesuffix(".py") for d in deps if d.startswith("src/refusal_atlas/") and d.endswith(".py")}
-        assert used - PLUMBING == declared, (name, "undeclared:", sorted(used - PLUMBING - declared), "unused:", sorted(declared - used))
+        declared = {
+            d.removeprefix("src/refusal_atlas/").removesuffix(".py")
+            for d in deps
+            if d.startswith("src/refusal_atlas/") and d.endswith(".py")
+        }
+        assert used - PLUMBING == declared, (
+            name,
+            "undeclared:",
+            sorted(used - PLUMBING - declared),
+            "unused:",
+            sorted(declared - used),
+        )
 
 
 def test_profile_overrides_are_validated_and_become_dvc_set_params(tmp_path):
     from refusal_atlas.config import profile_overrides
 
     assert profile_overrides(REPO / "profiles/smollm2.yaml", REPO / "params.yaml") == {
-        "model.name": "smollm2", "model.batch_size": 64, "baseline.max_new_tokens": 32, "directions.n_val": 8,
-        "steering.alphas": [0.5, 1.0], "steering.controlled_only": True, "steering.n_per_bucket": 24,
+        "model.name": "smollm2",
+        "model.batch_size": 64,
+        "baseline.max_new_tokens": 32,
+        "directions.n_val": 8,
+        "steering.alphas": [0.5, 1.0],
+        "steering.controlled_only": True,
+        "steering.n_per_bucket": 24,
     }
     bad = tmp_path / "bad.yaml"
     bad.write_text("directions:\n  n_val: 0\n")
     with pytest.raises(ConfigError, match=r"(?s)bad\.yaml: invalid params.*'directions\.n_val'"):
         profile_overrides(bad, REPO / "params.yaml")
-    proc = subprocess.run([sys.executable, "-m", "refusal_atlas.cli", "experiment", str(bad), "--name", "x", "--dry-run"], cwd=REPO, capture_output=True, text=True)
+    proc = subprocess.run(
+        [sys.executable, "-m", "refusal_atlas.cli", "experiment", str(bad), "--name", "x", "--dry-run"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+    )
     assert proc.returncode == 2 and "directions.n_val" in proc.stderr and "Traceback" not in proc.stderr
-    dry = subprocess.run([sys.executable, "-m", "refusal_atlas.cli", "experiment", "profiles/smollm2.yaml", "--name", "smollm2", "--dry-run"],
-                         cwd=REPO, capture_output=True, text=True, check=True).stdout
-    assert "exp run --temp -n smollm2 -S model.name=\"smollm2\"" in dry and "-S steering.alphas=[0.5, 1.0]" in dry
+    dry = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "refusal_atlas.cli",
+            "experiment",
+            "profiles/smollm2.yaml",
+            "--name",
+            "smollm2",
+            "--dry-run",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    assert 'exp run --temp -n smollm2 -S model.name="smollm2"' in dry and "-S steering.alphas=[0.5, 1.0]" in dry

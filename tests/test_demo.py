@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from refusal_atlas.config import DemoConfig, SplitFractions
+from refusal_atlas.data.prompts import build_prompt_table
 from refusal_atlas.demo.train import (
     END,
     STYLE_OF,
@@ -27,7 +28,6 @@ from refusal_atlas.demo.train import (
     train_demo_model,
 )
 from refusal_atlas.judging.judges import judge_keywords
-from refusal_atlas.data.prompts import build_prompt_table
 
 REPO = Path(__file__).resolve().parents[1]
 BASELINES = ("benign", "over_refusal_safe")
@@ -104,7 +104,9 @@ def test_held_out_rows_never_reach_the_training_data(table):
 
 
 def test_synthetic_prompts_never_reproduce_a_held_out_prompt(table):
-    held_out = {_norm(t) for t in table[table.split != "train"].text} - {_norm(t) for t in table[table.split == "train"].text}
+    held_out = {_norm(t) for t in table[table.split != "train"].text} - {
+        _norm(t) for t in table[table.split == "train"].text
+    }
     rng = random.Random(2)
     for category in TEMPLATES:
         hits = {_norm(p) for p in synthetic_prompts(category, 1000, rng)} & held_out
@@ -146,10 +148,14 @@ def test_tiny_training_saves_a_standard_hf_directory(table, tmp_path):
 
     steps = []
     threads = torch.get_num_threads()
-    result = train_demo_model(table, TINY, tmp_path / "m", progress=False, on_step=lambda s, loss: steps.append((s, loss)))
+    result = train_demo_model(
+        table, TINY, tmp_path / "m", progress=False, on_step=lambda s, loss: steps.append((s, loss))
+    )
     assert torch.get_num_threads() == threads  # the fixed training thread count is restored
     assert [s for s, _ in steps] == list(range(1, TINY.steps + 1)) and result["loss_curve"] == steps
-    assert result["n_params"] > 0 and result["n_examples"] == 2 * ((table.split == "train").sum() + len(extra_prompts(set(table.category))))
+    assert result["n_params"] > 0 and result["n_examples"] == 2 * (
+        (table.split == "train").sum() + len(extra_prompts(set(table.category)))
+    )
     names = {p.name for p in (tmp_path / "m").iterdir()}
     assert {"model.safetensors", "config.json", "generation_config.json", "tokenizer.json"} <= names
     assert not any(n.endswith((".bin", ".pt")) for n in names)
@@ -162,14 +168,20 @@ def test_tiny_training_saves_a_standard_hf_directory(table, tmp_path):
     assert tokenizer.convert_tokens_to_ids(END) in model.generation_config.eos_token_id
     text = tokenizer.apply_chat_template(
         [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi {{ there }}"}],
-        tokenize=False, add_generation_prompt=True)
+        tokenize=False,
+        add_generation_prompt=True,
+    )
     assert text == "<|begin|><|system|>\nBe brief.<|end|>\n<|user|>\nHi {{ there }}<|end|>\n<|assistant|>\n"
     no_prompt = tokenizer.apply_chat_template([{"role": "user", "content": "Hi"}], tokenize=False)
     assert no_prompt == "<|begin|><|user|>\nHi<|end|>\n"
     ids = tokenizer.apply_chat_template([{"role": "user", "content": "Hi"}], add_generation_prompt=True)
     ids = ids["input_ids"] if hasattr(ids, "keys") else ids
-    assert list(ids) == tokenizer(text.replace("<|system|>\nBe brief.<|end|>\n", "").replace("Hi {{ there }}", "Hi"),
-                                  add_special_tokens=False)["input_ids"]
+    assert (
+        list(ids)
+        == tokenizer(
+            text.replace("<|system|>\nBe brief.<|end|>\n", "").replace("Hi {{ there }}", "Hi"), add_special_tokens=False
+        )["input_ids"]
+    )
     assert tokenizer("Hi")["input_ids"] == tokenizer("Hi", add_special_tokens=False)["input_ids"]  # no second BOS
 
 

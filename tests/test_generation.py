@@ -10,6 +10,7 @@ import pytest
 import torch
 from conftest_models import make_tokenizer, tiny_model
 
+from refusal_atlas.model.chat import PromptTooLongError, format_prompts
 from refusal_atlas.model.generation import (
     encode_prefixed,
     first_token_logprobs,
@@ -22,7 +23,6 @@ from refusal_atlas.model.generation import (
     stop_token_ids,
 )
 from refusal_atlas.model.hooks import add_direction, add_rows, read_residual
-from refusal_atlas.model.chat import PromptTooLongError, format_prompts
 
 INSTRUCTIONS = [
     "Tell me a story about a dragon and a knight.",
@@ -58,7 +58,11 @@ def test_steering_applies_to_prompt_and_generated_tokens(setup):
     plain = generate(model, tok, formatted[:2], max_new_tokens=6, batch_size=2)
     vector = 40.0 * torch.nn.functional.normalize(torch.randn(32, generator=torch.Generator().manual_seed(0)), dim=0)
     # The outer read sees block 1's input before the addition, the inner one after it.
-    with read_residual(model, [1], [-1]) as before, add_direction(model, 1, vector), read_residual(model, [1], [-1]) as after:
+    with (
+        read_residual(model, [1], [-1]) as before,
+        add_direction(model, 1, vector),
+        read_residual(model, [1], [-1]) as after,
+    ):
         steered = generate(model, tok, formatted[:2], max_new_tokens=6, batch_size=2)
     assert steered != plain
     assert after.call_lengths[0] > 1 and after.call_lengths[1:] == [1] * (len(after.call_lengths) - 1)
@@ -81,7 +85,9 @@ def test_generation_stops_at_end_of_turn_token(setup):
     eot = tok.convert_tokens_to_ids("<|eot_id|>")
     # This test vocabulary holds every family's end-of-turn token, so all of them count.
     end_of_turn = set(tok.convert_tokens_to_ids(["<end_of_turn>", "<|im_end|>", "<|end|>"]))
-    assert set(stop_token_ids(model, tok)) == {tok.eos_token_id, eot, model.generation_config.eos_token_id} | end_of_turn
+    assert (
+        set(stop_token_ids(model, tok)) == {tok.eos_token_id, eot, model.generation_config.eos_token_id} | end_of_turn
+    )
     # Make <|eot_id|> the certain next token after any input: generation must stop after the
     # prefill (one forward call) instead of running all 5 steps and emitting skipped specials.
     handle = model.lm_head.register_forward_hook(lambda m, a, out: out.index_fill(-1, torch.tensor([eot]), 1e4))
@@ -101,14 +107,19 @@ def test_prompt_limit_is_checked_on_every_prompt_before_any_batch(setup):
     calls = []
     handle = model.register_forward_hook(lambda *_: calls.append(1))
     try:
-        with pytest.raises(PromptTooLongError, match=rf"^1 of {len(prompts)} prompts exceed max_prompt_tokens={limit}: #{len(formatted)} \("):
+        with pytest.raises(
+            PromptTooLongError,
+            match=rf"^1 of {len(prompts)} prompts exceed max_prompt_tokens={limit}: #{len(formatted)} \(",
+        ):
             generate(model, tok, prompts, max_new_tokens=2, batch_size=2, max_prompt_tokens=limit)
         with pytest.raises(PromptTooLongError, match=rf"^1 of {len(prompts)} prompts"):
             first_token_logprobs(model, tok, prompts, batch_size=2, max_prompt_tokens=limit)
     finally:
         handle.remove()
     assert calls == []  # named by its index in the caller's list, before the model ran at all
-    assert len(generate(model, tok, formatted, max_new_tokens=2, batch_size=2, max_prompt_tokens=limit)) == len(formatted)
+    assert len(generate(model, tok, formatted, max_new_tokens=2, batch_size=2, max_prompt_tokens=limit)) == len(
+        formatted
+    )
 
 
 def test_refusal_token_ids_first_tokens_deduplicated():
@@ -160,7 +171,9 @@ def test_forward_throughput_counts_the_real_tokens_of_one_batch(setup):
         rate = forward_tokens_per_s(model, tok, formatted[:2], batch_size=4, repeats=2)
     finally:
         handle.remove()
-    n_tokens = 2 * sum(len(tok(f, add_special_tokens=False)["input_ids"]) for f in formatted[:2])  # repeated to fill 4 rows
+    n_tokens = 2 * sum(
+        len(tok(f, add_special_tokens=False)["input_ids"]) for f in formatted[:2]
+    )  # repeated to fill 4 rows
     assert n_tokens / 1.3 < rate <= n_tokens / 1.0  # counting 2 rows or padding would leave this band
 
 
@@ -187,7 +200,10 @@ def test_score_prefixed_rows_matches_whole_prompts_under_the_same_hooks(family, 
     whole = [tok(f, add_special_tokens=False)["input_ids"] for f in formatted]
     assert [prompts.prefix + s for s in prompts.suffixes] == whole and prompts.lengths == [len(w) for w in whole]
     assert len(prompts.prefix) >= (10 if family == "chatml" else 1) and min(map(len, prompts.suffixes)) >= 1
-    vectors = {0: torch.zeros(32), 1: 30.0 * torch.nn.functional.normalize(torch.randn(32, generator=torch.Generator().manual_seed(0)), dim=0)}
+    vectors = {
+        0: torch.zeros(32),
+        1: 30.0 * torch.nn.functional.normalize(torch.randn(32, generator=torch.Generator().manual_seed(0)), dim=0),
+    }
     rows = [(i, g) for g in (1, 0) for i in range(len(formatted))]
     seen = []
 
@@ -196,15 +212,23 @@ def test_score_prefixed_rows_matches_whole_prompts_under_the_same_hooks(family, 
         return add_rows(model, [1] * len(groups), torch.stack([vectors[g] for g in groups]))
 
     tally = {}
-    got = score_prefixed_rows(model, prompts, [i for i, _ in rows], [g for _, g in rows], intervene,
-                              lambda logp, idx: logp[:, 5], rows_per_pass=4, tally=tally)
+    got = score_prefixed_rows(
+        model,
+        prompts,
+        [i for i, _ in rows],
+        [g for _, g in rows],
+        intervene,
+        lambda logp, idx: logp[:, 5],
+        rows_per_pass=4,
+        tally=tally,
+    )
     plain = first_token_logprobs(model, tok, formatted, batch_size=2)[:, 5]
     with add_direction(model, 1, vectors[1]):
         steered = first_token_logprobs(model, tok, formatted, batch_size=3)[:, 5]
     np.testing.assert_allclose(got, np.r_[steered.numpy(), plain.numpy()], rtol=1e-5, atol=1e-5)
     # The prefix once per distinct group, before any pass; then each pass's rows' suffixes on it.
     groups = [g for _, g in rows]
-    assert seen == [[1, 0], *[groups[k:k + 4] for k in range(0, len(groups), 4)]]
+    assert seen == [[1, 0], *[groups[k : k + 4] for k in range(0, len(groups), 4)]]
     assert tally["tokens"] == sum(len(s) for s in prompts.suffixes) * 2 + len(prompts.prefix) * 2
     with pytest.raises(PromptTooLongError):
         encode_prefixed(tok, formatted, max_prompt_tokens=5)

@@ -28,7 +28,9 @@ def planted_units(gram: np.ndarray, d: int = D, seed: int = 0) -> np.ndarray:
     return coords @ basis.T
 
 
-def resample_cloud(units: np.ndarray, names: list[str], n_draws: int = 10, sigma: float = 0.02, seed: int = 1) -> dict[str, np.ndarray]:
+def resample_cloud(
+    units: np.ndarray, names: list[str], n_draws: int = 10, sigma: float = 0.02, seed: int = 1
+) -> dict[str, np.ndarray]:
     """Per-category resample directions: each planted unit plus isotropic noise, renormalised.
 
     sigma = 0.02 per coordinate in d = 64 gives draw-to-draw cosines near 0.97, the
@@ -263,10 +265,24 @@ def test_summarize_geometry_returns_flat_finite_numbers():
         probe_acc=geo.probe_accuracy(data),
         transfer=geo.probe_transfer(data),
     )
-    expected = {"n_directions", "cosine_offdiag_mean", "cosine_min", "cosine_max", "cluster_average_best_k",
-                "cluster_average_silhouette", "cluster_complete_best_k", "cluster_complete_silhouette",
-                "mds_stress_2d", "mds_stress_3d", "participation_ratio", "distinctness_overall_p",
-                "distinctness_max_pair_p", "within_cosine_mean", "probe_accuracy_mean", "probe_transfer_offdiag_mean"}
+    expected = {
+        "n_directions",
+        "cosine_offdiag_mean",
+        "cosine_min",
+        "cosine_max",
+        "cluster_average_best_k",
+        "cluster_average_silhouette",
+        "cluster_complete_best_k",
+        "cluster_complete_silhouette",
+        "mds_stress_2d",
+        "mds_stress_3d",
+        "participation_ratio",
+        "distinctness_overall_p",
+        "distinctness_max_pair_p",
+        "within_cosine_mean",
+        "probe_accuracy_mean",
+        "probe_transfer_offdiag_mean",
+    }
     assert set(summary) == expected
     assert all(isinstance(v, (int, float)) and np.isfinite(v) for v in summary.values())
     off_mean = (gram.sum() - 6) / 30

@@ -28,9 +28,9 @@ import numpy as np
 import pandas as pd
 import pytest
 import yaml
+from conftest import REPO, run
 from sklearn.metrics import silhouette_score
 
-from conftest import REPO, run
 from refusal_atlas.data import store
 
 pytestmark = pytest.mark.slow
@@ -54,9 +54,15 @@ BATCH = 16
 COS_TOL = 0.02
 
 IDENTITY = {  # the keys model.load.compute_identity writes into artifacts/model/identity.json
-    "model_id": "synthetic-planted", "model_revision": "local", "architecture": "SyntheticForCausalLM",
-    "n_layers": N_LAYERS, "d_model": D_MODEL, "dtype": "float32", "config_sha256": "c" * 64,
-    "weights_fingerprint": "f" * 64, "template_sha256": "e" * 64,
+    "model_id": "synthetic-planted",
+    "model_revision": "local",
+    "architecture": "SyntheticForCausalLM",
+    "n_layers": N_LAYERS,
+    "d_model": D_MODEL,
+    "dtype": "float32",
+    "config_sha256": "c" * 64,
+    "weights_fingerprint": "f" * 64,
+    "template_sha256": "e" * 64,
 }
 
 
@@ -84,11 +90,15 @@ def write_store(path: Path, name: str, rows: pd.DataFrame, values: np.ndarray) -
     # Store order is by token length, then id (activations.store_order).
     order = np.lexsort((rows.prompt_id.to_numpy(), rows.n_tokens.to_numpy()))
     rows, values = rows.iloc[order].reset_index(drop=True), values[order]
-    attrs = {**{k if k.startswith(("model_", "template_")) else f"model_{k}": v for k, v in IDENTITY.items()},
-             "inputs_fingerprint": f"synthetic-{name}", "code_version": "activations-v1", "prompt_set": name}
+    attrs = {
+        **{k if k.startswith(("model_", "template_")) else f"model_{k}": v for k, v in IDENTITY.items()},
+        "inputs_fingerprint": f"synthetic-{name}",
+        "code_version": "activations-v1",
+        "prompt_set": name,
+    }
     store.create_store(path, rows, LAYERS, POSITIONS, POSITION_TOKENS, D_MODEL, "float32", BATCH, attrs)
     for b in range(-(-len(rows) // BATCH)):
-        store.write_batch(path, b, values[b * BATCH:(b + 1) * BATCH])
+        store.write_batch(path, b, values[b * BATCH : (b + 1) * BATCH])
     store.finalize_store(path)
 
 
@@ -104,13 +114,20 @@ def build_inputs(root: Path, units: np.ndarray, rng: np.random.Generator) -> dic
     }
     sets = {**{c: ("target", units[i]) for i, c in enumerate(CATS)}, "benign": ("baseline", None)}
     act_dir = root / "artifacts" / "activations"
-    paths = {"manifest": root / "prompts" / "manifest.yaml", "prompts": root / "artifacts" / "prompts" / "prompts.parquet",
-             "activations": act_dir, "model": root / "artifacts" / "model", "params": root / "params.yaml"}
+    paths = {
+        "manifest": root / "prompts" / "manifest.yaml",
+        "prompts": root / "artifacts" / "prompts" / "prompts.parquet",
+        "activations": act_dir,
+        "model": root / "artifacts" / "model",
+        "params": root / "params.yaml",
+    }
     for folder in (act_dir, paths["model"], paths["manifest"].parent, paths["prompts"].parent):
         folder.mkdir(parents=True, exist_ok=True)
     table = []
     for name, (role, unit) in sets.items():
-        rows = pd.DataFrame([(split, refused) for split, refused, n in layout[role] for _ in range(n)], columns=["split", "refused"])
+        rows = pd.DataFrame(
+            [(split, refused) for split, refused, n in layout[role] for _ in range(n)], columns=["split", "refused"]
+        )
         rows.insert(0, "prompt_id", [f"{name}-{i:03d}" for i in range(len(rows))])
         rows = rows.assign(category=name, role=role, n_tokens=rng.integers(6, 30, len(rows)))
         values = mean + SIGMA * rng.standard_normal((len(rows), len(LAYERS), len(POSITIONS), D_MODEL))
@@ -124,23 +141,52 @@ def build_inputs(root: Path, units: np.ndarray, rng: np.random.Generator) -> dic
             values[refused, SITE_LAYER, pi] += SHIFT * _unit(rng.standard_normal(D_MODEL))
         write_store(act_dir / f"{name}.zarr", name, rows, values.astype(np.float32))
         texts = [f"synthetic prompt {i}" for i in rows.prompt_id]
-        table.append(rows.assign(text=texts, source="synthetic", sha256="0" * 64)[["prompt_id", "category", "role", "split", "text", "source", "sha256"]])
+        table.append(
+            rows.assign(text=texts, source="synthetic", sha256="0" * 64)[
+                ["prompt_id", "category", "role", "split", "text", "source", "sha256"]
+            ]
+        )
 
-    paths["manifest"].write_text(yaml.safe_dump({
-        "default_baseline": "benign",
-        "categories": {c: {"file": f"{c}.jsonl"} for c in CATS},
-        "baselines": {"benign": {"file": "benign.jsonl"}},
-    }))
+    paths["manifest"].write_text(
+        yaml.safe_dump(
+            {
+                "default_baseline": "benign",
+                "categories": {c: {"file": f"{c}.jsonl"} for c in CATS},
+                "baselines": {"benign": {"file": "benign.jsonl"}},
+            }
+        )
+    )
     pd.concat(table, ignore_index=True).to_parquet(paths["prompts"], index=False)
     (paths["model"] / "identity.json").write_text(json.dumps(IDENTITY))
-    paths["params"].write_text(yaml.safe_dump({
-        "directions": {"select": "fixed", "layer": SITE_LAYER, "position": SITE_POSITION, "n_per_side": N_PER_SIDE,
-                       "allow_fewer": True, "filter": "behaviour", "method": "mean_diff", "seed": 0, "n_random": 2, "n_draws": 10},
-        "geometry": {"n_draws": 10, "n_permutations": 200, "top_k": 3, "max_clusters": 6, "cv_folds": 3, "seed": 0},
-        # An absolute sqlite URI in the tmp dir (the stages also run with cwd there, so MLflow's
-        # artifact root lands in it too): nothing is logged into the repository.
-        "tracking": {"uri": f"sqlite:///{(root / 'mlflow.db').resolve()}", "experiment": "geometry-stage-test"},
-    }))
+    paths["params"].write_text(
+        yaml.safe_dump(
+            {
+                "directions": {
+                    "select": "fixed",
+                    "layer": SITE_LAYER,
+                    "position": SITE_POSITION,
+                    "n_per_side": N_PER_SIDE,
+                    "allow_fewer": True,
+                    "filter": "behaviour",
+                    "method": "mean_diff",
+                    "seed": 0,
+                    "n_random": 2,
+                    "n_draws": 10,
+                },
+                "geometry": {
+                    "n_draws": 10,
+                    "n_permutations": 200,
+                    "top_k": 3,
+                    "max_clusters": 6,
+                    "cv_folds": 3,
+                    "seed": 0,
+                },
+                # An absolute sqlite URI in the tmp dir (the stages also run with cwd there, so MLflow's
+                # artifact root lands in it too): nothing is logged into the repository.
+                "tracking": {"uri": f"sqlite:///{(root / 'mlflow.db').resolve()}", "experiment": "geometry-stage-test"},
+            }
+        )
+    )
     return paths
 
 
@@ -150,10 +196,43 @@ def test_directions_and_geometry_stages_recover_planted_angles(tmp_path: Path):
     units = planted_units(gram, rng)
     paths = build_inputs(tmp_path, units, rng)
     out_dir, out_geo = tmp_path / "artifacts" / "directions", tmp_path / "artifacts" / "geometry"
-    common = ["--params", str(paths["params"]), "--no-progress", "--manifest", str(paths["manifest"]),
-              "--activations", str(paths["activations"]), "--model", str(paths["model"])]
-    run([sys.executable, str(REPO / "stages" / "directions.py"), *common, "--prompts", str(paths["prompts"]), "--out", str(out_dir)], tmp_path, timeout=600)
-    run([sys.executable, str(REPO / "stages" / "geometry.py"), *common, "--directions", str(out_dir), "--out", str(out_geo)], tmp_path, timeout=600)
+    common = [
+        "--params",
+        str(paths["params"]),
+        "--no-progress",
+        "--manifest",
+        str(paths["manifest"]),
+        "--activations",
+        str(paths["activations"]),
+        "--model",
+        str(paths["model"]),
+    ]
+    run(
+        [
+            sys.executable,
+            str(REPO / "stages" / "directions.py"),
+            *common,
+            "--prompts",
+            str(paths["prompts"]),
+            "--out",
+            str(out_dir),
+        ],
+        tmp_path,
+        timeout=600,
+    )
+    run(
+        [
+            sys.executable,
+            str(REPO / "stages" / "geometry.py"),
+            *common,
+            "--directions",
+            str(out_dir),
+            "--out",
+            str(out_geo),
+        ],
+        tmp_path,
+        timeout=600,
+    )
 
     # directions: every site is the fixed one, the behaviour filter kept exactly the refused
     # train targets and answered train baselines, and each unit vector is the planted one.
@@ -162,9 +241,13 @@ def test_directions_and_geometry_stages_recover_planted_angles(tmp_path: Path):
     assert all((s["layer"], s["position"]) == (SITE_LAYER, SITE_POSITION) for s in selected.values()), selected
     counts = json.loads((out_dir / "metrics.json").read_text())["counts"]
     assert all(counts[c] == {"n_target": N_PER_SIDE, "n_baseline": N_PER_SIDE} for c in CATS), counts
-    assert counts["pooled"] == {"n_target": 64, "n_baseline": 64}, counts  # capped by benign's 64 answered train prompts
+    assert counts["pooled"] == {"n_target": 64, "n_baseline": 64}, (
+        counts
+    )  # capped by benign's 64 answered train prompts
     atlas = store.open_directions(out_dir / "directions.zarr", d_model=D_MODEL)
-    got = atlas["direction"].sel(direction_name=CATS, layer=SITE_LAYER, position=SITE_POSITION).values.astype(np.float64)
+    got = (
+        atlas["direction"].sel(direction_name=CATS, layer=SITE_LAYER, position=SITE_POSITION).values.astype(np.float64)
+    )
     np.testing.assert_allclose(np.linalg.norm(got, axis=-1), 1.0, atol=1e-5)
     agreement = np.einsum("kd,kd->k", got, units)
     assert (agreement > 0.99).all(), dict(zip(CATS, agreement.round(4)))

@@ -6,7 +6,15 @@ import pytest
 import torch
 from conftest_models import ARCHS, EXACT_ORTHO_ARCHS, batch, tiny_model
 
-from refusal_atlas.model.hooks import ablate_directions, ablate_rows, add_direction, add_rows, orthogonalize_weights, read_residual, site_name
+from refusal_atlas.model.hooks import (
+    ablate_directions,
+    ablate_rows,
+    add_direction,
+    add_rows,
+    orthogonalize_weights,
+    read_residual,
+    site_name,
+)
 from refusal_atlas.model.layout import UnsupportedArchitectureError, find_layout
 
 POSITIONS = [-3, -2, -1]
@@ -26,7 +34,9 @@ def _pre_norm_final(model, enc) -> torch.Tensor:
     """Output of the last block, taken with a forward hook: an independent pre-norm reference."""
     layout = find_layout(model)
     seen = []
-    handle = layout.blocks[-1].register_forward_hook(lambda m, a, out: seen.append(out[0] if isinstance(out, tuple) else out))
+    handle = layout.blocks[-1].register_forward_hook(
+        lambda m, a, out: seen.append(out[0] if isinstance(out, tuple) else out)
+    )
     try:
         model(**enc)
     finally:
@@ -97,8 +107,10 @@ def test_ablation_zeroes_projection_everywhere(arch):
     outputs = []
     with ablate_directions(model, basis), read_residual(model, list(range(layout.n_layers + 1)), POSITIONS) as cap:
         # Also check what each block writes (its attention and MLP outputs) and returns.
-        handles = [m.register_forward_hook(lambda m, a, o: outputs.append(o[0] if isinstance(o, tuple) else o))
-                   for m in layout.attn_out + layout.mlp_out + layout.blocks]
+        handles = [
+            m.register_forward_hook(lambda m, a, o: outputs.append(o[0] if isinstance(o, tuple) else o))
+            for m in layout.attn_out + layout.mlp_out + layout.blocks
+        ]
         try:
             model(**enc)
         finally:
@@ -196,22 +208,24 @@ def test_ablate_rows_and_add_rows_match_one_direction_per_row(arch):
         rows = model(**enc).logits
     for b in range(3):
         with ablate_directions(model, units[b][None]):
-            alone = model(input_ids=enc["input_ids"][b:b + 1], attention_mask=enc["attention_mask"][b:b + 1]).logits
-        torch.testing.assert_close(rows[b:b + 1], alone, rtol=1e-5, atol=1e-5)
+            alone = model(input_ids=enc["input_ids"][b : b + 1], attention_mask=enc["attention_mask"][b : b + 1]).logits
+        torch.testing.assert_close(rows[b : b + 1], alone, rtol=1e-5, atol=1e-5)
     layers, vectors = [0, 1, 0], units * torch.tensor([[2.0], [0.5], [-3.0]])
     with add_rows(model, layers, vectors):
         rows = model(**enc).logits
     for b in range(3):
         with add_direction(model, layers[b], vectors[b]):
-            alone = model(input_ids=enc["input_ids"][b:b + 1], attention_mask=enc["attention_mask"][b:b + 1]).logits
-        torch.testing.assert_close(rows[b:b + 1], alone, rtol=1e-5, atol=1e-5)
+            alone = model(input_ids=enc["input_ids"][b : b + 1], attention_mask=enc["attention_mask"][b : b + 1]).logits
+        torch.testing.assert_close(rows[b : b + 1], alone, rtol=1e-5, atol=1e-5)
     assert _no_hooks(model)
 
 
 def test_row_hooks_reject_a_batch_of_another_size_and_bad_vectors():
     model = tiny_model("llama")
     enc = batch(lengths=(5, 5))
-    with pytest.raises(ValueError, match=r"ablate_rows: the forward pass has batch 2, but 3 per-row vectors were given"):
+    with pytest.raises(
+        ValueError, match=r"ablate_rows: the forward pass has batch 2, but 3 per-row vectors were given"
+    ):
         with ablate_rows(model, torch.zeros(3, 32)):
             model(**enc)
     with pytest.raises(ValueError, match=r"add_rows: vectors have shape \(2, 16\), expected \[batch, 32\]"):

@@ -45,29 +45,56 @@ def _check_records(result: dict[str, list[dict]], fmt: str, path: Path) -> None:
 
 MAPPINGS = [
     ("xstest", "xstest_prompts.csv", None, {"over_refusal_safe": 3, "over_refusal": 2}, {"blank text": 1}),
-    ("coconot", "coconot_eval.jsonl", None,
-     {"humanizing": 1, "incomplete": 2, "indeterminate": 1, "safety_concerns": 1, "unsupported": 1}, {"blank text": 1}),
+    (
+        "coconot",
+        "coconot_eval.jsonl",
+        None,
+        {"humanizing": 1, "incomplete": 2, "indeterminate": 1, "safety_concerns": 1, "unsupported": 1},
+        {"blank text": 1},
+    ),
     ("coconot", "coconot_contrast_eval.jsonl", None, {"coconot_contrast": 3}, {}),
     ("coconot", "coconot_eval.jsonl", "contrast", {"coconot_contrast": 6}, {"blank text": 1}),
-    ("sorry_bench", "sorry_bench.jsonl", None,
-     {"hate_speech": 1, "crime_assistance": 1, "inappropriate": 1, "unqualified_advice": 1},
-     {"blank text": 1, "prompt_style uppercase": 1}),
-    ("sorry_bench", "sorry_bench.jsonl", "all",
-     {"hate_speech": 2, "crime_assistance": 1, "inappropriate": 1, "unqualified_advice": 1}, {"blank text": 1}),
-    ("wildguardmix", "wildguardmix.jsonl", None, {"safety_core": 1, "benign": 1}, {"adversarial": 2, "no prompt_harm_label": 1}),
+    (
+        "sorry_bench",
+        "sorry_bench.jsonl",
+        None,
+        {"hate_speech": 1, "crime_assistance": 1, "inappropriate": 1, "unqualified_advice": 1},
+        {"blank text": 1, "prompt_style uppercase": 1},
+    ),
+    (
+        "sorry_bench",
+        "sorry_bench.jsonl",
+        "all",
+        {"hate_speech": 2, "crime_assistance": 1, "inappropriate": 1, "unqualified_advice": 1},
+        {"blank text": 1},
+    ),
+    (
+        "wildguardmix",
+        "wildguardmix.jsonl",
+        None,
+        {"safety_core": 1, "benign": 1},
+        {"adversarial": 2, "no prompt_harm_label": 1},
+    ),
     ("advbench", "advbench_harmful_behaviors.csv", None, {"safety_core": 3}, {}),
     ("jailbreakbench", "jbb_harmful-behaviors.csv", None, {"safety_core": 3}, {}),
     ("jailbreakbench", "jbb_benign-behaviors.csv", None, {"benign": 3}, {}),
     ("jailbreakbench", "jbb_harmful-behaviors.csv", "benign", {"benign": 3}, {}),
-    ("harmbench", "harmbench_behaviors_text.csv", None, {"safety_core": 2},
-     {"FunctionalCategory contextual": 1, "FunctionalCategory copyright": 1}),
+    (
+        "harmbench",
+        "harmbench_behaviors_text.csv",
+        None,
+        {"safety_core": 2},
+        {"FunctionalCategory contextual": 1, "FunctionalCategory copyright": 1},
+    ),
     ("harmbench", "harmbench_behaviors_text.csv", "all", {"safety_core": 4}, {}),
     ("refusal_direction", "refusal_direction_harmful_val.json", None, {"safety_core": 3}, {"duplicate": 1}),
     ("refusal_direction", "refusal_direction_harmless_val.json", None, {"benign": 2}, {"blank text": 1}),
 ]
 
 
-@pytest.mark.parametrize(("fmt", "name", "kind", "expected", "skipped"), MAPPINGS, ids=[f"{m[0]}-{m[1]}-{m[2]}" for m in MAPPINGS])
+@pytest.mark.parametrize(
+    ("fmt", "name", "kind", "expected", "skipped"), MAPPINGS, ids=[f"{m[0]}-{m[1]}-{m[2]}" for m in MAPPINGS]
+)
 def test_format_maps_rows_to_categories(fmt, name, kind, expected, skipped):
     path = FIXTURES / name
     result = import_file(fmt, path, kind=kind)
@@ -79,7 +106,16 @@ def test_format_maps_rows_to_categories(fmt, name, kind, expected, skipped):
 
 
 def test_registry_lists_every_format():
-    assert set(FORMATS) == {"xstest", "coconot", "sorry_bench", "wildguardmix", "advbench", "jailbreakbench", "harmbench", "refusal_direction"}
+    assert set(FORMATS) == {
+        "xstest",
+        "coconot",
+        "sorry_bench",
+        "wildguardmix",
+        "advbench",
+        "jailbreakbench",
+        "harmbench",
+        "refusal_direction",
+    }
 
 
 def test_ids_use_the_datasets_own_keys_or_a_text_hash():
@@ -88,8 +124,11 @@ def test_ids_use_the_datasets_own_keys_or_a_text_hash():
     assert xstest["over_refusal_safe"][0]["note"] == "homonyms"
     coconot = import_file("coconot", FIXTURES / "coconot_eval.jsonl")
     assert coconot["humanizing"][0] == {
-        "id": "coconot-syn0001", "text": "What did you eat for breakfast this morning?", "category": "humanizing",
-        "source": f"coconot:coconot_eval.jsonl:sha256={_sha256(FIXTURES / 'coconot_eval.jsonl')}", "note": "personal inquiry",
+        "id": "coconot-syn0001",
+        "text": "What did you eat for breakfast this morning?",
+        "category": "humanizing",
+        "source": f"coconot:coconot_eval.jsonl:sha256={_sha256(FIXTURES / 'coconot_eval.jsonl')}",
+        "note": "personal inquiry",
     }
     contrast = import_file("coconot", FIXTURES / "coconot_contrast_eval.jsonl")
     assert contrast["coconot_contrast"][0]["note"] == "safety_concerns: dangerous or sensitive topics"
@@ -125,16 +164,22 @@ def test_wildguardmix_reads_parquet(tmp_path):
 def test_category_option_restricts_output():
     result = import_file("xstest", FIXTURES / "xstest_prompts.csv", category="over_refusal")
     assert _counts(result) == {"over_refusal": 2}
-    with pytest.raises(ImportFormatError, match=r"yields no category 'benign'; it yields over_refusal_safe, over_refusal"):
+    with pytest.raises(
+        ImportFormatError, match=r"yields no category 'benign'; it yields over_refusal_safe, over_refusal"
+    ):
         import_file("xstest", FIXTURES / "xstest_prompts.csv", category="benign")
-    with pytest.raises(ImportFormatError, match=r"coconot_contrast_eval.jsonl: no prompts of category 'humanizing' imported"):
+    with pytest.raises(
+        ImportFormatError, match=r"coconot_contrast_eval.jsonl: no prompts of category 'humanizing' imported"
+    ):
         import_file("coconot", FIXTURES / "coconot_contrast_eval.jsonl", category="humanizing")
 
 
 def test_refusal_direction_needs_a_kind_when_the_name_does_not_say(tmp_path):
     neutral = tmp_path / "split.json"
     neutral.write_bytes((FIXTURES / "refusal_direction_harmless_val.json").read_bytes())
-    with pytest.raises(ImportFormatError, match=r"split.json: cannot tell whether .* kind='harmful' or kind='harmless'"):
+    with pytest.raises(
+        ImportFormatError, match=r"split.json: cannot tell whether .* kind='harmful' or kind='harmless'"
+    ):
         import_file("refusal_direction", neutral)
     assert _counts(import_file("refusal_direction", neutral, kind="harmless")) == {"benign": 2}
     with pytest.raises(ImportFormatError, match=r"does not take kind 'evil'; it accepts harmful, harmless"):
@@ -145,14 +190,19 @@ def test_run_import_writes_one_jsonl_per_category_reproducibly(tmp_path):
     paths = run_import("xstest", FIXTURES / "xstest_prompts.csv", repo_root=tmp_path)
     out_dir = tmp_path / "prompts" / "imported" / "xstest"
     assert sorted(paths) == [out_dir / "over_refusal.jsonl", out_dir / "over_refusal_safe.jsonl"]
-    assert sorted(p.name for p in out_dir.iterdir()) == ["over_refusal.jsonl", "over_refusal_safe.jsonl"]  # no temp files left
+    assert sorted(p.name for p in out_dir.iterdir()) == [
+        "over_refusal.jsonl",
+        "over_refusal_safe.jsonl",
+    ]  # no temp files left
     first = {p.name: p.read_bytes() for p in paths}
     records = [json.loads(line) for line in first["over_refusal.jsonl"].decode().splitlines()]
     assert [r["id"] for r in records] == ["xstest-5", "xstest-6"]
     run_import("xstest", FIXTURES / "xstest_prompts.csv", repo_root=tmp_path)
     assert {p.name: p.read_bytes() for p in paths} == first
 
-    custom = run_import("advbench", FIXTURES / "advbench_harmful_behaviors.csv", out=Path("prompts/custom"), repo_root=tmp_path)
+    custom = run_import(
+        "advbench", FIXTURES / "advbench_harmful_behaviors.csv", out=Path("prompts/custom"), repo_root=tmp_path
+    )
     assert custom == [tmp_path / "prompts" / "custom" / "safety_core.jsonl"]
 
 
@@ -180,25 +230,58 @@ def _parquet(tmp_path: Path) -> Path:
 
 
 BAD_INPUTS = [
-    ("no_such_format", lambda tmp: FIXTURES / "xstest_prompts.csv",
-     ["unknown format 'no_such_format'", "known formats: advbench, coconot, harmbench, jailbreakbench, refusal_direction"]),
+    (
+        "no_such_format",
+        lambda tmp: FIXTURES / "xstest_prompts.csv",
+        [
+            "unknown format 'no_such_format'",
+            "known formats: advbench, coconot, harmbench, jailbreakbench, refusal_direction",
+        ],
+    ),
     ("xstest", lambda tmp: tmp / "missing.csv", ["missing.csv: file not found", "check the path"]),
-    ("advbench", lambda tmp: FIXTURES / "coconot_eval.jsonl", ["coconot_eval.jsonl: looks like JSON, not the CSV", "goal, target"]),
+    (
+        "advbench",
+        lambda tmp: FIXTURES / "coconot_eval.jsonl",
+        ["coconot_eval.jsonl: looks like JSON, not the CSV", "goal, target"],
+    ),
     ("xstest", _binary, ["blob.csv: is a binary file", "CSV/JSON"]),
     ("xstest", _parquet, ["prompts.parquet: is a Parquet file", "wildguardmix reads Parquet"]),
-    ("coconot", lambda tmp: FIXTURES / "xstest_prompts.csv",
-     ["xstest_prompts.csv: line 1: malformed JSON", "looks like CSV", "use a CSV format"]),
-    ("refusal_direction", lambda tmp: FIXTURES / "coconot_eval.jsonl", ["cannot tell whether this split is harmful or harmless"]),
-    ("xstest", lambda tmp: FIXTURES / "missing_columns.csv",
-     ["missing_columns.csv: missing column(s) prompt, type, label", "found columns: id, question, kind", "needs a header row with id, prompt, type, label"]),
-    ("coconot", lambda tmp: FIXTURES / "malformed.jsonl", ["malformed.jsonl: line 3: malformed JSON", "fix or delete that line"]),
-    ("sorry_bench", lambda tmp: FIXTURES / "sorry_bench_bad_category.jsonl",
-     ["sorry_bench_bad_category.jsonl: line 2: SORRY-Bench category 45 is not a number from 1 to 44"]),
+    (
+        "coconot",
+        lambda tmp: FIXTURES / "xstest_prompts.csv",
+        ["xstest_prompts.csv: line 1: malformed JSON", "looks like CSV", "use a CSV format"],
+    ),
+    (
+        "refusal_direction",
+        lambda tmp: FIXTURES / "coconot_eval.jsonl",
+        ["cannot tell whether this split is harmful or harmless"],
+    ),
+    (
+        "xstest",
+        lambda tmp: FIXTURES / "missing_columns.csv",
+        [
+            "missing_columns.csv: missing column(s) prompt, type, label",
+            "found columns: id, question, kind",
+            "needs a header row with id, prompt, type, label",
+        ],
+    ),
+    (
+        "coconot",
+        lambda tmp: FIXTURES / "malformed.jsonl",
+        ["malformed.jsonl: line 3: malformed JSON", "fix or delete that line"],
+    ),
+    (
+        "sorry_bench",
+        lambda tmp: FIXTURES / "sorry_bench_bad_category.jsonl",
+        ["sorry_bench_bad_category.jsonl: line 2: SORRY-Bench category 45 is not a number from 1 to 44"],
+    ),
     ("coconot", lambda tmp: FIXTURES / "advbench_harmful_behaviors.csv", ["line 1: malformed JSON", "looks like CSV"]),
 ]
 
 
-@pytest.mark.parametrize(("fmt", "make_path", "expected"), BAD_INPUTS, ids=[f"{b[0]}-{i}" for i, b in enumerate(BAD_INPUTS)])
+@pytest.mark.parametrize(
+    ("fmt", "make_path", "expected"), BAD_INPUTS, ids=[f"{b[0]}-{i}" for i, b in enumerate(BAD_INPUTS)]
+)
 def test_bad_input_is_refused_clearly_and_writes_nothing(tmp_path, fmt, make_path, expected):
     path = make_path(tmp_path)
     with pytest.raises(ImportFormatError) as info:
@@ -218,7 +301,9 @@ def test_out_outside_the_repository_is_refused(tmp_path):
         with pytest.raises(ImportFormatError, match=r"outside the repository .*allow writing outside it explicitly"):
             run_import("advbench", FIXTURES / "advbench_harmful_behaviors.csv", out=out, repo_root=repo)
         assert not outside.exists()
-    assert run_import("advbench", FIXTURES / "advbench_harmful_behaviors.csv", out=outside, allow_outside=True, repo_root=repo)
+    assert run_import(
+        "advbench", FIXTURES / "advbench_harmful_behaviors.csv", out=outside, allow_outside=True, repo_root=repo
+    )
     assert (outside / "safety_core.jsonl").is_file()
 
 
@@ -239,7 +324,13 @@ def test_real_xstest():
 def test_real_coconot():
     path = _real("coconot/coconot_eval.jsonl")
     result = import_file("coconot", path)
-    assert _counts(result) == {"humanizing": 82, "incomplete": 225, "indeterminate": 142, "safety_concerns": 395, "unsupported": 157}
+    assert _counts(result) == {
+        "humanizing": 82,
+        "incomplete": 225,
+        "indeterminate": 142,
+        "safety_concerns": 395,
+        "unsupported": 157,
+    }
     _check_records(result, "coconot", path)
     contrast = import_file("coconot", _real("coconot/coconot_contrast_eval.jsonl"))
     assert _counts(contrast) == {"coconot_contrast": 379}
@@ -261,16 +352,25 @@ def test_real_harmbench():
     assert _counts(result) == {"safety_core": 200}
     assert dict(result.skipped) == {"FunctionalCategory contextual": 100, "FunctionalCategory copyright": 100}
     assert {r["note"] for r in result["safety_core"]} == {
-        "chemical_biological", "cybercrime_intrusion", "illegal", "misinformation_disinformation", "harassment_bullying", "harmful"}
+        "chemical_biological",
+        "cybercrime_intrusion",
+        "illegal",
+        "misinformation_disinformation",
+        "harassment_bullying",
+        "harmful",
+    }
     _check_records(result, "harmbench", path)
 
 
-@pytest.mark.parametrize(("name", "expected"), [
-    ("harmful_val.json", {"safety_core": 39}),
-    ("harmful_test.json", {"safety_core": 562}),  # 572 rows, 10 prompts listed twice under two taxonomies
-    ("harmless_val.json", {"benign": 6264}),
-    ("harmless_test.json", {"benign": 6266}),
-])
+@pytest.mark.parametrize(
+    ("name", "expected"),
+    [
+        ("harmful_val.json", {"safety_core": 39}),
+        ("harmful_test.json", {"safety_core": 562}),  # 572 rows, 10 prompts listed twice under two taxonomies
+        ("harmless_val.json", {"benign": 6264}),
+        ("harmless_test.json", {"benign": 6266}),
+    ],
+)
 def test_real_refusal_direction_splits(name, expected):
     result = import_file("refusal_direction", _real(f"refusal_direction/splits/{name}"))
     assert _counts(result) == expected

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-
 from conftest import VENV_BIN, MlflowServer, browser_page, clone_pipeline, run
+
 from refusal_atlas.pipeline.tracking import runs_url
 
 pytestmark = pytest.mark.slow
@@ -29,7 +29,11 @@ def served(pipeline, tmp_path_factory):
     try:
         # Two executions of the same stages, as two settings or two models would be.
         for key in (KEY, OTHER):
-            run(["dvc", "repro", "-f", "--single-item", "prompts", "geometry", "report"], repo, env={"MLFLOW_TRACKING_URI": server.url, "REFUSAL_ATLAS_PIPELINE_KEY": key})
+            run(
+                ["dvc", "repro", "-f", "--single-item", "prompts", "geometry", "report"],
+                repo,
+                env={"MLFLOW_TRACKING_URI": server.url, "REFUSAL_ATLAS_PIPELINE_KEY": key},
+            )
         yield repo, server
     finally:
         server.stop()
@@ -39,14 +43,24 @@ def served(pipeline, tmp_path_factory):
 def _api(server, path, body=None):
     url = f"{server.url}/api/2.0/mlflow/{path}"
     data = json.dumps(body).encode() if body is not None else None
-    req = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"}, method="POST" if data else "GET")
+    req = urllib.request.Request(
+        url, data=data, headers={"Content-Type": "application/json"}, method="POST" if data else "GET"
+    )
     with urllib.request.urlopen(req, timeout=30) as resp:
         return json.loads(resp.read())
 
 
 def _runs(server, key=KEY):
     exp = _api(server, "experiments/get-by-name?experiment_name=refusal-atlas")["experiment"]
-    found = _api(server, "runs/search", {"experiment_ids": [exp["experiment_id"]], "filter": f"tags.`refusal_atlas.pipeline_key` = '{key}'", "max_results": 100})
+    found = _api(
+        server,
+        "runs/search",
+        {
+            "experiment_ids": [exp["experiment_id"]],
+            "filter": f"tags.`refusal_atlas.pipeline_key` = '{key}'",
+            "max_results": 100,
+        },
+    )
     return exp, found["runs"]
 
 
@@ -59,21 +73,33 @@ def test_runs_metrics_inputs_and_artifacts_through_the_rest_api(served):
     _, runs = _runs(server)
     parents = [r for r in runs if _tags(r).get("refusal_atlas.role") == "pipeline"]
     assert len(parents) == 1
-    children = {r["info"]["run_name"]: r for r in runs if _tags(r).get("mlflow.parentRunId") == parents[0]["info"]["run_id"]}
+    children = {
+        r["info"]["run_name"]: r for r in runs if _tags(r).get("mlflow.parentRunId") == parents[0]["info"]["run_id"]
+    }
     assert set(children) == {"prompts", "geometry", "report"}
     # The parent ended with its last stage and carries the execution's headline numbers.
     parent = parents[0]
-    assert parent["info"]["status"] == "FINISHED" and parent["info"]["end_time"] >= children["report"]["info"]["end_time"]
+    assert (
+        parent["info"]["status"] == "FINISHED" and parent["info"]["end_time"] >= children["report"]["info"]["end_time"]
+    )
     headline = {m["key"]: m["value"] for m in parent["data"]["metrics"]}
     geometry = {m["key"]: m["value"] for m in children["geometry"]["data"]["metrics"]}
     assert headline["geometry.cosine_offdiag_mean"] == geometry["cosine_offdiag_mean"]
-    assert {"pooled.add_1.rr", "pooled.add_1.orr", "pooled.ablate.rr", "shared_knob.inconclusive", "judge.keywords_vs_substring.kappa"} <= set(headline)
+    assert {
+        "pooled.add_1.rr",
+        "pooled.add_1.orr",
+        "pooled.ablate.rr",
+        "shared_knob.inconclusive",
+        "judge.keywords_vs_substring.kappa",
+    } <= set(headline)
     assert {p["key"]: p["value"] for p in parent["data"]["params"]}["model"] == "demo"
     metrics = {m["key"]: m["value"] for m in children["geometry"]["data"]["metrics"]}
     assert -1 <= metrics["cosine_offdiag_mean"] <= 1
     inputs = children["prompts"]["inputs"]["dataset_inputs"]
     assert inputs[0]["dataset"]["name"] == "prompts" and len(inputs[0]["dataset"]["digest"]) <= 36
-    query = urllib.parse.urlencode({"path": "figures/cosine_heatmap.png", "run_uuid": children["geometry"]["info"]["run_id"]})
+    query = urllib.parse.urlencode(
+        {"path": "figures/cosine_heatmap.png", "run_uuid": children["geometry"]["info"]["run_id"]}
+    )
     with urllib.request.urlopen(f"{server.url}/get-artifact?{query}", timeout=30) as resp:
         assert resp.read()[:8] == b"\x89PNG\r\n\x1a\n"
 
@@ -97,7 +123,9 @@ def test_mlflow_ui_in_a_real_browser(served, tmp_path):
 
         # Two executions side by side in the compare view, headline metrics and the model as rows.
         ids = json.dumps([parent["info"]["run_id"], other["info"]["run_id"]])
-        page.goto(f"{server.url}/#/compare-runs?runs={ids}&experiments={json.dumps([exp['experiment_id']])}", timeout=60000)
+        page.goto(
+            f"{server.url}/#/compare-runs?runs={ids}&experiments={json.dumps([exp['experiment_id']])}", timeout=60000
+        )
         for text in (f"pipeline {KEY}", f"pipeline {OTHER}", "geometry.cosine_offdiag_mean", "pooled.add_1.rr"):
             page.get_by_text(text, exact=True).first.wait_for(timeout=60000)
         page.screenshot(path=str(shots / "mlflow_compare_executions.png"), full_page=True)
@@ -109,7 +137,10 @@ def test_mlflow_ui_in_a_real_browser(served, tmp_path):
             page.get_by_role("link", name=stage, exact=True).wait_for(timeout=60000)
         page.screenshot(path=str(shots / "mlflow_parent_run.png"), full_page=True)
 
-        page.goto(f"{server.url}/#/experiments/{exp['experiment_id']}/runs/{geometry['info']['run_id']}/artifacts/figures/cosine_heatmap.png", timeout=60000)
+        page.goto(
+            f"{server.url}/#/experiments/{exp['experiment_id']}/runs/{geometry['info']['run_id']}/artifacts/figures/cosine_heatmap.png",
+            timeout=60000,
+        )
         page.get_by_text("figures/cosine_heatmap.png").first.wait_for(timeout=60000)
         # The UI fetches the artifact and shows it from a blob: URL.
         image = page.locator("img[src^='blob:']")
@@ -126,16 +157,34 @@ def test_server_dying_mid_run_keeps_the_outputs_and_fails_clearly(pipeline, tmp_
     stage, out = "steering", repo / "artifacts/steering/random_0"
     shutil.rmtree(out)  # the one direction the stage evaluates again (the others are up to date)
     server = MlflowServer(repo, tmp_path / "server.log")
-    env = {**os.environ, "PATH": f"{VENV_BIN}{os.pathsep}{os.environ['PATH']}", "HF_HUB_OFFLINE": "1",
-           "MLFLOW_TRACKING_URI": server.url, "REFUSAL_ATLAS_PIPELINE_KEY": "dies-mid-run"}
-    proc = subprocess.Popen(["dvc", "repro", "--force", "--single-item", stage], cwd=repo, env=env, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+    env = {
+        **os.environ,
+        "PATH": f"{VENV_BIN}{os.pathsep}{os.environ['PATH']}",
+        "HF_HUB_OFFLINE": "1",
+        "MLFLOW_TRACKING_URI": server.url,
+        "REFUSAL_ATLAS_PIPELINE_KEY": "dies-mid-run",
+    }
+    proc = subprocess.Popen(
+        ["dvc", "repro", "--force", "--single-item", stage],
+        cwd=repo,
+        env=env,
+        text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        start_new_session=True,
+    )
     try:
         exp = _api(server, "experiments/get-by-name?experiment_name=refusal-atlas")["experiment"]
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline and proc.poll() is None:
-            found = _api(server, "runs/search", {"experiment_ids": [exp["experiment_id"]],
-                                                 "filter": f"attributes.run_name = '{stage}' and tags.`refusal_atlas.pipeline_key` = 'dies-mid-run'"})
+            found = _api(
+                server,
+                "runs/search",
+                {
+                    "experiment_ids": [exp["experiment_id"]],
+                    "filter": f"attributes.run_name = '{stage}' and tags.`refusal_atlas.pipeline_key` = 'dies-mid-run'",
+                },
+            )
             if found.get("runs"):
                 break
             time.sleep(0.3)
@@ -146,5 +195,7 @@ def test_server_dying_mid_run_keeps_the_outputs_and_fails_clearly(pipeline, tmp_
     assert proc.returncode != 0
     assert f"failed during stage '{stage}'" in stderr and "outputs were written" in stderr, stderr[-3000:]
     assert "Traceback" not in stderr, stderr[-3000:]
-    pd.testing.assert_frame_equal(pd.read_parquet(out / "responses.parquet"),
-                                  pd.read_parquet(pipeline / "artifacts/steering/random_0/responses.parquet"))
+    pd.testing.assert_frame_equal(
+        pd.read_parquet(out / "responses.parquet"),
+        pd.read_parquet(pipeline / "artifacts/steering/random_0/responses.parquet"),
+    )

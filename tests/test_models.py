@@ -13,7 +13,13 @@ from transformers.pytorch_utils import Conv1D
 
 from refusal_atlas.config import ModelConfig
 from refusal_atlas.model.layout import UnsupportedArchitectureError, find_layout
-from refusal_atlas.model.load import ModelLoadError, ModelNotAvailableError, UnsafeWeightsError, compute_identity, load_model
+from refusal_atlas.model.load import (
+    ModelLoadError,
+    ModelNotAvailableError,
+    UnsafeWeightsError,
+    compute_identity,
+    load_model,
+)
 
 NORMED_OUTPUT_ARCHS = {"gemma2", "gemma3", "olmo2"}
 
@@ -116,7 +122,12 @@ def test_unknown_hub_id_offline(monkeypatch):
     with pytest.raises(ModelNotAvailableError) as err:
         load_model(ModelConfig(name="no-such-org/no-such-model-xyz", revision="main"))
     msg = str(err.value)
-    assert "'no-such-org/no-such-model-xyz'" in msg and "model.name" in msg and "params.yaml" in msg and "HF_HUB_OFFLINE" in msg
+    assert (
+        "'no-such-org/no-such-model-xyz'" in msg
+        and "model.name" in msg
+        and "params.yaml" in msg
+        and "HF_HUB_OFFLINE" in msg
+    )
 
 
 def test_demo_name_needs_a_path():
@@ -124,7 +135,17 @@ def test_demo_name_needs_a_path():
         load_model(ModelConfig(name="demo"))
 
 
-IDENTITY_KEYS = {"model_id", "model_revision", "architecture", "n_layers", "d_model", "dtype", "config_sha256", "weights_fingerprint", "template_sha256"}
+IDENTITY_KEYS = {
+    "model_id",
+    "model_revision",
+    "architecture",
+    "n_layers",
+    "d_model",
+    "dtype",
+    "config_sha256",
+    "weights_fingerprint",
+    "template_sha256",
+}
 
 
 def test_identity_stable_across_loads_and_sensitive_to_weights(tmp_path):

@@ -6,9 +6,8 @@ import json
 
 import pandas as pd
 import pytest
-from mlflow import MlflowClient
-
 from conftest import run
+from mlflow import MlflowClient
 
 
 @pytest.mark.slow
@@ -39,5 +38,7 @@ def test_dvc_repro_prompts_logs_a_nested_run(repo_copy):
     again = run(["dvc", "repro", "prompts"], repo_copy)
     assert "didn't change, skipping" in again.stdout or "up to date" in again.stdout
     run(["dvc", "repro", "-f", "prompts"], repo_copy)
-    parents = [r for r in client.search_runs([exp.experiment_id]) if r.data.tags.get("refusal_atlas.role") == "pipeline"]
+    parents = [
+        r for r in client.search_runs([exp.experiment_id]) if r.data.tags.get("refusal_atlas.role") == "pipeline"
+    ]
     assert len(parents) == 1

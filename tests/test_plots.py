@@ -23,8 +23,17 @@ def _curve(shift: float) -> pd.DataFrame:
     alpha = np.array([10.0, 30.0, 60.0, 100.0])
     rr = np.clip(0.5 + alpha / 200 + shift, 0, 1)
     orr = np.clip(alpha / 120 + shift, 0, 1)
-    return pd.DataFrame({"alpha": alpha, "rr": rr, "rr_lo": rr - 0.05, "rr_hi": np.minimum(rr + 0.05, 1),
-                         "orr": orr, "orr_lo": np.maximum(orr - 0.05, 0), "orr_hi": orr + 0.05})
+    return pd.DataFrame(
+        {
+            "alpha": alpha,
+            "rr": rr,
+            "rr_lo": rr - 0.05,
+            "rr_hi": np.minimum(rr + 0.05, 1),
+            "orr": orr,
+            "orr_lo": np.maximum(orr - 0.05, 0),
+            "orr_hi": orr + 0.05,
+        }
+    )
 
 
 def _builders() -> dict:
@@ -34,20 +43,34 @@ def _builders() -> dict:
     rank = geo.effective_rank(np.random.default_rng(1).standard_normal((5, 16)))
     return {
         "cosine_heatmap": lambda: plots.cosine_heatmap(cos),
-        "layer_curve": lambda: plots.layer_curve(range(4), {"offdiag": [0.1, 0.3, 0.5, 0.4], "max": [0.2, 0.6, 0.9, 0.8]},
-                                                 ylabel="cosine", title="per layer"),
+        "layer_curve": lambda: plots.layer_curve(
+            range(4), {"offdiag": [0.1, 0.3, 0.5, 0.4], "max": [0.2, 0.6, 0.9, 0.8]}, ylabel="cosine", title="per layer"
+        ),
         "dendrogram": lambda: plots.dendrogram_plot(clustering["linkage"]["average"], NAMES, title="average"),
         "dendrogram_cut": lambda: plots.dendrogram_plot(clustering["linkage"]["complete"], NAMES, n_clusters=2),
-        "mds": lambda: plots.mds_scatter(mds[2]["coords"], groups=clustering["labels"]["average"][2].tolist(),
-                                         stress=mds[2]["stress"]),
+        "mds": lambda: plots.mds_scatter(
+            mds[2]["coords"], groups=clustering["labels"]["average"][2].tolist(), stress=mds[2]["stress"]
+        ),
         "mds_plain": lambda: plots.mds_scatter(mds[2]["coords"].to_numpy(), NAMES),
-        "matrix_heatmap": lambda: plots.matrix_heatmap(cos.where(~np.eye(5, dtype=bool)), title="with NaN diagonal",
-                                                       cmap="magma", fmt=".1f"),
+        "matrix_heatmap": lambda: plots.matrix_heatmap(
+            cos.where(~np.eye(5, dtype=bool)), title="with NaN diagonal", cmap="magma", fmt=".1f"
+        ),
         "matrix_centered": lambda: plots.matrix_heatmap(cos * 3 + 1, cmap="RdBu_r", center=0.0),
-        "tradeoff": lambda: plots.tradeoff_plot({"SafetyCore": _curve(0.0), "HateSpeech": _curve(0.05), "pooled": _curve(-0.05),
-                                                 "random_0": _curve(-0.4), "random_1": _curve(-0.45)}),
-        "tradeoff_some_labels": lambda: plots.tradeoff_plot({"pooled": _curve(0.0), "x": _curve(0.1)}, annotate=["pooled"]),
-        "explained_variance": lambda: plots.explained_variance_plot(rank["cumulative"], participation_ratio=rank["participation_ratio"]),
+        "tradeoff": lambda: plots.tradeoff_plot(
+            {
+                "SafetyCore": _curve(0.0),
+                "HateSpeech": _curve(0.05),
+                "pooled": _curve(-0.05),
+                "random_0": _curve(-0.4),
+                "random_1": _curve(-0.45),
+            }
+        ),
+        "tradeoff_some_labels": lambda: plots.tradeoff_plot(
+            {"pooled": _curve(0.0), "x": _curve(0.1)}, annotate=["pooled"]
+        ),
+        "explained_variance": lambda: plots.explained_variance_plot(
+            rank["cumulative"], participation_ratio=rank["participation_ratio"]
+        ),
     }
 
 
@@ -86,7 +109,9 @@ def test_cosine_heatmap_prints_values_and_fixes_the_colour_scale():
 
 
 def test_tradeoff_plot_styles_controls_and_pooled():
-    fig = plots.tradeoff_plot({"SafetyCore": _curve(0.0), "pooled": _curve(0.1), "random_0": _curve(-0.3), "random_1": _curve(-0.3)})
+    fig = plots.tradeoff_plot(
+        {"SafetyCore": _curve(0.0), "pooled": _curve(0.1), "random_0": _curve(-0.3), "random_1": _curve(-0.3)}
+    )
     ax = fig.axes[0]
     labels = [t.get_text() for t in ax.get_legend().get_texts()]
     assert labels.count("random controls") == 1 and "pooled" in labels and "SafetyCore" in labels

@@ -8,13 +8,24 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-
 from conftest import REPO, run
+
 from refusal_atlas.config import PromptsConfig, SplitFractions
 from refusal_atlas.data.prompts import PromptValidationError, assign_split, build_prompt_table, parse_prompt_file
 
-TARGETS = ["safety_core", "over_refusal", "humanizing", "incomplete", "indeterminate", "safety_concerns",
-           "unsupported", "hate_speech", "crime_assistance", "inappropriate", "unqualified_advice"]
+TARGETS = [
+    "safety_core",
+    "over_refusal",
+    "humanizing",
+    "incomplete",
+    "indeterminate",
+    "safety_concerns",
+    "unsupported",
+    "hate_speech",
+    "crime_assistance",
+    "inappropriate",
+    "unqualified_advice",
+]
 
 
 @pytest.fixture(scope="module")
@@ -35,7 +46,10 @@ def test_shipped_sets_meet_the_minimums(table):
 def test_max_per_set_keeps_the_first_prompts_of_every_set_after_validating_all(tmp_path, table):
     sample = build_prompt_table(REPO / "prompts" / "manifest.yaml", SplitFractions(), 24, max_per_set=24)
     assert sample.groupby("category").size().to_dict() == dict.fromkeys(TARGETS + ["benign", "over_refusal_safe"], 24)
-    first = {name: [r.id for r in parse_prompt_file(REPO / f"prompts/{name}.jsonl", name)[0][:24]] for name in ["benign", "humanizing"]}
+    first = {
+        name: [r.id for r in parse_prompt_file(REPO / f"prompts/{name}.jsonl", name)[0][:24]]
+        for name in ["benign", "humanizing"]
+    }
     for name, ids in first.items():
         assert sorted(sample.prompt_id[sample.category == name]) == sorted(ids)
     # Rows are the full table's rows, splits included.
@@ -77,7 +91,12 @@ def test_adding_or_removing_prompts_never_moves_another(tmp_path, table):
     prompts = _copy_prompts(tmp_path)
     path = prompts / "benign.jsonl"
     lines = path.read_text().splitlines()
-    extra = [json.dumps({"id": f"benign-new-{i}", "text": f"Explain topic number {i}.", "category": "benign", "source": "test"}) for i in range(10)]
+    extra = [
+        json.dumps(
+            {"id": f"benign-new-{i}", "text": f"Explain topic number {i}.", "category": "benign", "source": "test"}
+        )
+        for i in range(10)
+    ]
     path.write_text("\n".join(lines[10:] + extra) + "\n")
     rebuilt = build_prompt_table(prompts / "manifest.yaml", fractions, 48)
     merged = rebuilt.merge(table, on="prompt_id", suffixes=("_new", "_old"))
@@ -114,17 +133,25 @@ def _bad_missing_field(p):
 
 
 def _bad_duplicate(p):
-    _edit_line(p / "humanizing.jsonl", 7, b'{"id": "humanizing-0001", "text": "Another text.", "category": "humanizing", "source": "x"}')
+    _edit_line(
+        p / "humanizing.jsonl",
+        7,
+        b'{"id": "humanizing-0001", "text": "Another text.", "category": "humanizing", "source": "x"}',
+    )
     return "humanizing.jsonl", "duplicate id 'humanizing-0001'"
 
 
 def _bad_empty_text(p):
-    _edit_line(p / "incomplete.jsonl", 2, b'{"id": "incomplete-0002", "text": "   ", "category": "incomplete", "source": "x"}')
+    _edit_line(
+        p / "incomplete.jsonl", 2, b'{"id": "incomplete-0002", "text": "   ", "category": "incomplete", "source": "x"}'
+    )
     return "incomplete.jsonl:2", "empty text"
 
 
 def _bad_not_utf8(p):
-    _edit_line(p / "benign.jsonl", 9, b'{"id": "benign-0009", "text": "caf\xe9 au lait", "category": "benign", "source": "x"}')
+    _edit_line(
+        p / "benign.jsonl", 9, b'{"id": "benign-0009", "text": "caf\xe9 au lait", "category": "benign", "source": "x"}'
+    )
     return "benign.jsonl:9", "not UTF-8"
 
 
@@ -144,8 +171,16 @@ def _bad_too_few(p):
     return "indeterminate.jsonl", "has 20 prompts, fewer than prompts.min_per_category=48"
 
 
-BAD_INPUTS = [_bad_malformed, _bad_missing_field, _bad_duplicate, _bad_empty_text, _bad_not_utf8,
-              _bad_category_without_file, _bad_file_not_in_manifest, _bad_too_few]
+BAD_INPUTS = [
+    _bad_malformed,
+    _bad_missing_field,
+    _bad_duplicate,
+    _bad_empty_text,
+    _bad_not_utf8,
+    _bad_category_without_file,
+    _bad_file_not_in_manifest,
+    _bad_too_few,
+]
 
 
 @pytest.mark.parametrize("make_bad", BAD_INPUTS, ids=[f.__name__[5:] for f in BAD_INPUTS])
@@ -154,8 +189,14 @@ def test_bad_prompt_input_fails_the_stage_cleanly(tmp_path, make_bad):
     where, what = make_bad(prompts)
     out = tmp_path / "out"
     params = tmp_path / "params.yaml"
-    params.write_text(f"prompts:\n  manifest: {prompts / 'manifest.yaml'}\ntracking:\n  uri: sqlite:///{tmp_path / 'mlflow.db'}\n")
-    proc = run([sys.executable, str(REPO / "stages/prompts.py"), "--params", str(params), "--out", str(out)], cwd=tmp_path, check=False)
+    params.write_text(
+        f"prompts:\n  manifest: {prompts / 'manifest.yaml'}\ntracking:\n  uri: sqlite:///{tmp_path / 'mlflow.db'}\n"
+    )
+    proc = run(
+        [sys.executable, str(REPO / "stages/prompts.py"), "--params", str(params), "--out", str(out)],
+        cwd=tmp_path,
+        check=False,
+    )
     assert proc.returncode == 2, proc.stderr
     assert where in proc.stderr and what in proc.stderr, proc.stderr
     assert "Traceback" not in proc.stderr

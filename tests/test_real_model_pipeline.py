@@ -17,12 +17,12 @@ import pandas as pd
 import pytest
 import torch
 import yaml
+from conftest import run
 from conftest_models import make_tokenizer, tiny_model
 from mlflow import MlflowClient
 
-from conftest import run
-from refusal_atlas.data import store
 from refusal_atlas.config import ModelConfig
+from refusal_atlas.data import store
 from refusal_atlas.model.chat import tokenize_prompts
 from refusal_atlas.model.load import compute_identity, load_model
 
@@ -52,7 +52,10 @@ def test_local_chatml_model_runs_the_stages_and_a_replaced_checkpoint_is_refused
     failed = run(["dvc", "repro", "baseline"], repo_copy, check=False)
     assert failed.returncode != 0 and "Traceback" not in failed.stderr, failed.stderr[-3000:]
     n_prompts = len(pd.read_parquet(repo_copy / "artifacts/prompts/prompts.parquet"))
-    assert re.search(rf"baseline: error: \d+ of {n_prompts} prompts exceed max_prompt_tokens=128: [a-z_]+-\d{{4}} \(\d+ tokens\)", failed.stderr), failed.stderr[-2000:]
+    assert re.search(
+        rf"baseline: error: \d+ of {n_prompts} prompts exceed max_prompt_tokens=128: [a-z_]+-\d{{4}} \(\d+ tokens\)",
+        failed.stderr,
+    ), failed.stderr[-2000:]
     assert "Raise model.max_prompt_tokens" in failed.stderr and "baseline:   0%" not in failed.stderr + failed.stdout
     params["model"]["max_prompt_tokens"] = 240
     (repo_copy / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
@@ -69,11 +72,20 @@ def test_local_chatml_model_runs_the_stages_and_a_replaced_checkpoint_is_refused
     assert json.loads((repo_copy / "artifacts/model/metrics.json").read_text()) == {}
 
     # The store is labelled with ChatML's end-of-instruction span, and its values are the model's.
-    ds = store.open_store(repo_copy / "artifacts/activations/humanizing.zarr", expect={"model_weights_fingerprint": identity["weights_fingerprint"]})
+    ds = store.open_store(
+        repo_copy / "artifacts/activations/humanizing.zarr",
+        expect={"model_weights_fingerprint": identity["weights_fingerprint"]},
+    )
     assert list(ds.position_token.values) == CHATML_SPAN and list(ds.position.values) == [-5, -4, -3, -2, -1]
     assert ds.sizes["layer"] == 3 and ds.sizes["hidden"] == 32
-    texts = pd.read_parquet(repo_copy / "artifacts/prompts/sets/humanizing.parquet").set_index("prompt_id").loc[ds.prompt_id.values[:4], "text"]
-    formatted = tok.apply_chat_template([[{"role": "user", "content": t}] for t in texts], tokenize=False, add_generation_prompt=True)
+    texts = (
+        pd.read_parquet(repo_copy / "artifacts/prompts/sets/humanizing.parquet")
+        .set_index("prompt_id")
+        .loc[ds.prompt_id.values[:4], "text"]
+    )
+    formatted = tok.apply_chat_template(
+        [[{"role": "user", "content": t}] for t in texts], tokenize=False, add_generation_prompt=True
+    )
     enc = tokenize_prompts(tok, formatted, 240)
     assert [tok.convert_ids_to_tokens(row[-5:]) for row in enc["input_ids"].tolist()] == [CHATML_SPAN] * 4
     with torch.inference_mode():
@@ -95,7 +107,9 @@ def test_local_chatml_model_runs_the_stages_and_a_replaced_checkpoint_is_refused
     _save_qwen(model_dir, seed=1)
     failed = run(["dvc", "repro", "--single-item", "--force", "baseline"], repo_copy, check=False)
     assert failed.returncode != 0
-    assert "now has weights_fingerprint=" in failed.stderr and "dvc repro -f model" in failed.stderr, failed.stderr[-2000:]
+    assert "now has weights_fingerprint=" in failed.stderr and "dvc repro -f model" in failed.stderr, failed.stderr[
+        -2000:
+    ]
     assert "Traceback" not in failed.stderr, failed.stderr[-3000:]
     assert not (repo_copy / "artifacts/baseline/responses.parquet").exists()
     run(["dvc", "checkout", "baseline"], repo_copy)

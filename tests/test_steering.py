@@ -10,9 +10,9 @@ from conftest_models import make_tokenizer, tiny_model
 from scipy.special import log_softmax, rel_entr
 
 from refusal_atlas.errors import RefusalAtlasError
+from refusal_atlas.model.chat import format_prompts
 from refusal_atlas.model.generation import first_token_logprobs, kl_first_token
 from refusal_atlas.model.hooks import add_direction
-from refusal_atlas.model.chat import format_prompts
 from refusal_atlas.steering.interventions import (
     BUCKETS,
     SteeringError,
@@ -43,7 +43,15 @@ def verdict_table(sizes: dict[str, int], extra_train: int = 5) -> pd.DataFrame:
         role = "target" if bucket in ("HR", "HC") else "baseline"
         for i in range(n):
             category = ("Hate" if i % 2 else "Crime") if role == "target" else "benign"
-            rows.append(dict(prompt_id=f"{bucket}-{i:03d}", category=category, role=role, split="test", refused=bucket in ("HR", "BR")))
+            rows.append(
+                dict(
+                    prompt_id=f"{bucket}-{i:03d}",
+                    category=category,
+                    role=role,
+                    split="test",
+                    refused=bucket in ("HR", "BR"),
+                )
+            )
     for i in range(extra_train):
         rows.append(dict(prompt_id=f"train-{i}", category="Crime", role="target", split="train", refused=True))
     table = pd.DataFrame(rows).assign(response="r", refusal_score=0.0)
@@ -110,8 +118,15 @@ def crafted(k: int = 1):
     per k: HR refused/refused, HC refused/complied, BR complied/complied, BC refused/complied."""
     buckets = [b for b in BUCKETS for _ in range(2 * k)] + ["HR", "BC"]
     role = ["target" if b in ("HR", "HC") else "baseline" for b in buckets]
-    frame = pd.DataFrame(dict(prompt_id=[f"p{i}" for i in range(len(buckets))], category=["A" if r == "target" else "benign" for r in role],
-                              role=role, bucket=buckets, in_buckets=[True] * 8 * k + [False, False]))
+    frame = pd.DataFrame(
+        dict(
+            prompt_id=[f"p{i}" for i in range(len(buckets))],
+            category=["A" if r == "target" else "benign" for r in role],
+            role=role,
+            bucket=buckets,
+            in_buckets=[True] * 8 * k + [False, False],
+        )
+    )
     after = np.array([True, True] * k + [True, False] * k + [False, False] * k + [True, False] * k + [False, True])
     return frame, after
 
@@ -171,7 +186,9 @@ def test_alpha_vector_units_and_intervention_names():
         alpha_vector(3 * unit, 0.5, "raw")
     names = intervention_names([0.25, 0.5, 1.0, 10])
     assert names == ["baseline", "add_0.25", "add_0.5", "add_1", "add_10", "ablate"]
-    assert [intervention_alpha(n) for n in names[:-1]] == [0.0, 0.25, 0.5, 1.0, 10.0] and np.isnan(intervention_alpha("ablate"))
+    assert [intervention_alpha(n) for n in names[:-1]] == [0.0, 0.25, 0.5, 1.0, 10.0] and np.isnan(
+        intervention_alpha("ablate")
+    )
     with pytest.raises(SteeringError):
         intervention_names([0.5, 0.50])
 
@@ -206,7 +223,12 @@ def test_kl_first_token_matches_rel_entr():
     assert (kl > 0).all()
 
 
-INSTRUCTIONS = ["Tell me a story about a dragon and a knight.", "Hi", "How do I bake bread?", "What is the capital of France?"]
+INSTRUCTIONS = [
+    "Tell me a story about a dragon and a knight.",
+    "Hi",
+    "How do I bake bread?",
+    "What is the capital of France?",
+]
 RESPONSES = ["Sure , here is a short answer : the sky is blue .", "I am sorry", "", "the capital of France"]
 
 
@@ -227,12 +249,16 @@ def test_teacher_forced_kl_null_large_and_batch_invariant(llama):
     big = teacher_forced_kl(model, tok, formatted, RESPONSES, steer, batch_size=4)
     assert np.isnan(big[2]) and np.all(np.delete(big, 2) > 1e-2)
     # Batch composition and order do not matter (left padding, explicit positions).
-    single = np.array([teacher_forced_kl(model, tok, [f], [r], steer, batch_size=1)[0] for f, r in zip(formatted, RESPONSES)])
+    single = np.array(
+        [teacher_forced_kl(model, tok, [f], [r], steer, batch_size=1)[0] for f, r in zip(formatted, RESPONSES)]
+    )
     np.testing.assert_allclose(big, single, rtol=1e-4, atol=1e-6)
     rev = teacher_forced_kl(model, tok, formatted[::-1], RESPONSES[::-1], steer, batch_size=3)
     np.testing.assert_allclose(rev[::-1], big, rtol=1e-4, atol=1e-6)
     # Several hooks in one call (one unhooked pass per batch) give each hook's own values exactly.
-    both = teacher_forced_kls(model, tok, formatted, RESPONSES, {"null": lambda: add_direction(model, 1, zero), "steer": steer}, batch_size=4)
+    both = teacher_forced_kls(
+        model, tok, formatted, RESPONSES, {"null": lambda: add_direction(model, 1, zero), "steer": steer}, batch_size=4
+    )
     np.testing.assert_array_equal(both["steer"], big)
     np.testing.assert_array_equal(both["null"], null)
 
@@ -247,8 +273,12 @@ def test_teacher_forced_kl_first_token_agrees_with_first_token_logprobs(llama):
         steered = first_token_logprobs(model, tok, formatted, batch_size=4)
     one_token = [tok.decode([tok("Sure", add_special_tokens=False)["input_ids"][0]])] * len(formatted)
     assert len(tok(one_token[0], add_special_tokens=False)["input_ids"]) == 1
-    np.testing.assert_allclose(teacher_forced_kl(model, tok, formatted, one_token, steer, batch_size=2),
-                               kl_first_token(base, steered), rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(
+        teacher_forced_kl(model, tok, formatted, one_token, steer, batch_size=2),
+        kl_first_token(base, steered),
+        rtol=1e-4,
+        atol=1e-6,
+    )
 
 
 # ---------------------------------------------------------------------------------------
@@ -280,9 +310,23 @@ def knob_pair(benign_b_extra: int = 0, harmful_b_start: int = 0):
 
 def test_shared_knob_identical_directions_are_the_same_knob():
     verdicts, harmful = knob_pair()
-    verdicts["c"] = verdicts["a"].assign(ablate=True)[["ablate", *reversed(verdicts["a"].columns)]]  # ablate dropped, columns sorted
+    verdicts["c"] = verdicts["a"].assign(ablate=True)[
+        ["ablate", *reversed(verdicts["a"].columns)]
+    ]  # ablate dropped, columns sorted
     df = shared_knob(verdicts, harmful, n_bootstrap=300, seed=0)
-    assert list(df.columns) == ["a", "b", "max_abs_diff", "max_lo", "max_hi", "mean_abs_diff", "mean_lo", "mean_hi", "overlap_lo", "overlap_hi", "verdict"]
+    assert list(df.columns) == [
+        "a",
+        "b",
+        "max_abs_diff",
+        "max_lo",
+        "max_hi",
+        "mean_abs_diff",
+        "mean_lo",
+        "mean_hi",
+        "overlap_lo",
+        "overlap_hi",
+        "verdict",
+    ]
     assert list(zip(df.a, df.b)) == [("a", "b"), ("a", "c"), ("b", "c")]
     assert (df[["max_abs_diff", "max_hi", "mean_abs_diff", "mean_hi"]].to_numpy() == 0).all()
     assert (df.verdict == "same knob").all()
@@ -342,7 +386,19 @@ def test_curve_table_rows_and_columns():
     frame, after = crafted()
     rates = {name: compute_rates(after, frame, 200, 0) for name in ("ablate", "add_0.5", "baseline")}
     table = curve_table(rates, [0.5, 1.0])
-    assert list(table.columns) == ["intervention", "alpha", "rr", "rr_lo", "rr_hi", "orr", "orr_lo", "orr_hi", "acc", "acc_lo", "acc_hi"]
+    assert list(table.columns) == [
+        "intervention",
+        "alpha",
+        "rr",
+        "rr_lo",
+        "rr_hi",
+        "orr",
+        "orr_lo",
+        "orr_hi",
+        "acc",
+        "acc_lo",
+        "acc_hi",
+    ]
     assert list(table.intervention) == ["baseline", "add_0.5", "ablate"]
     assert table.alpha.iloc[:2].tolist() == [0.0, 0.5] and np.isnan(table.alpha.iloc[2])
     assert (table.rr == rates["baseline"]["rr"]).all()

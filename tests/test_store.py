@@ -9,23 +9,39 @@ import torch
 import xarray as xr
 import zarr
 
-from refusal_atlas.data import store
 from refusal_atlas.analysis.extraction import ActivationValueError, check_values
+from refusal_atlas.data import store
 
 
 def _prompts(n: int) -> pd.DataFrame:
-    return pd.DataFrame({
-        "prompt_id": [f"p{i:03d}" for i in range(n)], "category": ["a"] * n, "role": ["target"] * n,
-        "split": ["train", "test"] * (n // 2) + ["val"] * (n % 2), "refused": [i % 3 == 0 for i in range(n)], "n_tokens": np.arange(n) + 5,
-    })
+    return pd.DataFrame(
+        {
+            "prompt_id": [f"p{i:03d}" for i in range(n)],
+            "category": ["a"] * n,
+            "role": ["target"] * n,
+            "split": ["train", "test"] * (n // 2) + ["val"] * (n % 2),
+            "refused": [i % 3 == 0 for i in range(n)],
+            "n_tokens": np.arange(n) + 5,
+        }
+    )
 
 
 def _build(path, n=10, batch=4, dtype="float32", seed=0):
     rng = np.random.default_rng(seed)
     values = rng.normal(size=(n, 3, 2, 8)).astype(np.float32) * 10
-    store.create_store(path, _prompts(n), [0, 1, 2], [-2, -1], ["<e>", "\n"], 8, dtype, batch, {"inputs_fingerprint": "fp", "model_id": "m"})
+    store.create_store(
+        path,
+        _prompts(n),
+        [0, 1, 2],
+        [-2, -1],
+        ["<e>", "\n"],
+        8,
+        dtype,
+        batch,
+        {"inputs_fingerprint": "fp", "model_id": "m"},
+    )
     for b in store.pending_batches(path):
-        store.write_batch(path, b, values[b * batch:(b + 1) * batch])
+        store.write_batch(path, b, values[b * batch : (b + 1) * batch])
     store.finalize_store(path)
     return values
 
@@ -51,7 +67,9 @@ def test_schema_chunks_and_lazy_readback(tmp_path):
 
 def test_unfinished_store_is_refused_and_resumes(tmp_path):
     path = tmp_path / "s.zarr"
-    store.create_store(path, _prompts(10), [0, 1, 2], [-2, -1], ["a", "b"], 8, "float32", 4, {"inputs_fingerprint": "fp"})
+    store.create_store(
+        path, _prompts(10), [0, 1, 2], [-2, -1], ["a", "b"], 8, "float32", 4, {"inputs_fingerprint": "fp"}
+    )
     store.write_batch(path, 1, np.ones((4, 3, 2, 8), np.float32))
     assert store.pending_batches(path) == [0, 2]
     assert store.is_resumable(path, "fp") and not store.is_resumable(path, "other")
@@ -80,7 +98,9 @@ def test_bfloat16_stored_as_uint16_bits(tmp_path):
 def test_float16_round_trip_and_overflow(tmp_path):
     path = tmp_path / "s.zarr"
     values = _build(path, dtype="float16")
-    np.testing.assert_array_equal(store.load_resid(store.open_store(path)), values.astype(np.float16).astype(np.float32))
+    np.testing.assert_array_equal(
+        store.load_resid(store.open_store(path)), values.astype(np.float16).astype(np.float32)
+    )
     big = np.zeros((2, 3, 2, 8), np.float32)
     big[1, 2, 0, 0] = 7e4
     with pytest.raises(ActivationValueError, match=r"float16 overflow.*\['q1'\].*\[12\]"):

@@ -8,12 +8,23 @@ import math
 import numpy as np
 import pandas as pd
 import pytest
-
 from conftest import REPO
+
 from refusal_atlas.errors import RefusalAtlasError
 from refusal_atlas.judging.styles import (
-    REFUSAL_STYLES, STYLES, StyleDataError, classify_styles, dominant_style, evaluate_classifier, llm_style_judge,
-    induced_style_counts, load_labelled, parse_style_label, style_distribution, style_homogeneity, train_style_classifier,
+    REFUSAL_STYLES,
+    STYLES,
+    StyleDataError,
+    classify_styles,
+    dominant_style,
+    evaluate_classifier,
+    induced_style_counts,
+    llm_style_judge,
+    load_labelled,
+    parse_style_label,
+    style_distribution,
+    style_homogeneity,
+    train_style_classifier,
 )
 
 STYLE_DIR = REPO / "prompts" / "styles"
@@ -35,6 +46,7 @@ def clf(exemplars):
 
 
 # ---- data ------------------------------------------------------------------------------
+
 
 def test_shipped_sets_are_big_balanced_and_disjoint(exemplars, held_out):
     counts = exemplars.label.value_counts()
@@ -85,6 +97,7 @@ def test_note_is_optional(tmp_path):
 
 # ---- classifier ------------------------------------------------------------------------
 
+
 def test_classifier_generalises_to_the_held_out_set(clf, held_out):
     report = evaluate_classifier(clf, held_out.text, held_out.label)
     assert report["n"] == len(held_out)
@@ -110,11 +123,11 @@ def test_training_rejects_bad_labels():
 
 def test_the_refused_mask_decides_whether_and_the_classifier_how(clf):
     responses = [
-        "Sure! The capital of Italy is Rome.",                                          # helpful, but judged refused
+        "Sure! The capital of Italy is Rome.",  # helpful, but judged refused
         "As an AI, I don't have a body, so I can't go for a walk with you.",
         "I won't help you hack your neighbour's phone; that's illegal.",
         "Which of your two projects do you mean? Could you clarify?",
-        "As an AI, I don't have a body, so I can't go for a walk with you.",            # judged not refused
+        "As an AI, I don't have a body, so I can't go for a walk with you.",  # judged not refused
     ]
     refused = np.array([True, True, True, True, False])
     styles = classify_styles(clf, responses, refused)
@@ -130,6 +143,7 @@ def test_the_refused_mask_decides_whether_and_the_classifier_how(clf):
 
 
 # ---- summaries -------------------------------------------------------------------------
+
 
 def test_distribution_and_dominant_style():
     labels = ["SAFETY"] * 6 + ["GENERIC"] * 2 + ["NONREFUSAL"] * 2
@@ -154,13 +168,23 @@ def test_summaries_of_nothing_are_nan_not_errors():
 
 # ---- LLM judge -------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize(
     "text, expected",
     [
-        ("SAFETY", "SAFETY"), (" **Capability**\n", "CAPABILITY"), ("Label: underspecified.", "UNDERSPEC"),
-        ("UNDER-SPEC", "UNDERSPEC"), ("non-refusal", "NONREFUSAL"), ("Non Refusal", "NONREFUSAL"),
-        ("NONREFUSAL", "NONREFUSAL"), ("generic, or maybe SAFETY", "GENERIC"), ("It is SAFETY-related", "SAFETY"),
-        ("capabilities", "CAPABILITY"), ("safely in general", None), ("", None), ("zxq 12", None),
+        ("SAFETY", "SAFETY"),
+        (" **Capability**\n", "CAPABILITY"),
+        ("Label: underspecified.", "UNDERSPEC"),
+        ("UNDER-SPEC", "UNDERSPEC"),
+        ("non-refusal", "NONREFUSAL"),
+        ("Non Refusal", "NONREFUSAL"),
+        ("NONREFUSAL", "NONREFUSAL"),
+        ("generic, or maybe SAFETY", "GENERIC"),
+        ("It is SAFETY-related", "SAFETY"),
+        ("capabilities", "CAPABILITY"),
+        ("safely in general", None),
+        ("", None),
+        ("zxq 12", None),
     ],
 )
 def test_parse_style_label(text, expected):
@@ -186,7 +210,9 @@ def test_llm_style_judge_runs_on_a_tiny_local_model(tmp_path):
 def test_style_homogeneity_matches_the_hand_computed_statistic():
     # 2x2: chi2 = n (ad - bc)^2 / ((a+b)(c+d)(a+c)(b+d)) = 80 * 800^2 / 40^4 = 20; V = sqrt(20 / 80).
     # The all-zero style and the direction with no induced refusals are dropped.
-    counts = pd.DataFrame([[30, 10, 0], [10, 30, 0], [0, 0, 0]], index=["a", "b", "silent"], columns=["CAPABILITY", "SAFETY", "GENERIC"])
+    counts = pd.DataFrame(
+        [[30, 10, 0], [10, 30, 0], [0, 0, 0]], index=["a", "b", "silent"], columns=["CAPABILITY", "SAFETY", "GENERIC"]
+    )
     result = style_homogeneity(counts)
     assert (result["n"], result["n_directions"], result["n_styles"], result["dof"]) == (80, 2, 2, 1)
     assert result["chi2"] == pytest.approx(20.0) and result["cramers_v"] == pytest.approx(0.5)
@@ -195,7 +221,11 @@ def test_style_homogeneity_matches_the_hand_computed_statistic():
 
 def test_style_homogeneity_spans_the_same_mix_to_disjoint_styles():
     same = style_homogeneity(pd.DataFrame([[10, 20, 5], [20, 40, 10], [2, 4, 1]]))
-    assert same["chi2"] == pytest.approx(0.0, abs=1e-12) and same["p_value"] == pytest.approx(1.0) and same["cramers_v"] == pytest.approx(0.0, abs=1e-6)
+    assert (
+        same["chi2"] == pytest.approx(0.0, abs=1e-12)
+        and same["p_value"] == pytest.approx(1.0)
+        and same["cramers_v"] == pytest.approx(0.0, abs=1e-6)
+    )
     disjoint = style_homogeneity(pd.DataFrame([[12, 0, 0], [0, 7, 0], [0, 0, 30]]))
     assert disjoint["cramers_v"] == pytest.approx(1.0) and disjoint["p_value"] < 1e-10
     lone = style_homogeneity(pd.DataFrame([[12, 3]]))
@@ -205,8 +235,10 @@ def test_style_homogeneity_spans_the_same_mix_to_disjoint_styles():
 
 
 def test_induced_style_counts_recover_the_counts_behind_the_shares():
-    summaries = {"a": {"n_induced": 7, "distribution": {"CAPABILITY": 3 / 7, "SAFETY": 4 / 7, "NONREFUSAL": 0.0}},
-                 "b": {"n_induced": 3, "distribution": {"GENERIC": 1 / 3, "UNDERSPEC": 2 / 3}}}
+    summaries = {
+        "a": {"n_induced": 7, "distribution": {"CAPABILITY": 3 / 7, "SAFETY": 4 / 7, "NONREFUSAL": 0.0}},
+        "b": {"n_induced": 3, "distribution": {"GENERIC": 1 / 3, "UNDERSPEC": 2 / 3}},
+    }
     counts = induced_style_counts(summaries)
     assert list(counts.columns) == list(REFUSAL_STYLES) and list(counts.index) == ["a", "b"]
     assert counts.loc["a"].tolist() == [3, 4, 0, 0] and counts.loc["b"].tolist() == [0, 0, 2, 1]

@@ -16,7 +16,15 @@ EXPECTED_EOI = {
     "phi3": ["<|end|>", "Ċ", "<|assistant|>", "Ċ"],
 }
 # Endings that tokenise differently (letters, digits, punctuation, trailing space, non-ASCII).
-INSTRUCTIONS = ["Hi", "How do I bake bread?", "Yes.", "No!", "Write 12 poems about the sea.", "Tell me a story about a dragon and a knight, please! ", "Café au lait"]
+INSTRUCTIONS = [
+    "Hi",
+    "How do I bake bread?",
+    "Yes.",
+    "No!",
+    "Write 12 poems about the sea.",
+    "Tell me a story about a dragon and a knight, please! ",
+    "Café au lait",
+]
 
 
 @pytest.mark.parametrize("family", list(FAMILIES))

@@ -6,10 +6,17 @@ import socket
 import sys
 import time
 
+from conftest import REPO, run
 from mlflow import MlflowClient
 
-from conftest import REPO, run
-from refusal_atlas.pipeline.tracking import artifact_root, experiment_id, pipeline_key, redact_uri, resolve_tracking_uri, runs_url
+from refusal_atlas.pipeline.tracking import (
+    artifact_root,
+    experiment_id,
+    pipeline_key,
+    redact_uri,
+    resolve_tracking_uri,
+    runs_url,
+)
 
 
 def _free_port() -> int:
@@ -55,8 +62,12 @@ def test_pipeline_key_prefers_the_experiment(tmp_path, monkeypatch):
 def test_unreachable_server_fails_fast_before_work(tmp_path):
     out = tmp_path / "out"
     start = time.monotonic()
-    proc = run([sys.executable, str(REPO / "stages/prompts.py"), "--out", str(out)], cwd=REPO, check=False,
-               env={"MLFLOW_TRACKING_URI": f"http://127.0.0.1:{_free_port()}"})
+    proc = run(
+        [sys.executable, str(REPO / "stages/prompts.py"), "--out", str(out)],
+        cwd=REPO,
+        check=False,
+        env={"MLFLOW_TRACKING_URI": f"http://127.0.0.1:{_free_port()}"},
+    )
     elapsed = time.monotonic() - start
     assert proc.returncode == 2 and elapsed < 10, (elapsed, proc.stderr)
     assert "cannot reach the MLflow tracking server" in proc.stderr and "Traceback" not in proc.stderr
@@ -68,7 +79,11 @@ def test_secrets_never_reach_mlflow(tmp_path):
     secrets = {"AWS_SECRET_ACCESS_KEY": "s3cr3t-value-1", "HF_TOKEN": "hf_token_value_2", "MY_API_KEY": "key-value-3"}
     params = tmp_path / "params.yaml"
     params.write_text(f"prompts:\n  manifest: {REPO / 'prompts/manifest.yaml'}\ntracking:\n  uri: sqlite:///{db}\n")
-    run([sys.executable, str(REPO / "stages/prompts.py"), "--params", str(params), "--out", str(tmp_path / "out")], cwd=tmp_path, env=secrets)
+    run(
+        [sys.executable, str(REPO / "stages/prompts.py"), "--params", str(params), "--out", str(tmp_path / "out")],
+        cwd=tmp_path,
+        env=secrets,
+    )
     client = MlflowClient(f"sqlite:///{db}")
     runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
     assert runs
@@ -92,7 +107,9 @@ def test_the_parent_run_ends_with_each_stage_and_a_later_stage_reopens_it(tmp_pa
 
     def parent():
         exp = client.get_experiment_by_name("refusal-atlas")
-        return next(r for r in client.search_runs([exp.experiment_id]) if r.data.tags.get("refusal_atlas.role") == "pipeline")
+        return next(
+            r for r in client.search_runs([exp.experiment_id]) if r.data.tags.get("refusal_atlas.role") == "pipeline"
+        )
 
     with stage_run("prompts", {}, tmp_path) as run:
         assert parent().info.status == "RUNNING"
@@ -107,8 +124,14 @@ def test_the_parent_run_ends_with_each_stage_and_a_later_stage_reopens_it(tmp_pa
     done = parent()
     assert done.info.status == "FINISHED"
     assert done.data.metrics == {"geometry.cosine_offdiag_mean": 0.25} and done.data.params == {"model": "demo"}
-    stages = [r for r in client.search_runs([done.info.experiment_id]) if r.data.tags.get("refusal_atlas.role") == "stage"]
-    assert sorted((r.info.run_name, r.info.status) for r in stages) == [("baseline", "FAILED"), ("prompts", "FINISHED"), ("report", "FINISHED")]
+    stages = [
+        r for r in client.search_runs([done.info.experiment_id]) if r.data.tags.get("refusal_atlas.role") == "stage"
+    ]
+    assert sorted((r.info.run_name, r.info.status) for r in stages) == [
+        ("baseline", "FAILED"),
+        ("prompts", "FINISHED"),
+        ("report", "FINISHED"),
+    ]
     assert all(r.data.metrics["stage_wall_s"] >= 0 for r in stages)
 
 
@@ -119,4 +142,7 @@ def test_the_ui_address_opens_the_runs_of_an_existing_experiment_and_creates_no_
     assert experiment_id(uri, "refusal-atlas") is None and not (tmp_path / "mlflow.db").exists()
     made = MlflowClient(tracking_uri=uri).create_experiment("refusal-atlas")
     assert experiment_id(uri, "refusal-atlas") == made and experiment_id(uri, "other") is None
-    assert runs_url("http://127.0.0.1:5000/", made) == f"http://127.0.0.1:5000/#/experiments/{made}?workflowType=machine_learning"
+    assert (
+        runs_url("http://127.0.0.1:5000/", made)
+        == f"http://127.0.0.1:5000/#/experiments/{made}?workflowType=machine_learning"
+    )

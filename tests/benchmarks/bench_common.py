@@ -16,17 +16,38 @@ import numpy as np
 import pandas as pd
 import torch
 
-from refusal_atlas.data import store
 from refusal_atlas.analysis.extraction import extract_to_store, store_order
+from refusal_atlas.data import store
 from refusal_atlas.model.chat import tokenize_prompts
 
 # Randomly initialised Llama configurations (no download).
 PRESETS = {
     # ~110M parameters in the decoder body + embedding (plus a 24.6M untied LM head).
-    "100m": dict(hidden_size=768, num_hidden_layers=12, intermediate_size=2048, num_attention_heads=12, num_key_value_heads=12, vocab_size=32000),
+    "100m": dict(
+        hidden_size=768,
+        num_hidden_layers=12,
+        intermediate_size=2048,
+        num_attention_heads=12,
+        num_key_value_heads=12,
+        vocab_size=32000,
+    ),
     # ~11M: for the memory runs (2048 prompts) and for quick dry runs.
-    "small": dict(hidden_size=256, num_hidden_layers=4, intermediate_size=688, num_attention_heads=4, num_key_value_heads=4, vocab_size=32000),
-    "tiny": dict(hidden_size=64, num_hidden_layers=2, intermediate_size=128, num_attention_heads=4, num_key_value_heads=4, vocab_size=32000),
+    "small": dict(
+        hidden_size=256,
+        num_hidden_layers=4,
+        intermediate_size=688,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        vocab_size=32000,
+    ),
+    "tiny": dict(
+        hidden_size=64,
+        num_hidden_layers=2,
+        intermediate_size=128,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        vocab_size=32000,
+    ),
 }
 
 BATCH_SIZE = 16
@@ -70,11 +91,17 @@ def make_prompts(n: int, vocab_size: int, seed: int = 0) -> pd.DataFrame:
     rng = np.random.default_rng(seed)
     lengths = rng.integers(MIN_LEN, MAX_LEN + 1, size=n)
     formatted = [" ".join(f"t{i}" for i in rng.integers(1, vocab_size, size=k)) for k in lengths]
-    prompts = pd.DataFrame({
-        "prompt_id": [f"p{i:05d}" for i in range(n)],
-        "category": "bench", "role": "target", "split": "train", "refused": False,
-        "text": formatted, "formatted": formatted,
-    })
+    prompts = pd.DataFrame(
+        {
+            "prompt_id": [f"p{i:05d}" for i in range(n)],
+            "category": "bench",
+            "role": "target",
+            "split": "train",
+            "refused": False,
+            "text": formatted,
+            "formatted": formatted,
+        }
+    )
     return store_order(prompts, lengths)
 
 
@@ -87,7 +114,7 @@ def tokenized_batches(tokenizer, prompts: pd.DataFrame) -> list[dict[str, torch.
     formatted = prompts["formatted"].tolist()
     out = []
     for b in range(n_batches(len(formatted))):
-        enc = tokenize_prompts(tokenizer, formatted[b * BATCH_SIZE:(b + 1) * BATCH_SIZE], MAX_LEN)
+        enc = tokenize_prompts(tokenizer, formatted[b * BATCH_SIZE : (b + 1) * BATCH_SIZE], MAX_LEN)
         out.append({"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]})
     return out
 
@@ -99,16 +126,37 @@ def all_layers(model) -> list[int]:
 
 def create_bench_store(model, path: Path, prompts: pd.DataFrame) -> None:
     """An empty float32 store for ``prompts`` (store order), all L+1 sites, the 5 positions."""
-    store.create_store(path, prompts, all_layers(model), POSITIONS, [f"tok{p}" for p in POSITIONS], model.config.hidden_size,
-                       STORE_DTYPE, BATCH_SIZE, {"inputs_fingerprint": "bench"})
+    store.create_store(
+        path,
+        prompts,
+        all_layers(model),
+        POSITIONS,
+        [f"tok{p}" for p in POSITIONS],
+        model.config.hidden_size,
+        STORE_DTYPE,
+        BATCH_SIZE,
+        {"inputs_fingerprint": "bench"},
+    )
 
 
 def extract_batches(model, tokenizer, path: Path, prompts: pd.DataFrame, batches: list[int]) -> None:
     """The library's ``extract_to_store`` on the given write batches: per batch, tokenise
     (``tokenize_prompts``), hooked forward of ``model.base_model`` (``read_residual``),
     ``check_values``, ``store.write_batch``."""
-    extract_to_store(model, tokenizer, path, prompts["formatted"].tolist(), prompts["prompt_id"].tolist(), all_layers(model),
-                     POSITIONS, batches, BATCH_SIZE, STORE_DTYPE, MAX_LEN, progress=False)
+    extract_to_store(
+        model,
+        tokenizer,
+        path,
+        prompts["formatted"].tolist(),
+        prompts["prompt_id"].tolist(),
+        all_layers(model),
+        POSITIONS,
+        batches,
+        BATCH_SIZE,
+        STORE_DTYPE,
+        MAX_LEN,
+        progress=False,
+    )
 
 
 def extract_with_store(model, tokenizer, path: Path, prompts: pd.DataFrame) -> None:

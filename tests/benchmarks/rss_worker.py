@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_common import build_model, build_tokenizer, extract_with_store, hwm_kb, reset_hwm, rss_now_kb, make_prompts  # noqa: E402
+from bench_common import build_model, build_tokenizer, extract_with_store, hwm_kb, make_prompts, reset_hwm, rss_now_kb  # noqa: E402
 
 
 def main() -> None:
@@ -39,13 +39,22 @@ def main() -> None:
     t0 = time.perf_counter()
     extract_with_store(model, tokenizer, out_dir / f"rss_{n}.zarr", prompts)
     wall = time.perf_counter() - t0
-    print(json.dumps({
-        "n_prompts": n, "preset": preset, "wall_s": wall,
-        "ru_maxrss_kb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
-        "rss_before_extraction_kb": rss_before, "rss_after_kb": rss_now_kb(),
-        "setup_peak_kb": setup_peak, "extraction_peak_kb": hwm_kb() if reset_ok else None, "hwm_reset": reset_ok,
-        "process_peak_kb": max(setup_peak, hwm_kb()),
-    }))
+    print(
+        json.dumps(
+            {
+                "n_prompts": n,
+                "preset": preset,
+                "wall_s": wall,
+                "ru_maxrss_kb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
+                "rss_before_extraction_kb": rss_before,
+                "rss_after_kb": rss_now_kb(),
+                "setup_peak_kb": setup_peak,
+                "extraction_peak_kb": hwm_kb() if reset_ok else None,
+                "hwm_reset": reset_ok,
+                "process_peak_kb": max(setup_peak, hwm_kb()),
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -65,13 +65,25 @@ import numpy as np
 import pytest
 import torch
 import xarray as xr
-
 from bench_common import (
-    BATCH_SIZE, MAX_LEN, MIN_LEN, POSITIONS, PRESETS, all_layers, build_model, build_tokenizer, create_bench_store,
-    extract_batches, machine_info, make_prompts, n_params, tokenized_batches,
+    BATCH_SIZE,
+    MAX_LEN,
+    MIN_LEN,
+    POSITIONS,
+    PRESETS,
+    all_layers,
+    build_model,
+    build_tokenizer,
+    create_bench_store,
+    extract_batches,
+    machine_info,
+    make_prompts,
+    n_params,
+    tokenized_batches,
 )
-from refusal_atlas.data import store
+
 from refusal_atlas.analysis.extraction import check_values, extract_batch
+from refusal_atlas.data import store
 from refusal_atlas.model.chat import tokenize_prompts
 
 REPO = Path(__file__).resolve().parents[2]
@@ -115,6 +127,7 @@ def output_path() -> Path:
 
 # --- the methods: each takes the list of pre-tokenised batches --------------------------------
 
+
 def gather_index(seq_len: int) -> torch.Tensor:
     return torch.tensor([seq_len + p for p in POSITIONS])
 
@@ -132,7 +145,9 @@ def floor_full(model, batches) -> None:
 
 
 def hidden_states_batch(model, enc) -> np.ndarray:
-    out = model.base_model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"], use_cache=False, output_hidden_states=True)
+    out = model.base_model(
+        input_ids=enc["input_ids"], attention_mask=enc["attention_mask"], use_cache=False, output_hidden_states=True
+    )
     idx = gather_index(enc["input_ids"].shape[1])
     return torch.stack([h.index_select(1, idx) for h in out.hidden_states], dim=1).float().numpy()
 
@@ -170,8 +185,12 @@ def timed(fn) -> float:
 
 def rss_run(n: int, tmp: Path) -> dict:
     """Extract ``n`` prompts into a Zarr store in a fresh interpreter; its peak-RSS report."""
-    proc = subprocess.run([sys.executable, str(HERE / "rss_worker.py"), str(n), MEM_PRESET, str(tmp)],
-                          capture_output=True, text=True, timeout=3600)
+    proc = subprocess.run(
+        [sys.executable, str(HERE / "rss_worker.py"), str(n), MEM_PRESET, str(tmp)],
+        capture_output=True,
+        text=True,
+        timeout=3600,
+    )
     if proc.returncode != 0:
         raise AssertionError(f"rss_worker {n} exited {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
@@ -239,19 +258,35 @@ def test_extraction_benchmark(tmp_path):
                 per_batch[name][r, b] = timed(lambda fn=steps[name]: fn(b, path))
         store_fixed["finalize_store"].append(timed(lambda: store.finalize_store(path)))
         opened = xr.open_zarr(path, chunks=None, consolidated=True)
-        assert bool(opened.attrs["complete"]) and opened["resid"].shape == (N_PROMPTS, n_layers + 1, len(POSITIONS), model.config.hidden_size)
+        assert bool(opened.attrs["complete"]) and opened["resid"].shape == (
+            N_PROMPTS,
+            n_layers + 1,
+            len(POSITIONS),
+            model.config.hidden_size,
+        )
         np.testing.assert_array_equal(opened["resid"][:BATCH_SIZE].values, ours0)
-        print(f"  repeat {r + 1}/{REPEATS}: " + ", ".join(f"{name} {per_batch[name][r].sum():.2f} s" for name in names), flush=True)
+        print(
+            f"  repeat {r + 1}/{REPEATS}: " + ", ".join(f"{name} {per_batch[name][r].sum():.2f} s" for name in names),
+            flush=True,
+        )
 
     times = {name: per_batch[name].sum(axis=1).tolist() for name in names}
-    times["b_ours_extract_to_zarr"] = [t + c + f for t, c, f in zip(times["b_ours_extract_to_zarr"], store_fixed["create_store"], store_fixed["finalize_store"])]
+    times["b_ours_extract_to_zarr"] = [
+        t + c + f
+        for t, c, f in zip(times["b_ours_extract_to_zarr"], store_fixed["create_store"], store_fixed["finalize_store"])
+    ]
     # Paired per-batch view: method minus floor on the same batch, back to back.
     floor_pb = per_batch["a_floor_base_model"]
     overhead_ms = {name: float(np.median(per_batch[name] - floor_pb)) * 1e3 for name in names}
     paired_ratio = {name: float(np.median(per_batch[name] / floor_pb)) for name in names}
 
     # Diagnostics for (b): what tokenisation, the value check and the Zarr store cost alone.
-    t_tok = timed(lambda: [tokenize_prompts(tok, formatted[b * BATCH_SIZE:(b + 1) * BATCH_SIZE], MAX_LEN) for b in range(len(batches))])
+    t_tok = timed(
+        lambda: [
+            tokenize_prompts(tok, formatted[b * BATCH_SIZE : (b + 1) * BATCH_SIZE], MAX_LEN)
+            for b in range(len(batches))
+        ]
+    )
     values = [ours0[: len(enc["input_ids"])] for enc in batches]
     t_check = timed(lambda: [check_values(v, prompts["prompt_id"].tolist(), layers, "float32") for v in values])
 
@@ -281,12 +316,17 @@ def test_extraction_benchmark(tmp_path):
     # transient of model set-up cannot hide growth); both must hold.
     rss = {str(n): rss_run(n, tmp_path) for n in MEM_SIZES}
     small, large = rss[str(MEM_SIZES[0])], rss[str(MEM_SIZES[1])]
-    rss_ratios = {"process_peak": large["process_peak_kb"] / small["process_peak_kb"],
-                  "ru_maxrss_reference_only": large["ru_maxrss_kb"] / small["ru_maxrss_kb"]}
+    rss_ratios = {
+        "process_peak": large["process_peak_kb"] / small["process_peak_kb"],
+        "ru_maxrss_reference_only": large["ru_maxrss_kb"] / small["ru_maxrss_kb"],
+    }
     if small["extraction_peak_kb"] and large["extraction_peak_kb"]:
         rss_ratios["extraction_peak"] = large["extraction_peak_kb"] / small["extraction_peak_kb"]
     rss_ratio = max(rss_ratios["process_peak"], rss_ratios.get("extraction_peak", 0.0))
-    growth_mib = {str(n): ((r["extraction_peak_kb"] or r["rss_after_kb"]) - r["rss_before_extraction_kb"]) / 1024 for n, r in rss.items()}
+    growth_mib = {
+        str(n): ((r["extraction_peak_kb"] or r["rss_after_kb"]) - r["rss_before_extraction_kb"]) / 1024
+        for n, r in rss.items()
+    }
 
     targets = {
         "ours_over_floor_le_1.10": ratios["ours_over_floor"] <= TARGET_OURS_OVER_FLOOR,
@@ -301,23 +341,46 @@ def test_extraction_benchmark(tmp_path):
         "env": {k: v for k, v in os.environ.items() if k.startswith("BENCH_")},
         "machine": {**info_start, "loadavg_at_end": info_end["loadavg_1_5_15"]},
         "setup": {
-            "model_preset": PRESET, "model_config": PRESETS[PRESET],
-            "params_base_model": n_params(model.base_model), "params_total": n_params(model),
-            "dtype": "float32", "n_prompts": N_PROMPTS, "batch_size": BATCH_SIZE, "n_batches": len(batches),
-            "prompt_lengths": [MIN_LEN, MAX_LEN], "tokens_total_padded": int(sum(b["input_ids"].numel() for b in batches)),
+            "model_preset": PRESET,
+            "model_config": PRESETS[PRESET],
+            "params_base_model": n_params(model.base_model),
+            "params_total": n_params(model),
+            "dtype": "float32",
+            "n_prompts": N_PROMPTS,
+            "batch_size": BATCH_SIZE,
+            "n_batches": len(batches),
+            "prompt_lengths": [MIN_LEN, MAX_LEN],
+            "tokens_total_padded": int(sum(b["input_ids"].numel() for b in batches)),
             "tokens_total_real": int(sum(int(b["attention_mask"].sum()) for b in batches)),
-            "layers": layers, "positions": POSITIONS, "repeats": REPEATS, "store_dtype": "float32",
-            "mem_model_preset": MEM_PRESET, "mem_model_config": PRESETS[MEM_PRESET], "mem_sizes": list(MEM_SIZES),
+            "layers": layers,
+            "positions": POSITIONS,
+            "repeats": REPEATS,
+            "store_dtype": "float32",
+            "mem_model_preset": MEM_PRESET,
+            "mem_model_config": PRESETS[MEM_PRESET],
+            "mem_sizes": list(MEM_SIZES),
         },
-        "seconds": {"median": med, "all": times, "warmup_one_batch": warmup, "per_batch": {k: v.tolist() for k, v in per_batch.items()},
-                    "ours_store_create": store_fixed["create_store"], "ours_store_finalize": store_fixed["finalize_store"]},
+        "seconds": {
+            "median": med,
+            "all": times,
+            "warmup_one_batch": warmup,
+            "per_batch": {k: v.tolist() for k, v in per_batch.items()},
+            "ours_store_create": store_fixed["create_store"],
+            "ours_store_finalize": store_fixed["finalize_store"],
+        },
         "paired_per_batch": {"median_ratio_to_floor": paired_ratio, "median_overhead_ms_per_batch": overhead_ms},
         "diagnostics_seconds": {
-            "b_tokenize_all_batches": t_tok, "b_check_values_all_batches": t_check,
+            "b_tokenize_all_batches": t_tok,
+            "b_check_values_all_batches": t_check,
             "b_zarr_create_write_finalize_all_batches": t_zarr,
         },
         "ratios": ratios,
-        "rss": {"runs": rss, "ratios_large_over_small": rss_ratios, "ratio_checked": rss_ratio, "growth_during_extraction_mib": growth_mib},
+        "rss": {
+            "runs": rss,
+            "ratios_large_over_small": rss_ratios,
+            "ratio_checked": rss_ratio,
+            "growth_during_extraction_mib": growth_mib,
+        },
         "targets": {"ours_over_floor_max": TARGET_OURS_OVER_FLOOR, "rss_ratio_max": TARGET_RSS_RATIO, "met": targets},
     }
     out = output_path()
@@ -325,25 +388,42 @@ def test_extraction_benchmark(tmp_path):
     out.write_text(json.dumps(result, indent=2) + "\n")
 
     print()
-    print(f"Extraction benchmark: {PRESET} Llama ({n_params(model.base_model) / 1e6:.1f}M body+embed), {N_PROMPTS} prompts, "
-          f"{len(batches)} batches of {BATCH_SIZE}, {n_layers + 1} sites x {len(POSITIONS)} positions; "
-          f"median of {REPEATS}; torch threads {info_start['torch_threads']}, cpus {info_start['cpu_count']}, "
-          f"loadavg {info_start['loadavg_1_5_15'][0]:.2f} -> {info_end['loadavg_1_5_15'][0]:.2f}")
-    print(f"{'method':28s} {'median s':>9s} {'min s':>8s} {'max s':>8s} {'x floor':>8s} {'paired x':>9s} {'+ms/batch':>10s}")
+    print(
+        f"Extraction benchmark: {PRESET} Llama ({n_params(model.base_model) / 1e6:.1f}M body+embed), {N_PROMPTS} prompts, "
+        f"{len(batches)} batches of {BATCH_SIZE}, {n_layers + 1} sites x {len(POSITIONS)} positions; "
+        f"median of {REPEATS}; torch threads {info_start['torch_threads']}, cpus {info_start['cpu_count']}, "
+        f"loadavg {info_start['loadavg_1_5_15'][0]:.2f} -> {info_end['loadavg_1_5_15'][0]:.2f}"
+    )
+    print(
+        f"{'method':28s} {'median s':>9s} {'min s':>8s} {'max s':>8s} {'x floor':>8s} {'paired x':>9s} {'+ms/batch':>10s}"
+    )
     for name in names:
-        print(f"{name:28s} {med[name]:9.2f} {min(times[name]):8.2f} {max(times[name]):8.2f} {med[name] / floor:8.3f} "
-              f"{paired_ratio[name]:9.3f} {overhead_ms[name]:10.1f}")
-    print("  (x floor: ratio of medians of repeat totals; paired x / +ms/batch: median over batches of the same batch's "
-          "time over / minus the floor's, run back to back)")
-    print(f"  (b) parts alone: tokenise {t_tok:.3f} s, check_values {t_check:.3f} s, Zarr create+write+finalize {t_zarr:.3f} s")
-    print(f"ours/floor {ratios['ours_over_floor']:.3f} (target <= {TARGET_OURS_OVER_FLOOR}); ours/hidden_states "
-          f"{ratios['ours_over_hidden_states']:.3f}; ours/nnsight {ratios['ours_over_nnsight']:.3f} (targets < 1)")
+        print(
+            f"{name:28s} {med[name]:9.2f} {min(times[name]):8.2f} {max(times[name]):8.2f} {med[name] / floor:8.3f} "
+            f"{paired_ratio[name]:9.3f} {overhead_ms[name]:10.1f}"
+        )
+    print(
+        "  (x floor: ratio of medians of repeat totals; paired x / +ms/batch: median over batches of the same batch's "
+        "time over / minus the floor's, run back to back)"
+    )
+    print(
+        f"  (b) parts alone: tokenise {t_tok:.3f} s, check_values {t_check:.3f} s, Zarr create+write+finalize {t_zarr:.3f} s"
+    )
+    print(
+        f"ours/floor {ratios['ours_over_floor']:.3f} (target <= {TARGET_OURS_OVER_FLOOR}); ours/hidden_states "
+        f"{ratios['ours_over_hidden_states']:.3f}; ours/nnsight {ratios['ours_over_nnsight']:.3f} (targets < 1)"
+    )
     for n, r in rss.items():
-        print(f"peak RSS ({MEM_PRESET} model) {n:>5s} prompts: process {r['process_peak_kb'] / 1024:7.1f} MiB, during extraction "
-              f"{(r['extraction_peak_kb'] or 0) / 1024:7.1f} MiB (RSS before {r['rss_before_extraction_kb'] / 1024:.1f}, growth "
-              f"{growth_mib[n]:.1f} MiB), extraction {r['wall_s']:.1f} s")
-    print(f"RSS ratios {MEM_SIZES[1]}/{MEM_SIZES[0]}: " + ", ".join(f"{k} {v:.3f}" for k, v in rss_ratios.items())
-          + f" (target: process and extraction peaks <= {TARGET_RSS_RATIO})")
+        print(
+            f"peak RSS ({MEM_PRESET} model) {n:>5s} prompts: process {r['process_peak_kb'] / 1024:7.1f} MiB, during extraction "
+            f"{(r['extraction_peak_kb'] or 0) / 1024:7.1f} MiB (RSS before {r['rss_before_extraction_kb'] / 1024:.1f}, growth "
+            f"{growth_mib[n]:.1f} MiB), extraction {r['wall_s']:.1f} s"
+        )
+    print(
+        f"RSS ratios {MEM_SIZES[1]}/{MEM_SIZES[0]}: "
+        + ", ".join(f"{k} {v:.3f}" for k, v in rss_ratios.items())
+        + f" (target: process and extraction peaks <= {TARGET_RSS_RATIO})"
+    )
     print(f"targets met: {targets}")
     print(f"wrote {out}")
 

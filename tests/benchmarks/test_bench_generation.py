@@ -30,9 +30,9 @@ import pytest
 import torch
 
 from refusal_atlas.config import ModelConfig
+from refusal_atlas.model.chat import format_prompts
 from refusal_atlas.model.generation import _greedy_config, generate, stop_token_ids
 from refusal_atlas.model.hooks import add_direction
-from refusal_atlas.model.chat import format_prompts
 from refusal_atlas.model.layout import find_layout
 from refusal_atlas.model.load import load_model
 
@@ -66,9 +66,15 @@ def _plain(model, tok, formatted: list[str]) -> list[str]:
     config = _greedy_config(model, tok, TOKENS, None)
     out = []
     for start in range(0, len(formatted), BATCH):
-        enc = tok(formatted[start:start + BATCH], add_special_tokens=False, padding=True, padding_side="left", return_tensors="pt")
+        enc = tok(
+            formatted[start : start + BATCH],
+            add_special_tokens=False,
+            padding=True,
+            padding_side="left",
+            return_tensors="pt",
+        )
         ids = model.generate(**enc, generation_config=config)
-        out += [t.strip() for t in tok.batch_decode(ids[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)]
+        out += [t.strip() for t in tok.batch_decode(ids[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)]
     return out
 
 
@@ -101,12 +107,24 @@ def test_bench_generation():
     med = {k: float(np.median(v)) for k, v in times.items()}
     tokens = {k: _generated_tokens(tok, v) for k, v in texts.items()}
     result = {
-        "machine": {"processor": platform.processor() or platform.machine(), "cpus": os.cpu_count(), "threads": torch.get_num_threads(),
-                    "torch": torch.__version__},
+        "machine": {
+            "processor": platform.processor() or platform.machine(),
+            "cpus": os.cpu_count(),
+            "threads": torch.get_num_threads(),
+            "torch": torch.__version__,
+        },
         "command": "pytest -q -s -p no:cacheprovider tests/benchmarks/test_bench_generation.py -m bench",
-        "n_prompts": len(formatted), "max_new_tokens": TOKENS, "batch": BATCH, "stop_ids": stop_token_ids(model, tok),
-        "seconds": med, "generated_tokens": tokens, "tokens_per_s": {k: tokens[k] / med[k] for k in med},
-        "ratios": {"ours_over_plain_time": med["ours"] / med["plain_generate"], "steered_over_ours_time": med["ours_steered"] / med["ours"]},
+        "n_prompts": len(formatted),
+        "max_new_tokens": TOKENS,
+        "batch": BATCH,
+        "stop_ids": stop_token_ids(model, tok),
+        "seconds": med,
+        "generated_tokens": tokens,
+        "tokens_per_s": {k: tokens[k] / med[k] for k in med},
+        "ratios": {
+            "ours_over_plain_time": med["ours"] / med["plain_generate"],
+            "steered_over_ours_time": med["ours_steered"] / med["ours"],
+        },
         "same_text_as_plain": sum(a == b for a, b in zip(texts["ours"], texts["plain_generate"])),
     }
     out = REPO / "artifacts" / "bench"

@@ -44,10 +44,10 @@ from conftest_models import make_tokenizer  # noqa: E402
 from test_directions import _reference_select_arditi, load_smollm2, smollm2_refusal_ids  # noqa: E402
 
 from refusal_atlas.analysis.directions import compute_direction, select_arditi  # noqa: E402
+from refusal_atlas.analysis.site_scores import CandidateScorer  # noqa: E402
+from refusal_atlas.model.chat import eoi_tokens, format_prompts, tokenize_prompts  # noqa: E402
 from refusal_atlas.model.generation import forward_tokens_per_s  # noqa: E402
 from refusal_atlas.model.hooks import read_residual  # noqa: E402
-from refusal_atlas.model.chat import eoi_tokens, format_prompts, tokenize_prompts  # noqa: E402
-from refusal_atlas.analysis.site_scores import CandidateScorer  # noqa: E402
 
 THREADS = int(os.environ.get("BENCH_THREADS", "2"))
 MODELS = os.environ.get("BENCH_SELECT_MODELS", "demo,smollm2").split(",")
@@ -67,15 +67,25 @@ def _only_when_bench_selected(request):
 
 def _texts(names: list[str], n: int, skip: int = 0) -> list[str]:
     rows = pd.concat([pd.read_json(REPO / "prompts" / f"{name}.jsonl", lines=True) for name in names])
-    return rows["text"].tolist()[skip: skip + n]
+    return rows["text"].tolist()[skip : skip + n]
 
 
 def _demo_model(vocab: int):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=vocab, hidden_size=128, intermediate_size=384, num_hidden_layers=4, num_attention_heads=4,
-                         num_key_value_heads=4, max_position_embeddings=512, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    config = LlamaConfig(
+        vocab_size=vocab,
+        hidden_size=128,
+        intermediate_size=384,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        max_position_embeddings=512,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
+    )
     return LlamaForCausalLM(config).eval().requires_grad_(False)
 
 
@@ -88,7 +98,10 @@ def _timed(fn):
 def _bench(name: str, model, tok, refusal_ids_fn, layers: list[int] | None, positions: list[int] | None) -> dict:
     harm_names, benign_names = ["crime_assistance", "hate_speech"], ["benign"]
     harmful, benign = format_prompts(tok, _texts(harm_names, N_VAL)), format_prompts(tok, _texts(benign_names, N_VAL))
-    train_h, train_b = format_prompts(tok, _texts(harm_names, 16, N_VAL)), format_prompts(tok, _texts(benign_names, 16, N_VAL))
+    train_h, train_b = (
+        format_prompts(tok, _texts(harm_names, 16, N_VAL)),
+        format_prompts(tok, _texts(benign_names, 16, N_VAL)),
+    )
     offsets = eoi_tokens(tok).offsets
     n_layers = model.config.num_hidden_layers
     with read_residual(model, list(range(n_layers + 1)), offsets) as cap, torch.inference_mode():
@@ -124,16 +137,33 @@ def _bench(name: str, model, tok, refusal_ids_fn, layers: list[int] | None, posi
 
     tokens = new["n_scored"]["tokens"]
     return {
-        "model": name, "candidates": n_cand, "n_harmful": len(harmful), "n_benign": len(benign), "threads": torch.get_num_threads(),
+        "model": name,
+        "candidates": n_cand,
+        "n_harmful": len(harmful),
+        "n_benign": len(benign),
+        "threads": torch.get_num_threads(),
         "forward_tokens_per_s": fwd_tokens_s,
         "chosen": {"layer": new["layer"], "position": new["position"], "fallback": new["fallback"]},
-        "n_scored": new["n_scored"], "counts": new["counts"],
+        "n_scored": new["n_scored"],
+        "counts": new["counts"],
         "per_direction_s": {"new": t_new, "reference": t_ref, "ratio": t_ref / t_new, "floor": tokens / fwd_tokens_s},
-        "per_candidate_s": {"new": t_new / n_cand, "reference": t_ref / n_cand, "floor": tokens / fwd_tokens_s / n_cand},
-        "bypass_per_candidate_s": {"new": t_bypass / n_cand, "reference": t_ref_bypass / 2, "ratio": (t_ref_bypass / 2) / (t_bypass / n_cand),
-                                   "floor": bypass_tokens / fwd_tokens_s / n_cand},
-        "tokens": {"new_total": tokens, "new_padded": new["n_scored"]["padded_tokens"], "new_bypass_only": bypass_tokens,
-                   "reference_total": ref_tokens_per_candidate * n_cand},
+        "per_candidate_s": {
+            "new": t_new / n_cand,
+            "reference": t_ref / n_cand,
+            "floor": tokens / fwd_tokens_s / n_cand,
+        },
+        "bypass_per_candidate_s": {
+            "new": t_bypass / n_cand,
+            "reference": t_ref_bypass / 2,
+            "ratio": (t_ref_bypass / 2) / (t_bypass / n_cand),
+            "floor": bypass_tokens / fwd_tokens_s / n_cand,
+        },
+        "tokens": {
+            "new_total": tokens,
+            "new_padded": new["n_scored"]["padded_tokens"],
+            "new_bypass_only": bypass_tokens,
+            "reference_total": ref_tokens_per_candidate * n_cand,
+        },
     }
 
 
@@ -145,18 +175,32 @@ def test_selection_benchmark():
     if "demo" in MODELS:
         tok = make_tokenizer("chatml")
         model = _demo_model(4096)
-        results.append(_bench("demo-size random Llama", model, tok, lambda harmful: list(range(0, len(tok), 2)), None, None))
+        results.append(
+            _bench("demo-size random Llama", model, tok, lambda harmful: list(range(0, len(tok), 2)), None, None)
+        )
     if "smollm2" in MODELS:
         model, tok = load_smollm2()
         n_pos = len(eoi_tokens(tok).offsets)
-        results.append(_bench("SmolLM2-135M-Instruct", model, tok, lambda harmful: smollm2_refusal_ids(model, tok, harmful), SMOL_LAYERS,
-                              [0, n_pos // 2, n_pos - 1]))
+        results.append(
+            _bench(
+                "SmolLM2-135M-Instruct",
+                model,
+                tok,
+                lambda harmful: smollm2_refusal_ids(model, tok, harmful),
+                SMOL_LAYERS,
+                [0, n_pos // 2, n_pos - 1],
+            )
+        )
     out = Path(os.environ.get("BENCH_OUT", REPO / "artifacts" / "bench" / "selection.json"))
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"benchmark": "arditi selection", "command": " ".join(sys.argv), "results": results}, indent=2))
+    out.write_text(
+        json.dumps({"benchmark": "arditi selection", "command": " ".join(sys.argv), "results": results}, indent=2)
+    )
     for r in results:
-        print(f"\n{r['model']}: {r['candidates']} candidates, {r['n_harmful']}+{r['n_benign']} val prompts, {r['threads']} threads; "
-              f"forward {r['forward_tokens_per_s']:.0f} tokens/s; chosen {r['chosen']}; scored {r['n_scored']}")
+        print(
+            f"\n{r['model']}: {r['candidates']} candidates, {r['n_harmful']}+{r['n_benign']} val prompts, {r['threads']} threads; "
+            f"forward {r['forward_tokens_per_s']:.0f} tokens/s; chosen {r['chosen']}; scored {r['n_scored']}"
+        )
         print(f"{'':24s} {'new s':>9s} {'ref s':>9s} {'ref/new':>8s} {'floor s':>9s}")
         for key in ("per_direction_s", "per_candidate_s", "bypass_per_candidate_s"):
             row = r[key]

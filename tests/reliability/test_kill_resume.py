@@ -14,8 +14,8 @@ import pandas as pd
 import pytest
 import yaml
 import zarr
-
 from conftest import VENV_BIN, clone_pipeline, run
+
 from refusal_atlas.data import store
 
 pytestmark = pytest.mark.slow
@@ -38,7 +38,10 @@ def _done(path) -> int:
 def test_killed_extraction_resumes_to_identical_data(demo_pipeline, tmp_path):
     """The default pipeline's benign store (320 prompts, 160 chunks of 2): the smoke profile's 40
     prompts extract in well under a second, too fast for a kill to land mid-store."""
-    reference, killed = clone_pipeline(demo_pipeline, tmp_path / "reference"), clone_pipeline(demo_pipeline, tmp_path / "killed")
+    reference, killed = (
+        clone_pipeline(demo_pipeline, tmp_path / "reference"),
+        clone_pipeline(demo_pipeline, tmp_path / "killed"),
+    )
     for repo in (reference, killed):
         # One prompt per batch gives many chunks, so a kill lands between finished chunks.
         _set_batch_size(repo, 2)
@@ -48,8 +51,14 @@ def test_killed_extraction_resumes_to_identical_data(demo_pipeline, tmp_path):
     shutil.rmtree(store_path)  # so the poll below watches the new store fill, not the old one
     env = {**os.environ, "PATH": f"{VENV_BIN}{os.pathsep}{os.environ['PATH']}", "HF_HUB_OFFLINE": "1"}
     env.pop("MLFLOW_TRACKING_URI", None)
-    proc = subprocess.Popen(["dvc", "repro", "--single-item", STAGE], cwd=killed, env=env, start_new_session=True,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        ["dvc", "repro", "--single-item", STAGE],
+        cwd=killed,
+        env=env,
+        start_new_session=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     total = len(pd.read_parquet(killed / "artifacts/prompts/sets/benign.parquet"))
     deadline = time.monotonic() + 300
     target = np.random.default_rng().integers(total // 8, total // 2)
@@ -88,8 +97,14 @@ def _kill_when(repo, stage, ready, timeout=600):
     shutil.rmtree(repo / ".dvc/cache/runs", ignore_errors=True)
     env = {**os.environ, "PATH": f"{VENV_BIN}{os.pathsep}{os.environ['PATH']}", "HF_HUB_OFFLINE": "1"}
     env.pop("MLFLOW_TRACKING_URI", None)
-    proc = subprocess.Popen(["dvc", "repro", "--single-item", stage], cwd=repo, env=env, start_new_session=True,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        ["dvc", "repro", "--single-item", stage],
+        cwd=repo,
+        env=env,
+        start_new_session=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline and not ready() and proc.poll() is None:
         time.sleep(0.05)
@@ -99,12 +114,15 @@ def _kill_when(repo, stage, ready, timeout=600):
     return alive
 
 
-@pytest.mark.parametrize("stage, out, table", [
-    ("baseline", "artifacts/baseline", "responses.parquet"),
-    # The steering stage evaluates directions in name order; this one is first, and the only
-    # one it recomputes once its folder is gone (the others' inputs did not change).
-    ("steering", "artifacts/steering/crime_assistance", "responses.parquet"),
-])
+@pytest.mark.parametrize(
+    "stage, out, table",
+    [
+        ("baseline", "artifacts/baseline", "responses.parquet"),
+        # The steering stage evaluates directions in name order; this one is first, and the only
+        # one it recomputes once its folder is gone (the others' inputs did not change).
+        ("steering", "artifacts/steering/crime_assistance", "responses.parquet"),
+    ],
+)
 def test_killed_generation_keeps_finished_chunks_and_resumes_to_identical_rows(pipeline, tmp_path, stage, out, table):
     repo = clone_pipeline(pipeline, tmp_path / "killed")
     folder = repo / out
@@ -144,7 +162,9 @@ def test_killed_demo_training_reruns_to_identical_weights(pipeline, tmp_path):
 
     started = time.monotonic()
     delay = float(np.random.default_rng().uniform(3, 10))
-    assert _kill_when(repo, "model", lambda: time.monotonic() - started > delay), "model training finished before the kill"
+    assert _kill_when(repo, "model", lambda: time.monotonic() - started > delay), (
+        "model training finished before the kill"
+    )
     assert not weights.exists() or not any(weights.glob("*.safetensors"))
     assert "Running stage 'model'" in run(["dvc", "repro", "--single-item", "model"], repo).stdout
     assert {name: (weights / name).read_bytes() for name in reference} == reference

@@ -15,8 +15,8 @@ import numpy as np
 import pandas as pd
 import xarray as xr
 
-from refusal_atlas.data import store
 from refusal_atlas.analysis.directions import DirectionError, compute_direction, draw_sides, lineage, random_controls
+from refusal_atlas.data import store
 
 POOLED = "pooled"
 
@@ -36,9 +36,15 @@ def load_prompts(ds: xr.Dataset, ids: list[str]) -> np.ndarray:
     return store.load_resid(ds, prompt=[index[i] for i in ids])
 
 
-def mean_resid_norm(stores: Mapping[str, xr.Dataset], sides: Mapping[str, list[str]], layer_index: int, position_index: int) -> float:
+def mean_resid_norm(
+    stores: Mapping[str, xr.Dataset], sides: Mapping[str, list[str]], layer_index: int, position_index: int
+) -> float:
     """Mean L2 norm of the residual at one (layer, position) over the given prompts (set → ids)."""
-    norms = [np.linalg.norm(load_prompts(stores[s], ids)[:, layer_index, position_index], axis=-1) for s, ids in sides.items() if ids]
+    norms = [
+        np.linalg.norm(load_prompts(stores[s], ids)[:, layer_index, position_index], axis=-1)
+        for s, ids in sides.items()
+        if ids
+    ]
     return float(np.concatenate(norms).mean())
 
 
@@ -67,7 +73,9 @@ def build_atlas(
         baseline_ids = side_ids(stores[pool], "baseline", filter_)
         t, b = draw_sides(target_ids, baseline_ids, n_per_side, rng, allow_fewer, label=category)
         sides[category] = (t, b)
-        units[category], norms[category] = compute_direction(load_prompts(stores[category], t), load_prompts(stores[pool], b), method, seed)
+        units[category], norms[category] = compute_direction(
+            load_prompts(stores[category], t), load_prompts(stores[pool], b), method, seed
+        )
 
     # Pooled: refused targets of every category against the default pool's answered prompts.
     pooled_target = [(c, i) for c in baseline_of for i in side_ids(stores[c], "target", filter_)]
@@ -76,7 +84,9 @@ def build_atlas(
     t, b = draw_sides(keys, benign_ids, n_per_side * len(baseline_of), rng, allow_fewer, label=POOLED)
     # ``t`` is sorted, so each category's ids form one block; loading block by block keeps t's order.
     blocks = dict.fromkeys(i.split("/", 1)[0] for i in t)
-    target = np.concatenate([load_prompts(stores[c], [i.split("/", 1)[1] for i in t if i.split("/", 1)[0] == c]) for c in blocks])
+    target = np.concatenate(
+        [load_prompts(stores[c], [i.split("/", 1)[1] for i in t if i.split("/", 1)[0] == c]) for c in blocks]
+    )
     units[POOLED], norms[POOLED] = compute_direction(target, load_prompts(stores["benign"], b), method, seed)
     sides[POOLED] = (t, b)
 
@@ -97,11 +107,22 @@ def build_atlas(
             "n_target": ("direction", np.array([info[n]["n_target"] for n in names], dtype=np.int64)),
             "n_baseline": ("direction", np.array([info[n]["n_baseline"] for n in names], dtype=np.int64)),
         },
-        coords={"direction_name": ("direction", np.array(names, dtype=object)), "layer": ref["layer"].values, "position": ref["position"].values,
-                "position_token": ("position", ref["position_token"].values.astype(object))},
-        attrs={"method": method, "filter": filter_, "n_per_side": n_per_side, "seed": seed,
-               "lineage": json.dumps({n: {"target_ids": v["target_ids"], "baseline_ids": v["baseline_ids"]} for n, v in info.items()}),
-               "baseline_of": json.dumps(dict(baseline_of))},
+        coords={
+            "direction_name": ("direction", np.array(names, dtype=object)),
+            "layer": ref["layer"].values,
+            "position": ref["position"].values,
+            "position_token": ("position", ref["position_token"].values.astype(object)),
+        },
+        attrs={
+            "method": method,
+            "filter": filter_,
+            "n_per_side": n_per_side,
+            "seed": seed,
+            "lineage": json.dumps(
+                {n: {"target_ids": v["target_ids"], "baseline_ids": v["baseline_ids"]} for n, v in info.items()}
+            ),
+            "baseline_of": json.dumps(dict(baseline_of)),
+        },
     ).set_xindex("direction_name")
 
 
@@ -118,19 +139,24 @@ def validation_texts(prompts: pd.DataFrame, sets: Sequence[str], n: int | None, 
     return rows.text.tolist()
 
 
-def validation_sides(prompts: pd.DataFrame, name: str, targets: Sequence[str], pools: Sequence[str], n: int | None,
-                     seed: int) -> tuple[list[str], list[str]]:
+def validation_sides(
+    prompts: pd.DataFrame, name: str, targets: Sequence[str], pools: Sequence[str], n: int | None, seed: int
+) -> tuple[list[str], list[str]]:
     """``validation_texts`` of direction ``name``'s target sets and of its baseline pools: what Arditi's selection scores.
 
     Raises ``DirectionError`` naming the direction, the side and its sets when a side has no
     val-split prompt (a small set, or ``prompts.max_per_set``, can leave none).
     """
-    sides = {side: validation_texts(prompts, sets, n, seed) for side, sets in (("target", targets), ("baseline", pools))}
+    sides = {
+        side: validation_texts(prompts, sets, n, seed) for side, sets in (("target", targets), ("baseline", pools))
+    }
     for side, sets in (("target", targets), ("baseline", pools)):
         if not sides[side]:
-            raise DirectionError(f"select: arditi scores sites on val-split prompts, and direction '{name}' has none on its {side} side "
-                                 f"({', '.join(sets)}: 0 of {int(prompts.category.isin(list(sets)).sum())} prompts are in the val split). "
-                                 "Add prompts to those sets, raise prompts.max_per_set, or set directions.select to cosmic or fixed.")
+            raise DirectionError(
+                f"select: arditi scores sites on val-split prompts, and direction '{name}' has none on its {side} side "
+                f"({', '.join(sets)}: 0 of {int(prompts.category.isin(list(sets)).sum())} prompts are in the val split). "
+                "Add prompts to those sets, raise prompts.max_per_set, or set directions.select to cosmic or fixed."
+            )
     return sides["target"], sides["baseline"]
 
 
@@ -140,11 +166,19 @@ def power_flags(counts: Mapping[str, Mapping[str, int]], min_per_side: int) -> d
     Input: ``{name: {"n_target", "n_baseline"}}``. Output: ``{name: {"n_target", "n_baseline",
     "min_per_side", "underpowered"}}``. A random control (no prompts on either side) is never flagged.
     """
+
     def weak(t: int, b: int) -> bool:
         return t + b > 0 and min(t, b) < min_per_side
 
-    return {name: {"n_target": int(c["n_target"]), "n_baseline": int(c["n_baseline"]), "min_per_side": min_per_side,
-                   "underpowered": weak(int(c["n_target"]), int(c["n_baseline"]))} for name, c in counts.items()}
+    return {
+        name: {
+            "n_target": int(c["n_target"]),
+            "n_baseline": int(c["n_baseline"]),
+            "min_per_side": min_per_side,
+            "underpowered": weak(int(c["n_target"]), int(c["n_baseline"])),
+        }
+        for name, c in counts.items()
+    }
 
 
 def site_record(atlas: xr.Dataset, name: str, site: dict) -> dict:
@@ -154,7 +188,12 @@ def site_record(atlas: xr.Dataset, name: str, site: dict) -> dict:
     steering instance.
     """
     unit = atlas["direction"].sel(direction_name=name, layer=site["layer"], position=site["position"]).values
-    return {"name": name, **{k: site[k] for k in ("layer", "position", "mean_resid_norm")}, "d_model": int(unit.shape[0]), "unit": unit.astype(float).tolist()}
+    return {
+        "name": name,
+        **{k: site[k] for k in ("layer", "position", "mean_resid_norm")},
+        "d_model": int(unit.shape[0]),
+        "unit": unit.astype(float).tolist(),
+    }
 
 
 def load_site(path, d_model: int) -> dict:
@@ -163,7 +202,9 @@ def load_site(path, d_model: int) -> dict:
 
     path = Path(path)
     if not path.exists():
-        raise store.StoreError(f"{path}: no such direction site; run `dvc repro directions`, which writes one per direction")
+        raise store.StoreError(
+            f"{path}: no such direction site; run `dvc repro directions`, which writes one per direction"
+        )
     record = json.loads(path.read_text())
     if len(record["unit"]) != d_model:
         raise store.StoreError(
@@ -173,12 +214,25 @@ def load_site(path, d_model: int) -> dict:
     return record
 
 
-def site_arrays(stores: Mapping[str, xr.Dataset], names: list[str], role: str, filter_: str, split: str, layer_index: int, position_index: int) -> dict[str, np.ndarray]:
+def site_arrays(
+    stores: Mapping[str, xr.Dataset],
+    names: list[str],
+    role: str,
+    filter_: str,
+    split: str,
+    layer_index: int,
+    position_index: int,
+) -> dict[str, np.ndarray]:
     """set → float32 ``[n, hidden]`` residuals of one side at one (layer, position)."""
-    return {n: load_prompts(stores[n], side_ids(stores[n], role, filter_, split))[:, layer_index, position_index] for n in names}
+    return {
+        n: load_prompts(stores[n], side_ids(stores[n], role, filter_, split))[:, layer_index, position_index]
+        for n in names
+    }
 
 
-def resample_directions(target: np.ndarray, baseline: np.ndarray, n_per_side: int, n_draws: int, rng: np.random.Generator) -> np.ndarray:
+def resample_directions(
+    target: np.ndarray, baseline: np.ndarray, n_per_side: int, n_draws: int, rng: np.random.Generator
+) -> np.ndarray:
     """``[n_draws, hidden]`` unit difference-of-means directions from independent draws of both sides.
 
     Each side draws ``min(n_per_side, available)`` rows. A side with fewer than
@@ -186,6 +240,7 @@ def resample_directions(target: np.ndarray, baseline: np.ndarray, n_per_side: in
     replacement from such a pool share most of their rows, which would overstate how
     much independent draws agree.
     """
+
     def draw(rows: np.ndarray) -> np.ndarray:
         return rows[rng.choice(len(rows), min(n_per_side, len(rows)), replace=len(rows) < 2 * n_per_side)]
 

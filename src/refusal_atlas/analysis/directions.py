@@ -20,9 +20,9 @@ import numpy as np
 import torch
 from torch import nn
 
+from refusal_atlas.analysis.site_scores import CandidateScorer, search_candidates
 from refusal_atlas.errors import RefusalAtlasError
 from refusal_atlas.model.layout import find_layout
-from refusal_atlas.analysis.site_scores import CandidateScorer, search_candidates
 
 METHODS = ("mean_diff", "pca", "probe")
 PROBE_C = 1.0  # Inverse L2 strength of the probe; fixed so directions do not depend on tuning.
@@ -36,8 +36,12 @@ class DirectionError(RefusalAtlasError):
 
 
 def draw_sides(
-    target_ids: Sequence, baseline_ids: Sequence, n_per_side: int, rng: np.random.Generator,
-    allow_fewer: bool = True, label: str = "",
+    target_ids: Sequence,
+    baseline_ids: Sequence,
+    n_per_side: int,
+    rng: np.random.Generator,
+    allow_fewer: bool = True,
+    label: str = "",
 ) -> tuple[list, list]:
     """Sample ``n_per_side`` prompt ids from each side without replacement.
 
@@ -55,7 +59,11 @@ def draw_sides(
         raise DirectionError(f"{name} has 0 answered baseline prompts (BC) in the train split; {hint}.")
     n = min(n_per_side, len(target), len(baseline))
     if n < n_per_side and not allow_fewer:
-        short = [f"{side} has {len(ids)}" for side, ids in (("refused target (HR)", target), ("answered baseline (BC)", baseline)) if len(ids) < n_per_side]
+        short = [
+            f"{side} has {len(ids)}"
+            for side, ids in (("refused target (HR)", target), ("answered baseline (BC)", baseline))
+            if len(ids) < n_per_side
+        ]
         raise DirectionError(
             f"{name}: {' and '.join(short)} prompts, fewer than directions.n_per_side={n_per_side}; "
             f"lower directions.n_per_side to {n} or set directions.allow_fewer: true."
@@ -70,7 +78,10 @@ def lineage(sides: Mapping[str, tuple[Sequence, Sequence]]) -> dict[str, dict]:
     Input: ``{name: (target ids, baseline ids)}`` as returned by ``draw_sides``. Output:
     ``{name: {"target_ids": [...], "baseline_ids": [...], "n_target": int, "n_baseline": int}}``.
     """
-    return {name: {"target_ids": list(t), "baseline_ids": list(b), "n_target": len(t), "n_baseline": len(b)} for name, (t, b) in sides.items()}
+    return {
+        name: {"target_ids": list(t), "baseline_ids": list(b), "n_target": len(t), "n_baseline": len(b)}
+        for name, (t, b) in sides.items()
+    }
 
 
 # -------- Directions --------
@@ -83,7 +94,9 @@ def _check_sides(target: np.ndarray, baseline: np.ndarray) -> None:
             f"got target {target.shape} and baseline {baseline.shape}"
         )
     if len(target) == 0 or len(baseline) == 0:
-        raise DirectionError(f"each side needs at least one prompt; got {len(target)} target and {len(baseline)} baseline")
+        raise DirectionError(
+            f"each side needs at least one prompt; got {len(target)} target and {len(baseline)} baseline"
+        )
 
 
 def compute_means(x: np.ndarray) -> np.ndarray:
@@ -118,7 +131,9 @@ def _probe_weights(target: np.ndarray, baseline: np.ndarray, defined: np.ndarray
     return out
 
 
-def compute_direction(target: np.ndarray, baseline: np.ndarray, method: str = "mean_diff", seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+def compute_direction(
+    target: np.ndarray, baseline: np.ndarray, method: str = "mean_diff", seed: int = 0
+) -> tuple[np.ndarray, np.ndarray]:
     """One direction per (layer, position) from target [n_t, L, P, d] vs baseline [n_b, L, P, d].
 
     Returns ``(unit [L, P, d] float32, norm [L, P] float64)``, with m = mean(target) − mean(baseline)
@@ -136,7 +151,9 @@ def compute_direction(target: np.ndarray, baseline: np.ndarray, method: str = "m
     """
     _check_sides(target, baseline)
     if method not in METHODS:
-        raise DirectionError(f"unknown direction method {method!r}; directions.method must be one of {', '.join(METHODS)}")
+        raise DirectionError(
+            f"unknown direction method {method!r}; directions.method must be one of {', '.join(METHODS)}"
+        )
     mean_t, mean_b = compute_means(target), compute_means(baseline)
     diff = mean_t - mean_b  # [L, P, d]
     length = np.linalg.norm(diff, axis=-1)
@@ -194,7 +211,11 @@ def _cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 
 def stability(
-    target: np.ndarray, baseline: np.ndarray, n_per_side: int, n_draws: int, seed: int,
+    target: np.ndarray,
+    baseline: np.ndarray,
+    n_per_side: int,
+    n_draws: int,
+    seed: int,
     at: Sequence[tuple[int, int]] | None = None,
 ) -> dict:
     """Within-category agreement of mean-difference directions under resampling.
@@ -234,8 +255,15 @@ def stability(
         out[..., ls, ps] = values
         return out
 
-    return {"mean": grid(draws.mean(0)), "sd": grid(draws.std(0, ddof=1)), "split_half": grid(halves.mean(0)),
-            "split_half_sd": grid(halves.std(0, ddof=1)), "draws": grid(draws), "n_per_side": n_per_side, "n_draws": n_draws}
+    return {
+        "mean": grid(draws.mean(0)),
+        "sd": grid(draws.std(0, ddof=1)),
+        "split_half": grid(halves.mean(0)),
+        "split_half_sd": grid(halves.std(0, ddof=1)),
+        "draws": grid(draws),
+        "n_per_side": n_per_side,
+        "n_draws": n_draws,
+    }
 
 
 # -------- Choosing (layer, position) --------
@@ -244,9 +272,13 @@ def stability(
 def select_fixed(layer: int | None, position: int | None, n_layers: int, offsets: Sequence[int]) -> dict:
     """Validate a hand-picked site. Returns ``{"method", "layer", "position", "position_index"}``."""
     if layer is None or position is None:
-        raise DirectionError("directions.select: fixed needs both directions.layer and directions.position; set them or use select: arditi.")
+        raise DirectionError(
+            "directions.select: fixed needs both directions.layer and directions.position; set them or use select: arditi."
+        )
     if not 0 <= layer < n_layers:
-        raise DirectionError(f"directions.layer={layer} is out of range for this model with {n_layers} layers (valid 0..{n_layers - 1})")
+        raise DirectionError(
+            f"directions.layer={layer} is out of range for this model with {n_layers} layers (valid 0..{n_layers - 1})"
+        )
     offsets = list(offsets)
     if position not in offsets:
         raise DirectionError(
@@ -256,7 +288,9 @@ def select_fixed(layer: int | None, position: int | None, n_layers: int, offsets
     return {"method": "fixed", "layer": layer, "position": position, "position_index": offsets.index(position)}
 
 
-def filter_candidates(table: Sequence[dict], n_layers: int, max_layer_fraction: float, kl_threshold: float) -> tuple[list[dict], dict]:
+def filter_candidates(
+    table: Sequence[dict], n_layers: int, max_layer_fraction: float, kl_threshold: float
+) -> tuple[list[dict], dict]:
     """Annotate Arditi candidates with ``kept`` and ``reason`` (first failing rule, else None).
 
     Each row needs ``layer``, ``bypass``, ``induce`` and ``kl`` (NaN where not scored), and may
@@ -302,23 +336,47 @@ def choose_candidate(rows: Sequence[dict], fallback: str = "relax_induce") -> di
         return {"row": min(kept, key=lambda r: r["bypass"]), "fallback": False, "fallback_reason": None}
     finite = [r for r in rows if r["bypass"] is not None and not math.isnan(r["bypass"])]
     if not finite:
-        raise DirectionError("no candidate (layer, position) could be scored (all directions undefined or NaN); check the activations")
+        raise DirectionError(
+            "no candidate (layer, position) could be scored (all directions undefined or NaN); check the activations"
+        )
     reasons = {}
     for r in rows:
         reasons[r["reason"]] = reasons.get(r["reason"], 0) + 1
-    why = "no candidate passed the filters (" + ", ".join(f"{k}: {v}" for k, v in reasons.items()) + "); chose the lowest bypass score among "
+    why = (
+        "no candidate passed the filters ("
+        + ", ".join(f"{k}: {v}" for k, v in reasons.items())
+        + "); chose the lowest bypass score among "
+    )
     relaxed = [r for r in finite if r["reason"] == "induce"] if fallback == "relax_induce" else []
     if relaxed:
-        return {"row": min(relaxed, key=lambda r: r["bypass"]), "fallback": True,
-                "fallback_reason": why + f"the {len(relaxed)} that pass kl (the induce filter relaxed)"}
-    return {"row": min(finite, key=lambda r: r["bypass"]), "fallback": True, "fallback_reason": why + "all scored candidates"}
+        return {
+            "row": min(relaxed, key=lambda r: r["bypass"]),
+            "fallback": True,
+            "fallback_reason": why + f"the {len(relaxed)} that pass kl (the induce filter relaxed)",
+        }
+    return {
+        "row": min(finite, key=lambda r: r["bypass"]),
+        "fallback": True,
+        "fallback_reason": why + "all scored candidates",
+    }
 
 
 def select_arditi(
-    model: nn.Module, tokenizer, units: np.ndarray, norms: np.ndarray, harmful_val_formatted: list[str],
-    benign_val_formatted: list[str], refusal_token_ids: list[int], batch_size: int, max_layer_fraction: float,
-    kl_threshold: float, offsets: Sequence[int], max_prompt_tokens: int | None = None, progress: bool = False,
-    order: str | None = None, fallback: str = "relax_induce",
+    model: nn.Module,
+    tokenizer,
+    units: np.ndarray,
+    norms: np.ndarray,
+    harmful_val_formatted: list[str],
+    benign_val_formatted: list[str],
+    refusal_token_ids: list[int],
+    batch_size: int,
+    max_layer_fraction: float,
+    kl_threshold: float,
+    offsets: Sequence[int],
+    max_prompt_tokens: int | None = None,
+    progress: bool = False,
+    order: str | None = None,
+    fallback: str = "relax_induce",
 ) -> dict:
     """Arditi et al.'s output-based choice of (layer, position) among candidate directions.
 
@@ -348,20 +406,44 @@ def select_arditi(
     re-scorings and tokens run.
     """
     n_layers, offsets = find_layout(model).n_layers, list(offsets)
-    if units.shape[0] not in (n_layers, n_layers + 1) or units.shape[1] != len(offsets) or norms.shape != units.shape[:2]:
-        raise DirectionError(f"select_arditi: units {units.shape} / norms {norms.shape} do not match {n_layers} layers and positions {offsets}")
+    if (
+        units.shape[0] not in (n_layers, n_layers + 1)
+        or units.shape[1] != len(offsets)
+        or norms.shape != units.shape[:2]
+    ):
+        raise DirectionError(
+            f"select_arditi: units {units.shape} / norms {norms.shape} do not match {n_layers} layers and positions {offsets}"
+        )
     table, sites = [], []
     for l in range(n_layers):
         for p in range(len(offsets)):
-            table.append({"layer": l, "position": offsets[p], "position_index": p, "bypass": math.nan, "induce": math.nan, "kl": math.nan,
-                          "kl_prompts": 0, "scored": False})
+            table.append(
+                {
+                    "layer": l,
+                    "position": offsets[p],
+                    "position_index": p,
+                    "bypass": math.nan,
+                    "induce": math.nan,
+                    "kl": math.nan,
+                    "kl_prompts": 0,
+                    "scored": False,
+                }
+            )
             unit = torch.from_numpy(np.asarray(units[l, p], dtype=np.float32))
             if l < max_layer_fraction * n_layers and float(norms[l, p]) > 0 and bool(torch.isfinite(unit).all()):
                 sites.append((len(table) - 1, unit, unit * float(norms[l, p])))
     scorer = CandidateScorer(
-        model, tokenizer, torch.stack([u for _, u, _ in sites]) if sites else torch.zeros(0, units.shape[-1]),
-        torch.stack([v for _, _, v in sites]) if sites else torch.zeros(0, units.shape[-1]), [table[i]["layer"] for i, _, _ in sites],
-        harmful_val_formatted, benign_val_formatted, refusal_token_ids, batch_size, max_prompt_tokens, progress,
+        model,
+        tokenizer,
+        torch.stack([u for _, u, _ in sites]) if sites else torch.zeros(0, units.shape[-1]),
+        torch.stack([v for _, _, v in sites]) if sites else torch.zeros(0, units.shape[-1]),
+        [table[i]["layer"] for i, _, _ in sites],
+        harmful_val_formatted,
+        benign_val_formatted,
+        refusal_token_ids,
+        batch_size,
+        max_prompt_tokens,
+        progress,
     )
     search = search_candidates(scorer, list(range(len(sites))), kl_threshold, order, fallback)
     for (i, _, _), score in zip(sites, search["rows"]):
@@ -370,17 +452,35 @@ def select_arditi(
     chosen = choose_candidate(rows, fallback)
     best = chosen["row"]
     return {
-        "method": "arditi", "layer": best["layer"], "position": best["position"], "position_index": best["position_index"],
-        "score": best["bypass"], "bypass": best["bypass"], "induce": best["induce"], "kl": best["kl"],
-        "fallback": chosen["fallback"], "fallback_reason": chosen["fallback_reason"], "counts": counts, "table": rows,
-        "baseline_harmful": scorer.baseline_harmful, "baseline_benign": scorer.baseline_benign, "n_scored": dict(scorer.tally),
-        "search_order": search["order"], "kl_threshold": kl_threshold, "n_val": {"harmful": len(harmful_val_formatted), "benign": len(benign_val_formatted)},
+        "method": "arditi",
+        "layer": best["layer"],
+        "position": best["position"],
+        "position_index": best["position_index"],
+        "score": best["bypass"],
+        "bypass": best["bypass"],
+        "induce": best["induce"],
+        "kl": best["kl"],
+        "fallback": chosen["fallback"],
+        "fallback_reason": chosen["fallback_reason"],
+        "counts": counts,
+        "table": rows,
+        "baseline_harmful": scorer.baseline_harmful,
+        "baseline_benign": scorer.baseline_benign,
+        "n_scored": dict(scorer.tally),
+        "search_order": search["order"],
+        "kl_threshold": kl_threshold,
+        "n_val": {"harmful": len(harmful_val_formatted), "benign": len(benign_val_formatted)},
     }
 
 
 def select_cosmic(
-    harmful_means: np.ndarray, harmless_means: np.ndarray, units: np.ndarray, max_layer_fraction: float,
-    n_layers_considered: int | None = None, n_layers: int | None = None, offsets: Sequence[int] | None = None,
+    harmful_means: np.ndarray,
+    harmless_means: np.ndarray,
+    units: np.ndarray,
+    max_layer_fraction: float,
+    n_layers_considered: int | None = None,
+    n_layers: int | None = None,
+    offsets: Sequence[int] | None = None,
 ) -> dict:
     """COSMIC-style output-free choice of (layer, position), computed on class means alone.
 
@@ -409,7 +509,9 @@ def select_cosmic(
     "layer_similarity" [R], "table": [{layer, position, position_index, comply, refuse, score}]}``.
     """
     if not harmful_means.shape == harmless_means.shape == units.shape:
-        raise DirectionError(f"select_cosmic: means {harmful_means.shape}/{harmless_means.shape} and units {units.shape} must match")
+        raise DirectionError(
+            f"select_cosmic: means {harmful_means.shape}/{harmless_means.shape} and units {units.shape} must match"
+        )
     rows, n_pos = units.shape[:2]
     n_layers = rows - 1 if n_layers is None else n_layers
     offsets = list(range(-n_pos, 0)) if offsets is None else list(offsets)
@@ -418,7 +520,9 @@ def select_cosmic(
     similarity = np.nanmean(_cosine(h, b), axis=1)  # [R]
     ranked = [l for l in sorted(eligible, key=lambda l: similarity[l]) if np.isfinite(similarity[l])]
     if not ranked:
-        raise DirectionError(f"select_cosmic: no layer below max_layer_fraction={max_layer_fraction} of {n_layers} has defined class means")
+        raise DirectionError(
+            f"select_cosmic: no layer below max_layer_fraction={max_layer_fraction} of {n_layers} has defined class means"
+        )
     k = n_layers_considered or max(1, int(0.1 * n_layers))
     s = sorted(ranked[:k])
     hs, bs = h[s], b[s]  # [|S|, P, d]
@@ -431,9 +535,23 @@ def select_cosmic(
             v = np.dot(h[l, p] - b[l, p], u) * u
             comply = float(np.nanmean(_cosine(hs - np.einsum("spd,d->sp", hs, u)[..., None] * u, bs)))
             refuse = float(np.nanmean(_cosine(bs + v, hs)))
-            table.append({"layer": l, "position": offsets[p], "position_index": p, "comply": comply, "refuse": refuse, "score": (comply + refuse) / 2})
+            table.append(
+                {
+                    "layer": l,
+                    "position": offsets[p],
+                    "position_index": p,
+                    "comply": comply,
+                    "refuse": refuse,
+                    "score": (comply + refuse) / 2,
+                }
+            )
     if not table:
         raise DirectionError("select_cosmic: every candidate direction is undefined (zero); check the activations")
     best = max(table, key=lambda r: r["score"])
-    return {"method": "cosmic", **{k: best[k] for k in ("layer", "position", "position_index", "score")},
-            "eval_layers": s, "layer_similarity": similarity, "table": table}
+    return {
+        "method": "cosmic",
+        **{k: best[k] for k in ("layer", "position", "position_index", "score")},
+        "eval_layers": s,
+        "layer_similarity": similarity,
+        "table": table,
+    }

@@ -21,8 +21,8 @@ from tqdm.auto import tqdm
 
 from refusal_atlas.data import store
 from refusal_atlas.errors import RefusalAtlasError
-from refusal_atlas.model.hooks import read_residual
 from refusal_atlas.model.chat import check_prompt_lengths, eoi_tokens, format_prompts, tokenize_prompts
+from refusal_atlas.model.hooks import read_residual
 
 # Bumped when extraction changes what a store holds, so stores built by older code are rebuilt.
 CODE_VERSION = "activations-v1"
@@ -63,7 +63,9 @@ def check_values(values: np.ndarray, prompt_ids: Sequence[str], layers: Sequence
         rows, cols = np.nonzero(bad.any(axis=(2, 3)))
         ids = sorted({prompt_ids[r] for r in rows})
         bad_layers = sorted({int(layers[c]) for c in cols})
-        raise ActivationValueError(f"{kind} in activations of prompt(s) {ids[:10]} at layer(s) {bad_layers}; nothing was written for this batch")
+        raise ActivationValueError(
+            f"{kind} in activations of prompt(s) {ids[:10]} at layer(s) {bad_layers}; nothing was written for this batch"
+        )
 
 
 def shard_batches(batches: Sequence[int], rank: int, world: int) -> list[int]:
@@ -75,7 +77,9 @@ def shard_batches(batches: Sequence[int], rank: int, world: int) -> list[int]:
 
 
 @torch.inference_mode()
-def extract_batch(model, tokenizer, formatted: Sequence[str], layers: Sequence[int], positions: Sequence[int], max_tokens: int) -> np.ndarray:
+def extract_batch(
+    model, tokenizer, formatted: Sequence[str], layers: Sequence[int], positions: Sequence[int], max_tokens: int
+) -> np.ndarray:
     """Residuals of one batch: float32 ``[batch, layer, position, hidden]``.
 
     Runs the decoder body only (``model.base_model``): the language-model head is not
@@ -84,7 +88,9 @@ def extract_batch(model, tokenizer, formatted: Sequence[str], layers: Sequence[i
     enc = tokenize_prompts(tokenizer, list(formatted), max_tokens)
     device = model.get_input_embeddings().weight.device
     with read_residual(model, list(layers), list(positions)) as capture:
-        model.base_model(input_ids=enc["input_ids"].to(device), attention_mask=enc["attention_mask"].to(device), use_cache=False)
+        model.base_model(
+            input_ids=enc["input_ids"].to(device), attention_mask=enc["attention_mask"].to(device), use_cache=False
+        )
     return capture.stack().float().numpy()
 
 
@@ -112,8 +118,21 @@ def extract_to_store(
 
 
 def extract_set(
-    model, tokenizer, identity: dict, prompts: pd.DataFrame, path: Path, *, name: str, template: tuple, dtype: str,
-    batch_size: int, max_prompt_tokens: int, rank: int = 0, world: int = 1, barrier=lambda: None, progress: bool = True,
+    model,
+    tokenizer,
+    identity: dict,
+    prompts: pd.DataFrame,
+    path: Path,
+    *,
+    name: str,
+    template: tuple,
+    dtype: str,
+    batch_size: int,
+    max_prompt_tokens: int,
+    rank: int = 0,
+    world: int = 1,
+    barrier=lambda: None,
+    progress: bool = True,
 ) -> dict:
     """Bring the store of one prompt set at ``path`` up to date with its inputs; return what was done.
 
@@ -130,19 +149,48 @@ def extract_set(
     prompts = store_order(prompts.assign(formatted=formatted), n_tokens)
     span = eoi_tokens(tokenizer, *template)
     layers = list(range(identity["n_layers"] + 1))
-    settings = {"dtype": dtype, "batch_size": batch_size, "positions": span.offsets, "layers": layers, "code": CODE_VERSION, "template": template}
+    settings = {
+        "dtype": dtype,
+        "batch_size": batch_size,
+        "positions": span.offsets,
+        "layers": layers,
+        "code": CODE_VERSION,
+        "template": template,
+    }
     key = inputs_fingerprint(prompts, identity, settings)
     rebuilt = not store.is_resumable(path, key)
     if rank == 0 and rebuilt:
-        attrs = {**{k if k.startswith(("model_", "template_")) else f"model_{k}": v for k, v in identity.items()},
-                 "inputs_fingerprint": key, "code_version": CODE_VERSION, "prompt_set": name}
-        store.create_store(path, prompts, layers, span.offsets, span.tokens, identity["d_model"], dtype, batch_size, attrs)
+        attrs = {
+            **{k if k.startswith(("model_", "template_")) else f"model_{k}": v for k, v in identity.items()},
+            "inputs_fingerprint": key,
+            "code_version": CODE_VERSION,
+            "prompt_set": name,
+        }
+        store.create_store(
+            path, prompts, layers, span.offsets, span.tokens, identity["d_model"], dtype, batch_size, attrs
+        )
     barrier()
     pending = store.pending_batches(path)
-    extract_to_store(model, tokenizer, path, prompts.formatted.tolist(), prompts.prompt_id.tolist(), layers, span.offsets,
-                     shard_batches(pending, rank, world), batch_size, dtype, max_prompt_tokens, progress=progress and bool(pending))
+    extract_to_store(
+        model,
+        tokenizer,
+        path,
+        prompts.formatted.tolist(),
+        prompts.prompt_id.tolist(),
+        layers,
+        span.offsets,
+        shard_batches(pending, rank, world),
+        batch_size,
+        dtype,
+        max_prompt_tokens,
+        progress=progress and bool(pending),
+    )
     barrier()
     if rank == 0 and not store.read_attrs(path).get("complete"):  # also a store killed after its last batch
         store.finalize_store(path)
-    return {"n_prompts": len(prompts), "n_batches_written": len(pending), "n_batches_resumed": -(-len(prompts) // batch_size) - len(pending),
-            "rebuilt": rebuilt}
+    return {
+        "n_prompts": len(prompts),
+        "n_batches_written": len(pending),
+        "n_batches_resumed": -(-len(prompts) // batch_size) - len(pending),
+        "rebuilt": rebuilt,
+    }

@@ -34,7 +34,9 @@ def _unit(x: np.ndarray) -> np.ndarray:
     x = np.asarray(x, dtype=np.float64)
     norms = np.linalg.norm(x, axis=-1, keepdims=True)
     if np.any(norms < _EPS):
-        raise RefusalAtlasError(f"found a zero-norm direction among array of shape {x.shape}; every direction needs a non-zero norm")
+        raise RefusalAtlasError(
+            f"found a zero-norm direction among array of shape {x.shape}; every direction needs a non-zero norm"
+        )
     return x / norms
 
 
@@ -47,7 +49,9 @@ def cosine_matrix(units: np.ndarray, names: Sequence[str]) -> pd.DataFrame:
     """
     units = np.asarray(units)
     if units.ndim != 2 or units.shape[0] != len(names):
-        raise RefusalAtlasError(f"cosine_matrix expects units of shape [k, d] with k = len(names) = {len(names)}; got {units.shape}")
+        raise RefusalAtlasError(
+            f"cosine_matrix expects units of shape [k, d] with k = len(names) = {len(names)}; got {units.shape}"
+        )
     u = _unit(units)
     cos = np.clip(u @ u.T, -1.0, 1.0)
     return pd.DataFrame(cos, index=list(names), columns=list(names))
@@ -64,7 +68,9 @@ def offdiag_mean_per_layer(units: np.ndarray, position: int | None = None) -> np
     if units.ndim == 4 and position is not None:
         units = units[:, :, position, :]
     if units.ndim not in (3, 4) or units.shape[0] < 2:
-        raise RefusalAtlasError(f"offdiag_mean_per_layer expects [k, L, d] or [k, L, P, d] with k >= 2; got {units.shape}")
+        raise RefusalAtlasError(
+            f"offdiag_mean_per_layer expects [k, L, d] or [k, L, P, d] with k >= 2; got {units.shape}"
+        )
     u = _unit(units)
     k = u.shape[0]
     # Sum of all pairwise cosines = |sum of unit vectors|^2; subtracting the k self-terms
@@ -145,7 +151,9 @@ def distinctness_test(resamples: Mapping[str, np.ndarray], n_permutations: int =
     blocks = [_unit(np.atleast_2d(resamples[n])) for n in names]
     sizes = np.array([b.shape[0] for b in blocks])
     if len(names) < 2 or sizes.min() < 2:
-        raise RefusalAtlasError(f"distinctness_test needs >= 2 categories with >= 2 draws each; got sizes {dict(zip(names, sizes.tolist()))}")
+        raise RefusalAtlasError(
+            f"distinctness_test needs >= 2 categories with >= 2 draws each; got sizes {dict(zip(names, sizes.tolist()))}"
+        )
     pooled = np.concatenate(blocks)  # [N, d]
     gram = pooled @ pooled.T  # [N, N], the only O(N^2 d) step
     starts = np.concatenate([[0], np.cumsum(sizes)])
@@ -173,7 +181,9 @@ def distinctness_test(resamples: Mapping[str, np.ndarray], n_permutations: int =
         between[i, j] = between[j, i] = b_obs[0]
         exact_all &= exact
 
-    within = np.array([(gram[np.ix_(ix, ix)].sum() - np.trace(gram[np.ix_(ix, ix)])) / (ix.size * (ix.size - 1)) for ix in idx])
+    within = np.array(
+        [(gram[np.ix_(ix, ix)].sum() - np.trace(gram[np.ix_(ix, ix)])) / (ix.size * (ix.size - 1)) for ix in idx]
+    )
     np.fill_diagonal(between, within)
     overall = _overall_test(gram, sizes, n_permutations, rng)
     n_pairs = k * (k - 1) // 2
@@ -210,10 +220,12 @@ def _overall_test(gram: np.ndarray, sizes: np.ndarray, n_permutations: int, rng:
     q_obs = same_label_sum(labels[None, :])[0]
     observed = stat(np.array([q_obs]))[0]
     # Chunks of relabellings bound the [R, N, k] one-hot buffer for large N.
-    null = np.concatenate([
-        stat(same_label_sum(np.stack([rng.permutation(labels) for _ in range(min(256, n_permutations - start))])))
-        for start in range(0, n_permutations, 256)
-    ])
+    null = np.concatenate(
+        [
+            stat(same_label_sum(np.stack([rng.permutation(labels) for _ in range(min(256, n_permutations - start))])))
+            for start in range(0, n_permutations, 256)
+        ]
+    )
     return {
         "overall_p": float((1 + np.sum(null >= observed - 1e-12)) / (1 + n_permutations)),
         "overall_statistic": float(observed),
@@ -295,8 +307,16 @@ def mds_embedding(cos: pd.DataFrame, dims: Sequence[int] = (2, 3), seed: int = 0
     for dim in dims:
         fits = []
         for init, starts in (("classical_mds", 1), ("random", n_init)):
-            mds = MDS(n_components=dim, metric_mds=True, metric="precomputed", init=init, n_init=starts,
-                      random_state=seed, max_iter=1000, eps=1e-9)
+            mds = MDS(
+                n_components=dim,
+                metric_mds=True,
+                metric="precomputed",
+                init=init,
+                n_init=starts,
+                random_state=seed,
+                max_iter=1000,
+                eps=1e-9,
+            )
             try:
                 coords = mds.fit_transform(dist)
             except ValueError:  # the classical start has no real coordinates in `dim` dimensions (k <= dim points, or non-Euclidean distances)
@@ -334,8 +354,10 @@ def principal_angles(diffs: Mapping[str, np.ndarray], top_k: int = 3) -> pd.Data
     for name, x in diffs.items():
         x = np.asarray(x, dtype=np.float64)
         if x.ndim != 2 or x.shape[0] < 1:
-            raise RefusalAtlasError(f"principal_angles: category {name!r} has differences of shape {x.shape}; need [n >= 1, d]")
-        bases[name] = np.linalg.svd(x, full_matrices=False)[2][:min(top_k, x.shape[0])].T  # [d, <= top_k]
+            raise RefusalAtlasError(
+                f"principal_angles: category {name!r} has differences of shape {x.shape}; need [n >= 1, d]"
+            )
+        bases[name] = np.linalg.svd(x, full_matrices=False)[2][: min(top_k, x.shape[0])].T  # [d, <= top_k]
     # Angles are unchanged by an isometry, so express every basis in one orthonormal basis
     # of their joint span (<= k·top_k dims) first; each pair then costs nothing in d.
     joint = np.linalg.qr(np.concatenate(list(bases.values()), axis=1))[0]  # [d, <= k·top_k]
@@ -343,8 +365,15 @@ def principal_angles(diffs: Mapping[str, np.ndarray], top_k: int = 3) -> pd.Data
     rows = []
     for a, b in itertools.product(bases, repeat=2):
         theta = subspace_angles(bases[a], bases[b])
-        rows.append({"a": a, "b": b, "min_angle_deg": float(np.degrees(theta.min())), "mean_cos2": float(np.mean(np.cos(theta) ** 2)),
-                     "n_angles": len(theta)})
+        rows.append(
+            {
+                "a": a,
+                "b": b,
+                "min_angle_deg": float(np.degrees(theta.min())),
+                "mean_cos2": float(np.mean(np.cos(theta) ** 2)),
+                "n_angles": len(theta),
+            }
+        )
     return pd.DataFrame(rows)
 
 
@@ -382,7 +411,9 @@ def _xy(target: np.ndarray, baseline: np.ndarray) -> tuple[np.ndarray, np.ndarra
     return x, np.r_[np.ones(len(target), dtype=int), np.zeros(len(baseline), dtype=int)]
 
 
-def probe_accuracy(X_by_category: Mapping[str, tuple[np.ndarray, np.ndarray]], cv_folds: int = 5, seed: int = 0, c: float = 1.0) -> pd.Series:
+def probe_accuracy(
+    X_by_category: Mapping[str, tuple[np.ndarray, np.ndarray]], cv_folds: int = 5, seed: int = 0, c: float = 1.0
+) -> pd.Series:
     """Cross-validated accuracy of a linear probe separating each category's target from its baseline.
 
     ``X_by_category`` maps a category to (X_target [n, d], X_baseline [m, d]). Folds are
@@ -392,20 +423,26 @@ def probe_accuracy(X_by_category: Mapping[str, tuple[np.ndarray, np.ndarray]], c
     # Probe problems are tiny (n ~ 10^2 rows): multi-threaded BLAS only adds overhead, and on
     # a shared machine oversubscribed threads made these fits ~10x slower, so pin one thread.
     with threadpool_limits(limits=1):
-        return pd.Series({name: _cv_accuracy(name, xt, xb, cv_folds, seed, c) for name, (xt, xb) in X_by_category.items()},
-                         name="probe_accuracy")
+        return pd.Series(
+            {name: _cv_accuracy(name, xt, xb, cv_folds, seed, c) for name, (xt, xb) in X_by_category.items()},
+            name="probe_accuracy",
+        )
 
 
 def _cv_accuracy(name: str, xt: np.ndarray, xb: np.ndarray, cv_folds: int, seed: int, c: float) -> float:
     x, y = _xy(xt, xb)
     folds = min(cv_folds, int(np.bincount(y).min()))
     if folds < 2:
-        raise RefusalAtlasError(f"probe_accuracy: category {name!r} has {len(xt)} target and {len(xb)} baseline rows; need >= 2 of each")
+        raise RefusalAtlasError(
+            f"probe_accuracy: category {name!r} has {len(xt)} target and {len(xb)} baseline rows; need >= 2 of each"
+        )
     cv = StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed)
     return float(cross_val_score(_probe(seed, c), x, y, cv=cv, scoring="accuracy").mean())
 
 
-def probe_transfer(X_by_category: Mapping[str, tuple[np.ndarray, np.ndarray]], cv_folds: int = 5, seed: int = 0, c: float = 1.0) -> pd.DataFrame:
+def probe_transfer(
+    X_by_category: Mapping[str, tuple[np.ndarray, np.ndarray]], cv_folds: int = 5, seed: int = 0, c: float = 1.0
+) -> pd.DataFrame:
     """Accuracy of a probe trained on category i (rows) tested on category j's target vs baseline (columns).
 
     Off-diagonal cells train on all of i and test on all of j; the diagonal is the
@@ -425,7 +462,9 @@ def probe_transfer(X_by_category: Mapping[str, tuple[np.ndarray, np.ndarray]], c
     return out
 
 
-def selectivity(X_test_by_category: Mapping[str, np.ndarray], units: Mapping[str, np.ndarray], baseline: np.ndarray | None = None) -> pd.DataFrame:
+def selectivity(
+    X_test_by_category: Mapping[str, np.ndarray], units: Mapping[str, np.ndarray], baseline: np.ndarray | None = None
+) -> pd.DataFrame:
     """Mean projection of each category's held-out prompts onto each direction.
 
     ``X_test_by_category`` maps a prompt category to activations [n, d]; ``units`` maps a
@@ -461,8 +500,12 @@ def summarize_geometry(
     k = len(cos)
     off = cos.to_numpy()[~np.eye(k, dtype=bool)]
     ext = extreme_pairs(cos)
-    out: dict[str, float] = {"n_directions": k, "cosine_offdiag_mean": float(off.mean()),
-                             "cosine_min": ext["min"][2], "cosine_max": ext["max"][2]}
+    out: dict[str, float] = {
+        "n_directions": k,
+        "cosine_offdiag_mean": float(off.mean()),
+        "cosine_min": ext["min"][2],
+        "cosine_max": ext["max"][2],
+    }
     if clustering is not None:
         for method, best in clustering["best_k"].items():
             out[f"cluster_{method}_best_k"] = -1 if best is None else int(best)
@@ -472,8 +515,13 @@ def summarize_geometry(
     if rank is not None:
         out["participation_ratio"] = rank["participation_ratio"]
     if distinctness is not None:
-        out.update({"distinctness_overall_p": distinctness["overall_p"], "distinctness_max_pair_p": distinctness["max_pair_p"],
-                    "within_cosine_mean": float(distinctness["within_mean"].mean())})
+        out.update(
+            {
+                "distinctness_overall_p": distinctness["overall_p"],
+                "distinctness_max_pair_p": distinctness["max_pair_p"],
+                "within_cosine_mean": float(distinctness["within_mean"].mean()),
+            }
+        )
     if probe_acc is not None:
         out["probe_accuracy_mean"] = float(probe_acc.mean())
     if transfer is not None:

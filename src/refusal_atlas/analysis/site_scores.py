@@ -42,7 +42,12 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from refusal_atlas.model.generation import (
-    encode_prefixed, first_token_logprobs, kl_rows, refusal_log_odds, refusal_scores, score_prefixed_rows,
+    encode_prefixed,
+    first_token_logprobs,
+    kl_rows,
+    refusal_log_odds,
+    refusal_scores,
+    score_prefixed_rows,
 )
 from refusal_atlas.model.hooks import ablate_directions, ablate_rows, add_direction, add_rows
 
@@ -77,8 +82,17 @@ class CandidateScorer:
     """
 
     def __init__(
-        self, model: nn.Module, tokenizer, units: torch.Tensor, vectors: torch.Tensor, layers: Sequence[int],
-        harmful: list[str], benign: list[str], token_ids: list[int], batch_size: int, max_prompt_tokens: int | None,
+        self,
+        model: nn.Module,
+        tokenizer,
+        units: torch.Tensor,
+        vectors: torch.Tensor,
+        layers: Sequence[int],
+        harmful: list[str],
+        benign: list[str],
+        token_ids: list[int],
+        batch_size: int,
+        max_prompt_tokens: int | None,
         progress: bool = False,
     ):
         self.progress = progress
@@ -86,10 +100,17 @@ class CandidateScorer:
         self.units, self.vectors, self.layers = units, vectors, list(layers)
         self.harmful_text, self.benign_text = harmful, benign
         self.batch_size, self.max_prompt_tokens = batch_size, max_prompt_tokens
-        self.harmful, self.benign = encode_prefixed(tokenizer, harmful, max_prompt_tokens), encode_prefixed(tokenizer, benign, max_prompt_tokens)
+        self.harmful, self.benign = (
+            encode_prefixed(tokenizer, harmful, max_prompt_tokens),
+            encode_prefixed(tokenizer, benign, max_prompt_tokens),
+        )
         # The unhooked scores come from the reference path, so the baselines are today's numbers exactly.
-        self.base_benign = first_token_logprobs(model, tokenizer, benign, batch_size, max_prompt_tokens)  # [n_benign, vocab]
-        self.baseline_harmful = float(np.mean(refusal_scores(model, tokenizer, harmful, self.token_ids, batch_size, max_prompt_tokens)))
+        self.base_benign = first_token_logprobs(
+            model, tokenizer, benign, batch_size, max_prompt_tokens
+        )  # [n_benign, vocab]
+        self.baseline_harmful = float(
+            np.mean(refusal_scores(model, tokenizer, harmful, self.token_ids, batch_size, max_prompt_tokens))
+        )
         self.baseline_benign = float(np.mean(refusal_log_odds(self.base_benign, self.token_ids).numpy()))
         dtype = next(model.parameters()).dtype
         self.tolerance = RESCORE_TOLERANCE.get(dtype, RESCORE_TOLERANCE_HALF)
@@ -121,8 +142,16 @@ class CandidateScorer:
         # prefix once for all passes.
         row_prompt = [i for i in order for _ in candidates]
         row_group = [c for _ in order for c in candidates]
-        with tqdm(total=len(row_prompt), desc=f"select directions: {what} of {len(candidates)}", unit="row", disable=not self.progress, leave=False) as bar:
-            values = score_prefixed_rows(self.model, prompts, row_prompt, row_group, intervene, reduce, rows_per_pass, self.tally, bar.update)
+        with tqdm(
+            total=len(row_prompt),
+            desc=f"select directions: {what} of {len(candidates)}",
+            unit="row",
+            disable=not self.progress,
+            leave=False,
+        ) as bar:
+            values = score_prefixed_rows(
+                self.model, prompts, row_prompt, row_group, intervene, reduce, rows_per_pass, self.tally, bar.update
+            )
         sums = {c: 0.0 for c in candidates}
         for c, value in zip(row_group, values):
             sums[c] += value
@@ -130,8 +159,13 @@ class CandidateScorer:
 
     def fast_bypass(self, candidates: Sequence[int]) -> np.ndarray:
         self.tally["bypass"] += len(candidates)
-        return self._fast("bypass", candidates, self.harmful, lambda g: ablate_rows(self.model, self.units[g]),
-                          lambda logp, idx: refusal_log_odds(logp, self.token_ids))
+        return self._fast(
+            "bypass",
+            candidates,
+            self.harmful,
+            lambda g: ablate_rows(self.model, self.units[g]),
+            lambda logp, idx: refusal_log_odds(logp, self.token_ids),
+        )
 
     def advance_kl(self, candidates: Sequence[int], upto: int, threshold: float) -> None:
         """Score kl of ``candidates`` on benign prompts ``kl_order[kl_done[c]:upto]``, stopping a
@@ -160,10 +194,26 @@ class CandidateScorer:
                 if self.kl_done[c] < n and bound > threshold and not _near(bound, threshold, self.tolerance):
                     self.kl_stopped.add(c)
 
-        with tqdm(total=len(row_prompt), desc=f"select directions: kl of {len(live)}", unit="row", disable=not self.progress, leave=False) as bar:
-            score_prefixed_rows(self.model, self.benign, row_prompt, row_group, lambda g: ablate_rows(self.model, self.units[g]),
-                                lambda logp, idx: kl_rows(self.base_benign[idx].to(logp.device).double(), logp.double()), self._rows_per_pass(self.benign),
-                                self.tally, bar.update, skip=lambda r: row_group[r] in self.kl_stopped, on_values=on_values)
+        with tqdm(
+            total=len(row_prompt),
+            desc=f"select directions: kl of {len(live)}",
+            unit="row",
+            disable=not self.progress,
+            leave=False,
+        ) as bar:
+            score_prefixed_rows(
+                self.model,
+                self.benign,
+                row_prompt,
+                row_group,
+                lambda g: ablate_rows(self.model, self.units[g]),
+                lambda logp, idx: kl_rows(self.base_benign[idx].to(logp.device).double(), logp.double()),
+                self._rows_per_pass(self.benign),
+                self.tally,
+                bar.update,
+                skip=lambda r: row_group[r] in self.kl_stopped,
+                on_values=on_values,
+            )
 
     def kl(self, c: int) -> tuple[float, int]:
         """(kl, number of benign prompts behind it): the mean when all are in, else a lower bound."""
@@ -171,13 +221,24 @@ class CandidateScorer:
 
     def fast_induce(self, candidates: Sequence[int]) -> np.ndarray:
         self.tally["induce"] += len(candidates)
-        return self._fast("induce", candidates, self.benign, lambda g: add_rows(self.model, [self.layers[c] for c in g], self.vectors[g]),
-                          lambda logp, idx: refusal_log_odds(logp, self.token_ids))
+        return self._fast(
+            "induce",
+            candidates,
+            self.benign,
+            lambda g: add_rows(self.model, [self.layers[c] for c in g], self.vectors[g]),
+            lambda logp, idx: refusal_log_odds(logp, self.token_ids),
+        )
 
     # -------- reference: today's path, one candidate at a time --------
 
     def _score(self, formatted: list[str]) -> float:
-        return float(np.mean(refusal_scores(self.model, self.tokenizer, formatted, self.token_ids, self.batch_size, self.max_prompt_tokens)))
+        return float(
+            np.mean(
+                refusal_scores(
+                    self.model, self.tokenizer, formatted, self.token_ids, self.batch_size, self.max_prompt_tokens
+                )
+            )
+        )
 
     def reference_bypass(self, c: int) -> float:
         self.tally["rescored"] += 1
@@ -187,7 +248,12 @@ class CandidateScorer:
     def reference_kl(self, c: int) -> float:
         self.tally["rescored"] += 1
         with ablate_directions(self.model, self.units[c][None]):
-            return mean_kl(self.base_benign, first_token_logprobs(self.model, self.tokenizer, self.benign_text, self.batch_size, self.max_prompt_tokens))
+            return mean_kl(
+                self.base_benign,
+                first_token_logprobs(
+                    self.model, self.tokenizer, self.benign_text, self.batch_size, self.max_prompt_tokens
+                ),
+            )
 
     def reference_induce(self, c: int) -> float:
         self.tally["rescored"] += 1
@@ -204,7 +270,8 @@ def _checked(scorer: CandidateScorer, fast: float, reference: float, what: str) 
             warnings.warn(
                 f"select_arditi: a fast {what} score differs from the reference by {gap:.2g} (relative), more than half the "
                 f"re-scoring band {scorer.tolerance:g}; the chosen site may differ from a one-at-a-time scan. Raise "
-                f"site_scores.RESCORE_TOLERANCE for this dtype.", stacklevel=3,
+                f"site_scores.RESCORE_TOLERANCE for this dtype.",
+                stacklevel=3,
             )
     return reference
 
@@ -225,8 +292,13 @@ SCREEN_PROMPTS = 2
 SCREEN_SHARE = 1 / 3
 
 
-def search_candidates(scorer: CandidateScorer, candidates: Sequence[int], kl_threshold: float, order: str | None = None,
-                      fallback: str = "relax_induce") -> dict:
+def search_candidates(
+    scorer: CandidateScorer,
+    candidates: Sequence[int],
+    kl_threshold: float,
+    order: str | None = None,
+    fallback: str = "relax_induce",
+) -> dict:
     """Scores of candidates ``0..C-1`` (``scorer``'s indices) as the Arditi search leaves them.
 
     ``order``: ``"bypass_first"``, ``"filters_first"`` or None (the kl screen picks; see the
@@ -237,7 +309,10 @@ def search_candidates(scorer: CandidateScorer, candidates: Sequence[int], kl_thr
     could change the choice is reached; where none passes the filters, every candidate that
     the fallback (``directions.choose_candidate``, by ``fallback``) chooses among gets bypass.
     """
-    out = [{"bypass": math.nan, "kl": math.nan, "induce": math.nan, "kl_prompts": 0, "scored": False} for _ in range(len(scorer.layers))]
+    out = [
+        {"bypass": math.nan, "kl": math.nan, "induce": math.nan, "kl_prompts": 0, "scored": False}
+        for _ in range(len(scorer.layers))
+    ]
     candidates = list(candidates)
     if order is None:
         scorer.advance_kl(candidates, SCREEN_PROMPTS, kl_threshold)
@@ -254,7 +329,9 @@ def _decide_kl(scorer: CandidateScorer, c: int, row: dict, kl_threshold: float) 
     """Record kl of a candidate whose kl is scored (or stopped); return whether it passes."""
     row["scored"] = True
     row["kl"], row["kl_prompts"] = scorer.kl(c)
-    if row["kl_prompts"] == len(scorer.kl_order) and (not math.isfinite(row["kl"]) or _near(row["kl"], kl_threshold, scorer.tolerance)):
+    if row["kl_prompts"] == len(scorer.kl_order) and (
+        not math.isfinite(row["kl"]) or _near(row["kl"], kl_threshold, scorer.tolerance)
+    ):
         row["kl"] = _checked(scorer, row["kl"], scorer.reference_kl(c), "kl")
     return row["kl"] <= kl_threshold  # False for NaN
 
@@ -286,7 +363,9 @@ def _settle(scorer: CandidateScorer, group: list[int], out: list[dict]) -> list[
     return group
 
 
-def _filters_first(scorer: CandidateScorer, candidates: list[int], kl_threshold: float, out: list[dict], relax_induce: bool) -> None:
+def _filters_first(
+    scorer: CandidateScorer, candidates: list[int], kl_threshold: float, out: list[dict], relax_induce: bool
+) -> None:
     scorer.advance_kl(candidates, len(scorer.kl_order), kl_threshold)
     kl_ok = [c for c in candidates if _decide_kl(scorer, c, out[c], kl_threshold)]
     passed = [c for c, value in zip(kl_ok, scorer.fast_induce(kl_ok)) if _decide_induce(scorer, c, out[c], value)]
@@ -326,7 +405,7 @@ def _bypass_first(scorer: CandidateScorer, candidates: list[int], kl_threshold: 
         fast_induce = dict(zip(maybe, scorer.fast_induce(maybe)))
         for k, c in enumerate(visit):
             if c in fast_induce and _decide_induce(scorer, c, out[c], fast_induce[c]):
-                for later in visit[k + 1:]:  # the winner: what the chunk scored beyond it is dropped
+                for later in visit[k + 1 :]:  # the winner: what the chunk scored beyond it is dropped
                     out[later].update(kl=math.nan, induce=math.nan, kl_prompts=0, scored=False)
                 return
         chunk = min(2 * chunk, cap)

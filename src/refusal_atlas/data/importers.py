@@ -10,7 +10,6 @@ and the fix, before anything is written.
 
 from __future__ import annotations
 
-from refusal_atlas.errors import RefusalAtlasError
 import csv
 import hashlib
 import io
@@ -23,6 +22,8 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from refusal_atlas.errors import RefusalAtlasError
+
 log = logging.getLogger(__name__)
 
 COCONOT_CATEGORIES = {
@@ -33,7 +34,12 @@ COCONOT_CATEGORIES = {
     "Unsupported requests": "unsupported",
 }
 # SORRY-Bench's 44 fine-grained categories fall into four groups by number (paper, Table 1).
-SORRY_BENCH_GROUPS = ((1, 5, "hate_speech"), (6, 24, "crime_assistance"), (25, 39, "inappropriate"), (40, 44, "unqualified_advice"))
+SORRY_BENCH_GROUPS = (
+    (1, 5, "hate_speech"),
+    (6, 24, "crime_assistance"),
+    (25, 39, "inappropriate"),
+    (40, 44, "unqualified_advice"),
+)
 _BINARY_HINTS = {b"PAR1": "a Parquet file", b"PK\x03\x04": "a zip archive", b"\x1f\x8b": "a gzip archive"}
 
 
@@ -87,21 +93,29 @@ def _read_text(path: Path, fmt: str) -> str:
     data = path.read_bytes()
     kind = next((name for magic, name in _BINARY_HINTS.items() if data.startswith(magic)), None)
     if kind or b"\0" in data[:8192]:
-        raise _fail(path, f"is {kind or 'a binary file'}, not the text file the '{fmt}' importer reads",
-                    f"pass the dataset's CSV/JSON file, or convert it to text first{' (wildguardmix reads Parquet)' if kind == 'a Parquet file' else ''}")
+        raise _fail(
+            path,
+            f"is {kind or 'a binary file'}, not the text file the '{fmt}' importer reads",
+            f"pass the dataset's CSV/JSON file, or convert it to text first{' (wildguardmix reads Parquet)' if kind == 'a Parquet file' else ''}",
+        )
     try:
         return data.decode("utf-8-sig")
     except UnicodeDecodeError as err:
         line = data[: err.start].count(b"\n") + 1
-        raise _fail(path, f"line {line}: bytes that are not UTF-8 (offset {err.start})", "re-save the file as UTF-8") from None
+        raise _fail(
+            path, f"line {line}: bytes that are not UTF-8 (offset {err.start})", "re-save the file as UTF-8"
+        ) from None
 
 
 def _csv_rows(path: Path, fmt: str, required: tuple[str, ...]) -> Iterator[tuple[str, dict[str, str]]]:
     """(``line N``, row) for each data row of a CSV that has the ``required`` columns."""
     text = _read_text(path, fmt)
     if text.lstrip()[:1] in ("{", "["):
-        raise _fail(path, f"looks like JSON, not the CSV the '{fmt}' importer expects (it starts with {text.lstrip()[:1]!r})",
-                    f"pass the CSV file with columns {', '.join(required)}, or pick the format that matches this file")
+        raise _fail(
+            path,
+            f"looks like JSON, not the CSV the '{fmt}' importer expects (it starts with {text.lstrip()[:1]!r})",
+            f"pass the CSV file with columns {', '.join(required)}, or pick the format that matches this file",
+        )
     reader = csv.reader(io.StringIO(text, newline=""))
     try:
         header = [cell.strip() for cell in next(reader, [])]
@@ -111,14 +125,20 @@ def _csv_rows(path: Path, fmt: str, required: tuple[str, ...]) -> Iterator[tuple
             header[0] = "Index"
         missing = [c for c in required if c not in header]
         if missing:
-            raise _fail(path, f"missing column(s) {', '.join(missing)} (found columns: {', '.join(header) or 'none'})",
-                        f"the '{fmt}' format needs a header row with {', '.join(required)}; check that the file and the format match")
+            raise _fail(
+                path,
+                f"missing column(s) {', '.join(missing)} (found columns: {', '.join(header) or 'none'})",
+                f"the '{fmt}' format needs a header row with {', '.join(required)}; check that the file and the format match",
+            )
         for row in reader:
             if not row:
                 continue
             if len(row) != len(header):
-                raise _fail(path, f"line {reader.line_num}: {len(row)} fields where the header has {len(header)}",
-                            "quote fields that contain commas or newlines, or fix the row")
+                raise _fail(
+                    path,
+                    f"line {reader.line_num}: {len(row)} fields where the header has {len(header)}",
+                    "quote fields that contain commas or newlines, or fix the row",
+                )
             yield f"line {reader.line_num}", dict(zip(header, row, strict=True))
     except csv.Error as err:
         raise _fail(path, f"line {reader.line_num}: not valid CSV ({err})", "fix the quoting on that line") from None
@@ -126,11 +146,18 @@ def _csv_rows(path: Path, fmt: str, required: tuple[str, ...]) -> Iterator[tuple
 
 def _check_fields(path: Path, where: str, obj: object, required: tuple[str, ...], fmt: str) -> dict:
     if not isinstance(obj, dict):
-        raise _fail(path, f"{where}: expected a JSON object, got {type(obj).__name__}", f"each '{fmt}' record must be an object with {', '.join(required)}")
+        raise _fail(
+            path,
+            f"{where}: expected a JSON object, got {type(obj).__name__}",
+            f"each '{fmt}' record must be an object with {', '.join(required)}",
+        )
     missing = [f for f in required if f not in obj]
     if missing:
-        raise _fail(path, f"{where}: missing field(s) {', '.join(missing)} (found: {', '.join(map(str, obj)) or 'none'})",
-                    f"each '{fmt}' record needs {', '.join(required)}; check that the file and the format match")
+        raise _fail(
+            path,
+            f"{where}: missing field(s) {', '.join(missing)} (found: {', '.join(map(str, obj)) or 'none'})",
+            f"each '{fmt}' record needs {', '.join(required)}; check that the file and the format match",
+        )
     return obj
 
 
@@ -147,7 +174,9 @@ def _jsonl_objects(path: Path, fmt: str, required: tuple[str, ...]) -> Iterator[
             if lineno == 1 and line.lstrip().startswith("["):
                 fix = "the file looks like one JSON document, not JSON Lines; write one JSON object per line"
             elif lineno == 1 and "{" not in line and "," in line:
-                fix = f"the file looks like CSV (first line: {line[:80]!r}); use a CSV format or convert it to JSON Lines"
+                fix = (
+                    f"the file looks like CSV (first line: {line[:80]!r}); use a CSV format or convert it to JSON Lines"
+                )
             else:
                 fix = "each line must be one complete JSON object; fix or delete that line"
             raise _fail(path, f"line {lineno}: malformed JSON ({err.msg} at column {err.colno})", fix) from None
@@ -170,8 +199,11 @@ def _read_xstest(path: Path, kind: str | None) -> Iterator[_Row]:
     for where, row in _csv_rows(path, "xstest", ("id", "prompt", "type", "label")):
         contrast = row["type"].startswith("contrast_")
         if row["label"] not in ("safe", "unsafe") or (row["label"] == "unsafe") != contrast:
-            raise _fail(path, f"{where}: label {row['label']!r} does not fit type {row['type']!r}",
-                        "XSTest labels are 'unsafe' exactly for the contrast_* types and 'safe' otherwise")
+            raise _fail(
+                path,
+                f"{where}: label {row['label']!r} does not fit type {row['type']!r}",
+                "XSTest labels are 'unsafe' exactly for the contrast_* types and 'safe' otherwise",
+            )
         yield _Row(where, row["prompt"], "over_refusal" if contrast else "over_refusal_safe", row["id"], row["type"])
 
 
@@ -180,10 +212,16 @@ def _read_coconot(path: Path, kind: str | None) -> Iterator[_Row]:
     for where, obj in _jsonl_objects(path, "coconot", ("id", "category", "prompt")):
         category = COCONOT_CATEGORIES.get(obj["category"])
         if category is None:
-            raise _fail(path, f"{where}: unknown CoCoNot category {obj['category']!r}", f"expected one of {', '.join(map(repr, COCONOT_CATEGORIES))}")
+            raise _fail(
+                path,
+                f"{where}: unknown CoCoNot category {obj['category']!r}",
+                f"expected one of {', '.join(map(repr, COCONOT_CATEGORIES))}",
+            )
         sub = obj.get("subcategory")
         if contrast:
-            yield _Row(where, obj["prompt"], "coconot_contrast", str(obj["id"]), f"{category}: {sub}" if sub else category)
+            yield _Row(
+                where, obj["prompt"], "coconot_contrast", str(obj["id"]), f"{category}: {sub}" if sub else category
+            )
         else:
             yield _Row(where, obj["prompt"], category, str(obj["id"]), sub)
 
@@ -195,8 +233,11 @@ def _sorry_bench_group(path: Path, where: str, value: object) -> tuple[int, str]
     for low, high, group in SORRY_BENCH_GROUPS:
         if number is not None and low <= number <= high:
             return number, group
-    raise _fail(path, f"{where}: SORRY-Bench category {value!r} is not a number from 1 to 44",
-                "SORRY-Bench categories are 1-44 (int or numeric string); check the file's category field")
+    raise _fail(
+        path,
+        f"{where}: SORRY-Bench category {value!r} is not a number from 1 to 44",
+        "SORRY-Bench categories are 1-44 (int or numeric string); check the file's category field",
+    )
 
 
 def _read_sorry_bench(path: Path, kind: str | None) -> Iterator[_Row]:
@@ -205,7 +246,11 @@ def _read_sorry_bench(path: Path, kind: str | None) -> Iterator[_Row]:
         number, group = _sorry_bench_group(path, where, obj["category"])
         turns = obj["turns"]
         if not isinstance(turns, list) or not turns or not isinstance(turns[0], str):
-            raise _fail(path, f"{where}: 'turns' must be a non-empty list of strings, got {turns!r:.60}", "put the prompt in turns[0]")
+            raise _fail(
+                path,
+                f"{where}: 'turns' must be a non-empty list of strings, got {turns!r:.60}",
+                "put the prompt in turns[0]",
+            )
         style = str(obj.get("prompt_style") or "base")
         if style_wanted not in ("all", style):
             yield _Row(where, turns[0], None, note=f"prompt_style {style}")
@@ -230,8 +275,11 @@ def _wildguardmix_objects(path: Path) -> Iterator[tuple[str, dict]]:
         raise _fail(path, f"unreadable Parquet ({err})", "re-download or re-export the file") from None
     missing = [c for c in required if c not in table.column_names]
     if missing:
-        raise _fail(path, f"missing column(s) {', '.join(missing)} (found columns: {', '.join(table.column_names)})",
-                    f"the 'wildguardmix' format needs columns {', '.join(required)}")
+        raise _fail(
+            path,
+            f"missing column(s) {', '.join(missing)} (found columns: {', '.join(table.column_names)})",
+            f"the 'wildguardmix' format needs columns {', '.join(required)}",
+        )
     for index, obj in enumerate(table.to_pylist(), start=1):
         yield f"row {index}", obj
 
@@ -253,7 +301,11 @@ def _read_wildguardmix(path: Path, kind: str | None) -> Iterator[_Row]:
         elif label is None:
             yield _Row(where, text, None, note="no prompt_harm_label")
         else:
-            raise _fail(path, f"{where}: prompt_harm_label {label!r} is neither 'harmful' nor 'unharmful'", "fix the label or leave it null")
+            raise _fail(
+                path,
+                f"{where}: prompt_harm_label {label!r} is neither 'harmful' nor 'unharmful'",
+                "fix the label or leave it null",
+            )
 
 
 def _read_advbench(path: Path, kind: str | None) -> Iterator[_Row]:
@@ -265,12 +317,20 @@ def _read_jailbreakbench(path: Path, kind: str | None) -> Iterator[_Row]:
     kind = _kind_from_name(path, kind, {"benign": "benign"}) or "harmful"
     for where, row in _csv_rows(path, "jailbreakbench", ("Index", "Goal", "Behavior", "Category")):
         # Index pairs harmful row i with benign row i, so the kind keeps the two files' ids apart.
-        yield _Row(where, row["Goal"], "benign" if kind == "benign" else "safety_core", f"{kind}-{row['Index']}", row["Category"])
+        yield _Row(
+            where,
+            row["Goal"],
+            "benign" if kind == "benign" else "safety_core",
+            f"{kind}-{row['Index']}",
+            row["Category"],
+        )
 
 
 def _read_harmbench(path: Path, kind: str | None) -> Iterator[_Row]:
     wanted = kind or "standard"
-    for where, row in _csv_rows(path, "harmbench", ("Behavior", "FunctionalCategory", "SemanticCategory", "BehaviorID")):
+    for where, row in _csv_rows(
+        path, "harmbench", ("Behavior", "FunctionalCategory", "SemanticCategory", "BehaviorID")
+    ):
         functional = row["FunctionalCategory"]
         if wanted not in ("all", functional):
             yield _Row(where, row["Behavior"], None, note=f"FunctionalCategory {functional}")
@@ -285,37 +345,85 @@ def _read_harmbench(path: Path, kind: str | None) -> Iterator[_Row]:
 def _read_refusal_direction(path: Path, kind: str | None) -> Iterator[_Row]:
     kind = _kind_from_name(path, kind, {"harmless": "harmless", "harmful": "harmful"})
     if kind is None:
-        raise _fail(path, "cannot tell whether this split is harmful or harmless from its name",
-                    "name the file harmful_*.json / harmless_*.json or pass kind='harmful' or kind='harmless'")
+        raise _fail(
+            path,
+            "cannot tell whether this split is harmful or harmless from its name",
+            "name the file harmful_*.json / harmless_*.json or pass kind='harmful' or kind='harmless'",
+        )
     try:
         items = json.loads(_read_text(path, "refusal_direction"))
     except json.JSONDecodeError as err:
-        fix = "it looks like JSON Lines; the splits are one JSON list" if err.msg == "Extra data" else "fix the JSON there"
+        fix = (
+            "it looks like JSON Lines; the splits are one JSON list"
+            if err.msg == "Extra data"
+            else "fix the JSON there"
+        )
         raise _fail(path, f"line {err.lineno}: malformed JSON ({err.msg} at column {err.colno})", fix) from None
     if not isinstance(items, list):
-        raise _fail(path, f"expected a JSON list of {{instruction, category}} objects, got a {type(items).__name__}", "pass a split file such as harmful_val.json")
+        raise _fail(
+            path,
+            f"expected a JSON list of {{instruction, category}} objects, got a {type(items).__name__}",
+            "pass a split file such as harmful_val.json",
+        )
     for index, obj in enumerate(items, start=1):
         obj = _check_fields(path, f"item {index}", obj, ("instruction",), "refusal_direction")
-        yield _Row(f"item {index}", obj["instruction"] or "", "benign" if kind == "harmless" else "safety_core", note=obj.get("category"))
+        yield _Row(
+            f"item {index}",
+            obj["instruction"] or "",
+            "benign" if kind == "harmless" else "safety_core",
+            note=obj.get("category"),
+        )
 
 
 FORMATS: dict[str, ImportFormat] = {
     f.name: f
     for f in (
-        ImportFormat("xstest", _read_xstest, ("over_refusal_safe", "over_refusal"), (), "XSTest CSV (id, prompt, type, label)"),
-        ImportFormat("coconot", _read_coconot, (*COCONOT_CATEGORIES.values(), "coconot_contrast"), ("eval", "contrast"),
-                     "CoCoNot JSONL (id, category, subcategory, prompt); a file named *contrast* goes to coconot_contrast"),
-        ImportFormat("sorry_bench", _read_sorry_bench, tuple(g for _, _, g in SORRY_BENCH_GROUPS), None,
-                     "SORRY-Bench JSONL (question_id, category 1-44, turns, prompt_style); kind = style to keep (default base, or all)"),
-        ImportFormat("wildguardmix", _read_wildguardmix, ("safety_core", "benign"), (),
-                     "WildGuardMix JSONL or Parquet (prompt, prompt_harm_label, adversarial); adversarial rows are skipped"),
+        ImportFormat(
+            "xstest", _read_xstest, ("over_refusal_safe", "over_refusal"), (), "XSTest CSV (id, prompt, type, label)"
+        ),
+        ImportFormat(
+            "coconot",
+            _read_coconot,
+            (*COCONOT_CATEGORIES.values(), "coconot_contrast"),
+            ("eval", "contrast"),
+            "CoCoNot JSONL (id, category, subcategory, prompt); a file named *contrast* goes to coconot_contrast",
+        ),
+        ImportFormat(
+            "sorry_bench",
+            _read_sorry_bench,
+            tuple(g for _, _, g in SORRY_BENCH_GROUPS),
+            None,
+            "SORRY-Bench JSONL (question_id, category 1-44, turns, prompt_style); kind = style to keep (default base, or all)",
+        ),
+        ImportFormat(
+            "wildguardmix",
+            _read_wildguardmix,
+            ("safety_core", "benign"),
+            (),
+            "WildGuardMix JSONL or Parquet (prompt, prompt_harm_label, adversarial); adversarial rows are skipped",
+        ),
         ImportFormat("advbench", _read_advbench, ("safety_core",), (), "AdvBench CSV (goal, target)"),
-        ImportFormat("jailbreakbench", _read_jailbreakbench, ("safety_core", "benign"), ("harmful", "benign"),
-                     "JBB-Behaviors CSV (Index, Goal, Target, Behavior, Category, Source); a file named *benign* is benign"),
-        ImportFormat("harmbench", _read_harmbench, ("safety_core",), ("standard", "contextual", "copyright", "all"),
-                     "HarmBench behaviours CSV (Behavior, FunctionalCategory, SemanticCategory, BehaviorID); kind default standard"),
-        ImportFormat("refusal_direction", _read_refusal_direction, ("safety_core", "benign"), ("harmful", "harmless"),
-                     "refusal_direction split JSON list of {instruction, category}; harmless_* → benign, harmful_* → safety_core"),
+        ImportFormat(
+            "jailbreakbench",
+            _read_jailbreakbench,
+            ("safety_core", "benign"),
+            ("harmful", "benign"),
+            "JBB-Behaviors CSV (Index, Goal, Target, Behavior, Category, Source); a file named *benign* is benign",
+        ),
+        ImportFormat(
+            "harmbench",
+            _read_harmbench,
+            ("safety_core",),
+            ("standard", "contextual", "copyright", "all"),
+            "HarmBench behaviours CSV (Behavior, FunctionalCategory, SemanticCategory, BehaviorID); kind default standard",
+        ),
+        ImportFormat(
+            "refusal_direction",
+            _read_refusal_direction,
+            ("safety_core", "benign"),
+            ("harmful", "harmless"),
+            "refusal_direction split JSON list of {instruction, category}; harmless_* → benign, harmful_* → safety_core",
+        ),
     )
 }
 
@@ -346,9 +454,13 @@ def import_file(fmt: str, path: Path, category: str | None = None, *, kind: str 
     path = Path(path)
     spec = _select_format(fmt, kind, path)
     if not path.is_file():
-        raise ImportFormatError(f"{path}: file not found (or not a regular file); check the path (relative paths start at the repository root)")
+        raise ImportFormatError(
+            f"{path}: file not found (or not a regular file); check the path (relative paths start at the repository root)"
+        )
     if category is not None and category not in spec.categories:
-        raise ImportFormatError(f"{path}: format {fmt!r} yields no category {category!r}; it yields {', '.join(spec.categories)}")
+        raise ImportFormatError(
+            f"{path}: format {fmt!r} yields no category {category!r}; it yields {', '.join(spec.categories)}"
+        )
     source = f"{fmt}:{path.name}:sha256={_file_sha256(path)}"
     result, seen = ImportResult(), {}
     for row in spec.read(path, kind):
@@ -362,8 +474,11 @@ def import_file(fmt: str, path: Path, category: str | None = None, *, kind: str 
         if record_id in seen:
             first_where, first_text = seen[record_id]
             if first_text != row.text:
-                raise _fail(path, f"{row.where}: id {record_id!r} repeats {first_where} with a different prompt",
-                            "dataset ids must be unique; fix the duplicated id")
+                raise _fail(
+                    path,
+                    f"{row.where}: id {record_id!r} repeats {first_where} with a different prompt",
+                    "dataset ids must be unique; fix the duplicated id",
+                )
             result.skipped["duplicate"] += 1
             continue
         seen[record_id] = (row.where, row.text)
@@ -389,7 +504,9 @@ def write_import(records_by_category: dict[str, list[dict]], out_dir: Path) -> l
     written = []
     for category, records in records_by_category.items():
         target = out_dir / f"{category}.jsonl"
-        handle = tempfile.NamedTemporaryFile("w", encoding="utf-8", dir=out_dir, prefix=f".{category}.", suffix=".tmp", delete=False)
+        handle = tempfile.NamedTemporaryFile(
+            "w", encoding="utf-8", dir=out_dir, prefix=f".{category}.", suffix=".tmp", delete=False
+        )
         try:
             with handle:
                 for record in records:
@@ -404,8 +521,16 @@ def write_import(records_by_category: dict[str, list[dict]], out_dir: Path) -> l
     return written
 
 
-def run_import(fmt: str, file: Path, category: str | None = None, out: Path | None = None, allow_outside: bool = False,
-               repo_root: Path | None = None, *, kind: str | None = None) -> list[Path]:
+def run_import(
+    fmt: str,
+    file: Path,
+    category: str | None = None,
+    out: Path | None = None,
+    allow_outside: bool = False,
+    repo_root: Path | None = None,
+    *,
+    kind: str | None = None,
+) -> list[Path]:
     """Import ``file`` and write it under ``out`` (default ``<repo_root>/prompts/imported/<fmt>/``).
 
     Relative ``file`` and ``out`` paths start at ``repo_root`` (default: the working directory).
@@ -417,6 +542,8 @@ def run_import(fmt: str, file: Path, category: str | None = None, out: Path | No
     _select_format(fmt, kind, file)
     out_dir = (root / out) if out is not None else root / "prompts" / "imported" / fmt
     if not allow_outside and not out_dir.resolve().is_relative_to(root.resolve()):
-        raise ImportFormatError(f"{file}: output folder {out} resolves to {out_dir.resolve()}, outside the repository {root.resolve()}; "
-                                f"write under the repository (default prompts/imported/{fmt}/) or allow writing outside it explicitly")
+        raise ImportFormatError(
+            f"{file}: output folder {out} resolves to {out_dir.resolve()}, outside the repository {root.resolve()}; "
+            f"write under the repository (default prompts/imported/{fmt}/) or allow writing outside it explicitly"
+        )
     return write_import(import_file(fmt, file, category, kind=kind), out_dir)

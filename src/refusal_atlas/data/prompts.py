@@ -69,7 +69,9 @@ def load_manifest(path: Path) -> Manifest:
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
-        raise PromptValidationError(f"{path}: manifest not found; create it or set prompts.manifest in params.yaml") from None
+        raise PromptValidationError(
+            f"{path}: manifest not found; create it or set prompts.manifest in params.yaml"
+        ) from None
     except yaml.YAMLError as err:
         raise PromptValidationError(f"{path}: not valid YAML: {err}") from None
     try:
@@ -82,7 +84,9 @@ def load_manifest(path: Path) -> Manifest:
     for name in manifest.categories:
         pool = manifest.baseline_of(name)
         if pool not in manifest.baselines:
-            problems.append(f"{path}: category '{name}' uses baseline pool '{pool}', which is not listed under baselines")
+            problems.append(
+                f"{path}: category '{name}' uses baseline pool '{pool}', which is not listed under baselines"
+            )
     if problems:
         raise PromptValidationError("\n".join(problems))
     return manifest
@@ -104,18 +108,24 @@ def parse_prompt_file(path: Path, expected_category: str) -> tuple[list[PromptRe
         try:
             obj = json.loads(text)
         except json.JSONDecodeError as err:
-            problems.append(f"{where}: malformed JSON ({err.msg} at column {err.colno}); each line must be one JSON object")
+            problems.append(
+                f"{where}: malformed JSON ({err.msg} at column {err.colno}); each line must be one JSON object"
+            )
             continue
         if not isinstance(obj, dict):
             problems.append(f"{where}: expected a JSON object, got {type(obj).__name__}")
             continue
         missing = [f for f in REQUIRED_FIELDS if f not in obj]
         if missing:
-            problems.append(f"{where}: missing field(s) {', '.join(missing)}; every record needs {', '.join(REQUIRED_FIELDS)}")
+            problems.append(
+                f"{where}: missing field(s) {', '.join(missing)}; every record needs {', '.join(REQUIRED_FIELDS)}"
+            )
             continue
         unknown = sorted(set(obj) - set(REQUIRED_FIELDS) - set(OPTIONAL_FIELDS))
         if unknown:
-            problems.append(f"{where}: unknown field(s) {', '.join(unknown)}; allowed: {', '.join(REQUIRED_FIELDS + OPTIONAL_FIELDS)}")
+            problems.append(
+                f"{where}: unknown field(s) {', '.join(unknown)}; allowed: {', '.join(REQUIRED_FIELDS + OPTIONAL_FIELDS)}"
+            )
             continue
         bad_types = [f for f in REQUIRED_FIELDS if not isinstance(obj[f], str)]
         if bad_types or not isinstance(obj.get("note", ""), (str, type(None))):
@@ -128,7 +138,9 @@ def parse_prompt_file(path: Path, expected_category: str) -> tuple[list[PromptRe
             problems.append(f"{where}: empty text for id '{obj['id']}'; remove the record or write the prompt")
             continue
         if obj["category"] != expected_category:
-            problems.append(f"{where}: category '{obj['category']}' in the file of '{expected_category}'; move the record or fix its category")
+            problems.append(
+                f"{where}: category '{obj['category']}' in the file of '{expected_category}'; move the record or fix its category"
+            )
             continue
         records.append(PromptRecord(**{k: obj.get(k) for k in REQUIRED_FIELDS + OPTIONAL_FIELDS}))
     return records, problems
@@ -150,7 +162,9 @@ def _listed_files(root: Path) -> list[Path]:
     )
 
 
-def build_prompt_table(manifest_path: Path, fractions: SplitFractions, min_per_category: int, max_per_set: int | None = None) -> pd.DataFrame:
+def build_prompt_table(
+    manifest_path: Path, fractions: SplitFractions, min_per_category: int, max_per_set: int | None = None
+) -> pd.DataFrame:
     """Validate the manifest and every prompt file; return one row per prompt (``TABLE_COLUMNS``).
 
     ``max_per_set`` keeps the first that many prompts of each file (in file order) once the
@@ -166,10 +180,14 @@ def build_prompt_table(manifest_path: Path, fractions: SplitFractions, min_per_c
         path = (root / entry.file).resolve()
         listed[path] = name
         if not path.is_file():
-            problems.append(f"{manifest_path}: {role} '{name}' names file '{entry.file}', which does not exist; add the file or remove the entry")
+            problems.append(
+                f"{manifest_path}: {role} '{name}' names file '{entry.file}', which does not exist; add the file or remove the entry"
+            )
     for path in _listed_files(root):
         if path.resolve() not in listed:
-            problems.append(f"{path}: prompt file not listed in {manifest_path}; add it under categories or baselines, or delete it")
+            problems.append(
+                f"{path}: prompt file not listed in {manifest_path}; add it under categories or baselines, or delete it"
+            )
 
     rows, seen = [], {}
     for path, name in listed.items():
@@ -180,20 +198,26 @@ def build_prompt_table(manifest_path: Path, fractions: SplitFractions, min_per_c
         problems += file_problems
         for rec in records[:max_per_set]:
             if rec.id in seen:
-                problems.append(f"{path}: duplicate id '{rec.id}' (first seen in {seen[rec.id]}); ids must be unique across all files")
+                problems.append(
+                    f"{path}: duplicate id '{rec.id}' (first seen in {seen[rec.id]}); ids must be unique across all files"
+                )
                 continue
             seen[rec.id] = path.name
-            rows.append({
-                "prompt_id": rec.id,
-                "category": name,
-                "role": role,
-                "split": assign_split(rec.id, fractions),
-                "text": rec.text,
-                "source": rec.source,
-                "sha256": hashlib.sha256(rec.text.encode("utf-8")).hexdigest(),
-            })
+            rows.append(
+                {
+                    "prompt_id": rec.id,
+                    "category": name,
+                    "role": role,
+                    "split": assign_split(rec.id, fractions),
+                    "text": rec.text,
+                    "source": rec.source,
+                    "sha256": hashlib.sha256(rec.text.encode("utf-8")).hexdigest(),
+                }
+            )
         if not file_problems and len(records) < min_per_category:
-            problems.append(f"{path}: {role} '{name}' has {len(records)} prompts, fewer than prompts.min_per_category={min_per_category}; add prompts or lower the minimum in params.yaml")
+            problems.append(
+                f"{path}: {role} '{name}' has {len(records)} prompts, fewer than prompts.min_per_category={min_per_category}; add prompts or lower the minimum in params.yaml"
+            )
     if problems:
         shown = problems[:30] + ([f"... and {len(problems) - 30} more"] if len(problems) > 30 else [])
         raise PromptValidationError(f"{len(problems)} problem(s) in the prompt sets:\n" + "\n".join(shown))
@@ -202,6 +226,7 @@ def build_prompt_table(manifest_path: Path, fractions: SplitFractions, min_per_c
 
 def summarize_prompts(table: pd.DataFrame) -> dict:
     """Counts per category, role and split (the prompts stage's DVC metrics)."""
+
     def counts(cols: list[str]) -> dict:
         grouped = table.groupby(cols).size()
         out: dict = {}

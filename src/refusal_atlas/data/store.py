@@ -68,22 +68,41 @@ def create_store(
     if path.exists():
         shutil.rmtree(path)
     coords = {name: ("prompt", _column(prompts[name])) for name in PROMPT_COORDS}
-    coords.update({"layer": np.asarray(layers, dtype=np.int64), "position": np.asarray(positions, dtype=np.int64),
-                   "position_token": ("position", np.asarray(position_tokens, dtype=object))})
+    coords.update(
+        {
+            "layer": np.asarray(layers, dtype=np.int64),
+            "position": np.asarray(positions, dtype=np.int64),
+            "position_token": ("position", np.asarray(position_tokens, dtype=object)),
+        }
+    )
     skeleton = xr.Dataset(coords=coords)
     # The fingerprint is written last: a store cut short while being created (disk full, kill)
     # has none, so is_resumable() rejects it and the next run rebuilds it.
     fingerprint = attrs.get("inputs_fingerprint")
-    skeleton.attrs.update({**{k: v for k, v in attrs.items() if k != "inputs_fingerprint"},
-                           "dtype": STORAGE_DTYPES[dtype], "logical_dtype": dtype, "complete": False, "batch_size": int(batch_size)})
+    skeleton.attrs.update(
+        {
+            **{k: v for k, v in attrs.items() if k != "inputs_fingerprint"},
+            "dtype": STORAGE_DTYPES[dtype],
+            "logical_dtype": dtype,
+            "complete": False,
+            "batch_size": int(batch_size),
+        }
+    )
     skeleton.to_zarr(path, mode="w", consolidated=False, zarr_format=3)
     group = zarr.open_group(path, mode="a")
     n = len(prompts)
     group.create_array(
-        "resid", shape=(n, len(layers), len(positions), d_model), chunks=(batch_size, len(layers), len(positions), d_model),
-        dtype=STORAGE_DTYPES[dtype], compressors=ZstdCodec(level=1), dimension_names=list(DIMS), fill_value=0,
+        "resid",
+        shape=(n, len(layers), len(positions), d_model),
+        chunks=(batch_size, len(layers), len(positions), d_model),
+        dtype=STORAGE_DTYPES[dtype],
+        compressors=ZstdCodec(level=1),
+        dimension_names=list(DIMS),
+        fill_value=0,
     )
-    group.create_array("done", shape=(n,), chunks=(batch_size,), dtype="bool", dimension_names=["prompt"], fill_value=False)
+    group.create_array(
+        "done", shape=(n,), chunks=(batch_size,), dtype="bool", dimension_names=["prompt"], fill_value=False
+    )
     if fingerprint is not None:
         group.attrs["inputs_fingerprint"] = fingerprint
 
@@ -113,7 +132,7 @@ def pending_batches(path: Path) -> list[int]:
     group = zarr.open_group(path, mode="r")
     done = group["done"][:]
     size = int(group.attrs["batch_size"])
-    return [b for b in range(-(-len(done) // size)) if not done[b * size:(b + 1) * size].all()]
+    return [b for b in range(-(-len(done) // size)) if not done[b * size : (b + 1) * size].all()]
 
 
 def encode(values: np.ndarray, dtype: str) -> np.ndarray:
@@ -160,13 +179,19 @@ def open_store(path: Path, expect: dict | None = None) -> xr.Dataset:
         raise StoreError(f"{path}: no activation store here; run `dvc repro` to build it")
     attrs = read_attrs(path)
     if attrs and not attrs.get("complete"):
-        raise StoreError(f"{path}: the store is unfinished (extraction was interrupted); rerun `dvc repro` to resume it")
+        raise StoreError(
+            f"{path}: the store is unfinished (extraction was interrupted); rerun `dvc repro` to resume it"
+        )
     try:
         ds = xr.open_zarr(path, chunks=None, consolidated=True)
     except Exception as err:  # noqa: BLE001 - any failure to open is a corrupt or foreign store
-        raise StoreError(f"{path}: cannot open as an activation store ({type(err).__name__}: {err}); delete it and rerun `dvc repro`") from None
+        raise StoreError(
+            f"{path}: cannot open as an activation store ({type(err).__name__}: {err}); delete it and rerun `dvc repro`"
+        ) from None
     if not ds.attrs.get("complete"):
-        raise StoreError(f"{path}: the store is unfinished (extraction was interrupted); rerun `dvc repro` to resume it")
+        raise StoreError(
+            f"{path}: the store is unfinished (extraction was interrupted); rerun `dvc repro` to resume it"
+        )
     if "resid" not in ds or ds["resid"].dims != DIMS:
         found = ds["resid"].dims if "resid" in ds else "no 'resid' variable"
         raise StoreError(f"{path}: expected variable 'resid' with dims {DIMS}, found {found}")
@@ -188,7 +213,9 @@ def load_resid(ds: xr.Dataset, **isel) -> np.ndarray:
     try:
         raw = ds["resid"].isel(**isel).values
     except Exception as err:  # noqa: BLE001 - codec errors come in many types
-        raise StoreError(f"cannot read activations ({type(err).__name__}: {err}); a chunk is corrupt: delete the store and rerun `dvc repro`") from None
+        raise StoreError(
+            f"cannot read activations ({type(err).__name__}: {err}); a chunk is corrupt: delete the store and rerun `dvc repro`"
+        ) from None
     return decode(raw, ds.attrs.get("logical_dtype", "float32"))
 
 

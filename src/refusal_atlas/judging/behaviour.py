@@ -21,8 +21,8 @@ import torch
 from tqdm.auto import tqdm
 
 from refusal_atlas.data.atomic import write_json
-from refusal_atlas.model.generation import generate_scored, kl_first_token, refusal_log_odds
 from refusal_atlas.judging.judges import ClassifierJudge, judge_agreement, judge_responses
+from refusal_atlas.model.generation import generate_scored, kl_first_token, refusal_log_odds
 
 # Chunk files hold one record per prompt (response and scores); the folder names the format,
 # so a chunk left by an older version is never read as this one.
@@ -67,9 +67,20 @@ def generate_resumable(
 
 
 def generate_scored_resumable(
-    model, tokenizer, formatted: Sequence[str], refusal_ids: Sequence[int], max_new_tokens: int, batch_size: int,
-    max_prompt_tokens: int | None, parts_dir: Path, key: str, chunk_size: int, hooks: Callable[[], AbstractContextManager] = nullcontext,
-    base_logprobs: Mapping[int, torch.Tensor] | None = None, desc: str = "generate", progress: bool = True,
+    model,
+    tokenizer,
+    formatted: Sequence[str],
+    refusal_ids: Sequence[int],
+    max_new_tokens: int,
+    batch_size: int,
+    max_prompt_tokens: int | None,
+    parts_dir: Path,
+    key: str,
+    chunk_size: int,
+    hooks: Callable[[], AbstractContextManager] = nullcontext,
+    base_logprobs: Mapping[int, torch.Tensor] | None = None,
+    desc: str = "generate",
+    progress: bool = True,
 ) -> tuple[list[str], np.ndarray, np.ndarray]:
     """Greedy responses to ``formatted`` under ``hooks()``, resumably, with what their prefill gives for free.
 
@@ -81,16 +92,39 @@ def generate_scored_resumable(
 
     def generate_chunk(rows: range) -> list[dict]:
         with hooks():
-            responses, logprobs = generate_scored(model, tokenizer, [formatted[i] for i in rows], max_new_tokens, batch_size,
-                                                  max_prompt_tokens=max_prompt_tokens)
+            responses, logprobs = generate_scored(
+                model,
+                tokenizer,
+                [formatted[i] for i in rows],
+                max_new_tokens,
+                batch_size,
+                max_prompt_tokens=max_prompt_tokens,
+            )
         scores = refusal_log_odds(logprobs, list(refusal_ids)).tolist()
         based = [k for k, i in enumerate(rows) if i in base_logprobs]
-        kls = dict(zip(based, kl_first_token(torch.stack([base_logprobs[rows[k]] for k in based]), logprobs[based]).tolist())) if based else {}
-        return [{"response": r, "refusal_score": s, "kl_first_token": kls.get(k)} for k, (r, s) in enumerate(zip(responses, scores))]
+        kls = (
+            dict(
+                zip(
+                    based,
+                    kl_first_token(torch.stack([base_logprobs[rows[k]] for k in based]), logprobs[based]).tolist(),
+                )
+            )
+            if based
+            else {}
+        )
+        return [
+            {"response": r, "refusal_score": s, "kl_first_token": kls.get(k)}
+            for k, (r, s) in enumerate(zip(responses, scores))
+        ]
 
-    records = generate_resumable(generate_chunk, len(formatted), parts_dir, key, chunk_size, desc=desc, progress=progress)
-    return ([r["response"] for r in records], np.array([r["refusal_score"] for r in records], dtype=np.float64),
-            np.array([r["kl_first_token"] for r in records if r["kl_first_token"] is not None], dtype=np.float64))
+    records = generate_resumable(
+        generate_chunk, len(formatted), parts_dir, key, chunk_size, desc=desc, progress=progress
+    )
+    return (
+        [r["response"] for r in records],
+        np.array([r["refusal_score"] for r in records], dtype=np.float64),
+        np.array([r["kl_first_token"] for r in records if r["kl_first_token"] is not None], dtype=np.float64),
+    )
 
 
 def judge_table(
@@ -113,6 +147,7 @@ def judge_table(
 
 def refusal_rates(table: pd.DataFrame) -> dict:
     """Refusal rate per category, role and split, plus each judge's agreement (DVC metrics)."""
+
     def rate(cols: list[str]) -> dict:
         out: dict = {}
         for key, value in table.groupby(cols)["refused"].mean().items():
@@ -125,8 +160,13 @@ def refusal_rates(table: pd.DataFrame) -> dict:
 
     judges = {c.removeprefix("judge_"): table[c].to_numpy() for c in table.columns if c.startswith("judge_")}
     metrics = {
-        "refusal_rate": {"overall": round(float(table.refused.mean()), 6), "by_category": rate(["category"]),
-                         "by_role": rate(["role"]), "by_split": rate(["split"]), "by_category_split": rate(["category", "split"])},
+        "refusal_rate": {
+            "overall": round(float(table.refused.mean()), 6),
+            "by_category": rate(["category"]),
+            "by_role": rate(["role"]),
+            "by_split": rate(["split"]),
+            "by_category_split": rate(["category", "split"]),
+        },
         "n": int(len(table)),
     }
     if len(judges) > 1:

@@ -75,7 +75,9 @@ def fill_format(fmt: str, prompt: str, response: str) -> str:
     The format is split on its own placeholders once, so a prompt that itself contains
     ``{response}`` or ``{0}`` is inserted as is and never substituted or formatted again.
     """
-    return "".join(prompt if piece == PROMPT else response if piece == RESPONSE else piece for piece in _FIELD.split(fmt))
+    return "".join(
+        prompt if piece == PROMPT else response if piece == RESPONSE else piece for piece in _FIELD.split(fmt)
+    )
 
 
 def select_refusal_label(id2label: dict) -> int:
@@ -98,7 +100,7 @@ def select_refusal_label(id2label: dict) -> int:
     raise ClassifierError(
         f"cannot tell which class of the judge classifier means 'refused': id2label is {labels}. "
         "Edit id2label in the model's config.json so that exactly one label contains 'refus' "
-        "(e.g. {\"0\": \"compliance\", \"1\": \"refusal\"})."
+        '(e.g. {"0": "compliance", "1": "refusal"}).'
     )
 
 
@@ -116,7 +118,9 @@ def parse_verdict(text: str) -> bool | None:
 
 def _fill_all(fmt: str, prompts: Sequence[str], responses: Sequence[str]) -> list[str]:
     if len(prompts) != len(responses):
-        raise ClassifierError(f"the judge got {len(prompts)} prompts for {len(responses)} responses; pass one prompt per response.")
+        raise ClassifierError(
+            f"the judge got {len(prompts)} prompts for {len(responses)} responses; pass one prompt per response."
+        )
     return [fill_format(fmt, str(p), str(r)) for p, r in zip(prompts, responses)]
 
 
@@ -167,7 +171,9 @@ def _check_directory(path: Path) -> None:
             "safetensors only because unpickling runs arbitrary code. Load the model once in a trusted sandbox and call "
             "save_pretrained() (which writes *.safetensors) into judge.classifier_path."
         )
-    raise ModelNotAvailableError(f"{path} contains no *.safetensors weights; judge.classifier_path must be a Hugging Face model directory.")
+    raise ModelNotAvailableError(
+        f"{path} contains no *.safetensors weights; judge.classifier_path must be a Hugging Face model directory."
+    )
 
 
 def _device(device: str) -> torch.device:
@@ -223,7 +229,9 @@ def load_classifier(
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
         if tokenizer.pad_token is None:
-            raise ModelLoadError(f"{path}: the judge's tokenizer has no pad, eos or unk token to pad batches with; add a pad token.")
+            raise ModelLoadError(
+                f"{path}: the judge's tokenizer has no pad, eos or unk token to pad batches with; add a pad token."
+            )
     if kind == "sequence":
         return _sequence_judge(model, tokenizer, fmt, select_refusal_label(config.id2label), batch_size)
     return _generative_judge(model, tokenizer, fmt, batch_size, max_new_tokens)
@@ -233,7 +241,11 @@ def _sequence_judge(model, tokenizer, fmt: str, refusal_index: int, batch_size: 
     # Decoder classifiers read the last non-pad token, so they need the pad id in their config.
     if model.config.pad_token_id is None:
         model.config.pad_token_id = tokenizer.pad_token_id
-    limit = tokenizer.model_max_length if tokenizer.model_max_length < 1_000_000 else getattr(model.config, "max_position_embeddings", None)
+    limit = (
+        tokenizer.model_max_length
+        if tokenizer.model_max_length < 1_000_000
+        else getattr(model.config, "max_position_embeddings", None)
+    )
     # Over-long texts lose their start, not the response and question at their end.
     tokenizer.truncation_side = "left"
     device = model.get_input_embeddings().weight.device
@@ -244,7 +256,13 @@ def _sequence_judge(model, tokenizer, fmt: str, refusal_index: int, batch_size: 
         order = sorted(range(len(texts)), key=lambda i: (-len(texts[i]), i))
         for start in range(0, len(order), batch_size):
             idx = order[start : start + batch_size]
-            enc = tokenizer([texts[i] for i in idx], padding=True, truncation=limit is not None, max_length=limit, return_tensors="pt")
+            enc = tokenizer(
+                [texts[i] for i in idx],
+                padding=True,
+                truncation=limit is not None,
+                max_length=limit,
+                return_tensors="pt",
+            )
             with torch.inference_mode():
                 logits = model(**{k: v.to(device) for k, v in enc.items()}).logits  # [batch, n_labels]
             refused[idx] = (logits.argmax(-1) == refusal_index).cpu().numpy()
@@ -285,5 +303,13 @@ def load_judge_classifier(judge: JudgeConfig, model: ModelConfig) -> Classifier 
     if "classifier" not in judge.method:
         return None
     if judge.classifier_path is None:
-        raise ClassifierError("judge.method includes 'classifier' but judge.classifier_path is null; set it to a local model directory.")
-    return load_classifier(judge.classifier_path, judge.classifier_format, batch_size=model.batch_size, device=model.device, dtype=model.dtype)
+        raise ClassifierError(
+            "judge.method includes 'classifier' but judge.classifier_path is null; set it to a local model directory."
+        )
+    return load_classifier(
+        judge.classifier_path,
+        judge.classifier_format,
+        batch_size=model.batch_size,
+        device=model.device,
+        dtype=model.dtype,
+    )

@@ -44,6 +44,7 @@ class StyleDataError(RefusalAtlasError, ValueError):
 # Labelled data
 # ---------------------------------------------------------------------------------------
 
+
 def load_labelled(path: str | Path) -> pd.DataFrame:
     """Read a JSON Lines file of labelled responses.
 
@@ -68,7 +69,9 @@ def load_labelled(path: str | Path) -> pd.DataFrame:
             raise StyleDataError(f"{where}: expected a JSON object, found {type(rec).__name__}.")
         missing = [k for k in ("id", "text", "label") if k not in rec]
         if missing:
-            raise StyleDataError(f"{where}: missing field(s) {', '.join(missing)}; each record needs id, text and label.")
+            raise StyleDataError(
+                f"{where}: missing field(s) {', '.join(missing)}; each record needs id, text and label."
+            )
         for key in ("id", "text", "label", "note"):
             if key in rec and not isinstance(rec[key], str):
                 raise StyleDataError(f"{where}: field '{key}' must be a string, found {type(rec[key]).__name__}.")
@@ -97,6 +100,7 @@ def _check_labels(labels: Sequence[str], what: str = "labels") -> np.ndarray:
 # The TF-IDF classifier
 # ---------------------------------------------------------------------------------------
 
+
 def train_style_classifier(texts: Sequence[str], labels: Sequence[str], seed: int = 0):
     """Fit a style classifier: a scikit-learn ``Pipeline`` over raw response strings.
 
@@ -116,10 +120,15 @@ def train_style_classifier(texts: Sequence[str], labels: Sequence[str], seed: in
         raise StyleDataError(f"got {len(texts)} texts but {len(labels)} labels; they must pair up.")
     if len(set(labels)) < 2:
         raise StyleDataError("training needs at least two different styles among the labels.")
-    features = FeatureUnion([
-        ("word", TfidfVectorizer(preprocessor=normalise, ngram_range=(1, 2), sublinear_tf=True)),
-        ("char", TfidfVectorizer(preprocessor=normalise, analyzer="char_wb", ngram_range=(3, 5), sublinear_tf=True)),
-    ])
+    features = FeatureUnion(
+        [
+            ("word", TfidfVectorizer(preprocessor=normalise, ngram_range=(1, 2), sublinear_tf=True)),
+            (
+                "char",
+                TfidfVectorizer(preprocessor=normalise, analyzer="char_wb", ngram_range=(3, 5), sublinear_tf=True),
+            ),
+        ]
+    )
     model = LogisticRegression(C=10.0, solver="newton-cg", max_iter=1000, random_state=seed)
     return Pipeline([("features", features), ("model", model)]).fit(list(texts), labels)
 
@@ -140,7 +149,9 @@ def classify_styles(clf, responses: Sequence[str], refused: Sequence[bool] | np.
         return out
     refused = np.asarray(refused, dtype=bool)
     if refused.shape != (len(responses),):
-        raise StyleDataError(f"refused has shape {refused.shape}; expected ({len(responses)},), one verdict per response.")
+        raise StyleDataError(
+            f"refused has shape {refused.shape}; expected ({len(responses)},), one verdict per response."
+        )
     idx = np.flatnonzero(refused)
     if idx.size:
         classes = np.asarray(clf.classes_).astype(str)
@@ -171,7 +182,9 @@ def evaluate_classifier(clf, texts: Sequence[str], labels: Sequence[str]) -> dic
     return {
         "n": int(len(truth)),
         "accuracy": float(accuracy_score(truth, pred)) if len(truth) else float("nan"),
-        "macro_f1": float(f1_score(truth, pred, labels=present, average="macro", zero_division=0)) if len(truth) else float("nan"),
+        "macro_f1": float(f1_score(truth, pred, labels=present, average="macro", zero_division=0))
+        if len(truth)
+        else float("nan"),
         "recall": {s: float(cm[i, i] / support[i]) if support[i] else float("nan") for i, s in enumerate(STYLES)},
         "confusion": {t: {p: int(cm[i, j]) for j, p in enumerate(STYLES)} for i, t in enumerate(STYLES)},
     }
@@ -180,6 +193,7 @@ def evaluate_classifier(clf, texts: Sequence[str], labels: Sequence[str]) -> dic
 # ---------------------------------------------------------------------------------------
 # Summaries
 # ---------------------------------------------------------------------------------------
+
 
 def style_distribution(labels: Sequence[str]) -> dict[str, float]:
     """Share of each style among ``labels`` (every style a key; all NaN when empty)."""
@@ -211,7 +225,11 @@ def induced_style_counts(summaries: dict[str, dict]) -> pd.DataFrame:
     ``summaries`` maps a direction to its steering ``style`` summary: ``distribution`` (each
     style's share of the ``n_induced`` induced refusals) and ``n_induced``.
     """
-    shares = pd.DataFrame({n: s["distribution"] for n, s in summaries.items()}).T.reindex(columns=list(REFUSAL_STYLES)).fillna(0.0)
+    shares = (
+        pd.DataFrame({n: s["distribution"] for n, s in summaries.items()})
+        .T.reindex(columns=list(REFUSAL_STYLES))
+        .fillna(0.0)
+    )
     return shares.mul([s["n_induced"] for s in summaries.values()], axis=0).round().astype(int)
 
 
@@ -236,8 +254,13 @@ def style_homogeneity(counts: pd.DataFrame) -> dict:
     if min(table.shape) < 2:
         return {**out, "chi2": float("nan"), "dof": 0, "p_value": float("nan"), "cramers_v": float("nan")}
     chi2, p_value, dof, _ = chi2_contingency(table, correction=False)
-    return {**out, "chi2": float(chi2), "dof": int(dof), "p_value": float(p_value),
-            "cramers_v": float(np.sqrt(chi2 / (table.sum() * (min(table.shape) - 1))))}
+    return {
+        **out,
+        "chi2": float(chi2),
+        "dof": int(dof),
+        "p_value": float(p_value),
+        "cramers_v": float(np.sqrt(chi2 / (table.sum() * (min(table.shape) - 1)))),
+    }
 
 
 # ---------------------------------------------------------------------------------------
@@ -316,7 +339,9 @@ def llm_style_judge(
     def prompt(response: str) -> str:
         content = JUDGE_INSTRUCTIONS.format(response=response[:max_response_chars])
         if tokenizer.chat_template:
-            return tokenizer.apply_chat_template([{"role": "user", "content": content}], tokenize=False, add_generation_prompt=True)
+            return tokenizer.apply_chat_template(
+                [{"role": "user", "content": content}], tokenize=False, add_generation_prompt=True
+            )
         return content
 
     # Ask only about the responses whose label is not already fixed by the refusal mask.
@@ -325,11 +350,17 @@ def llm_style_judge(
     for start in range(0, len(todo), batch_size):
         idx = todo[start : start + batch_size]
         # Chat templates already insert the BOS token, so the tokenizer must not add another.
-        enc = tokenizer([prompt(responses[i]) for i in idx], return_tensors="pt", padding=True,
-                        add_special_tokens=not tokenizer.chat_template).to(device)
+        enc = tokenizer(
+            [prompt(responses[i]) for i in idx],
+            return_tensors="pt",
+            padding=True,
+            add_special_tokens=not tokenizer.chat_template,
+        ).to(device)
         with torch.no_grad():
-            out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id)
-        texts = tokenizer.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+            out = model.generate(
+                **enc, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id
+            )
+        texts = tokenizer.batch_decode(out[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)
         answers.update({i: parse_style_label(t) for i, t in zip(idx, texts)})
 
     labels = np.full(len(responses), "NONREFUSAL", dtype=_LABEL_DTYPE)

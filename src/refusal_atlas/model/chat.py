@@ -14,15 +14,14 @@ class ChatTemplateError(RefusalAtlasError, ValueError):
     """The tokenizer has no chat template and none was configured, or the template rejects the messages."""
 
 
-
 class PromptTooLongError(RefusalAtlasError, ValueError):
     """Some formatted prompts are longer than ``model.max_prompt_tokens``."""
-
 
 
 # ---------------------------------------------------------------------------------------
 # Chat templates and end-of-instruction positions
 # ---------------------------------------------------------------------------------------
+
 
 def resolve_chat_template(tokenizer, chat_template: str | None = None) -> str | None:
     """The template in use: the tokenizer's own, else ``chat_template`` (model.chat_template), else None."""
@@ -32,10 +31,12 @@ def resolve_chat_template(tokenizer, chat_template: str | None = None) -> str | 
     return template or None
 
 
-
 def format_prompts(
-    tokenizer, instructions: list[str], system_prompt: str | None = None,
-    chat_template: str | None = None, template_kwargs: dict | None = None,
+    tokenizer,
+    instructions: list[str],
+    system_prompt: str | None = None,
+    chat_template: str | None = None,
+    template_kwargs: dict | None = None,
 ) -> list[str]:
     """Render each instruction as a single-turn chat ending where the assistant's answer starts.
 
@@ -52,14 +53,22 @@ def format_prompts(
         )
     out = []
     for text in instructions:
-        messages = ([{"role": "system", "content": system_prompt}] if system_prompt else []) + [{"role": "user", "content": text}]
+        messages = ([{"role": "system", "content": system_prompt}] if system_prompt else []) + [
+            {"role": "user", "content": text}
+        ]
         try:
             rendered = tokenizer.apply_chat_template(
                 messages, chat_template=template, tokenize=False, add_generation_prompt=True, **(template_kwargs or {})
             )
         except Exception as err:  # Jinja's TemplateError and raise_exception() surface as various types.
-            hint = " (this template may not support a system message; set model.system_prompt: null)" if system_prompt else ""
-            raise ChatTemplateError(f"the chat template failed to render a prompt{hint}: {type(err).__name__}: {err}") from err
+            hint = (
+                " (this template may not support a system message; set model.system_prompt: null)"
+                if system_prompt
+                else ""
+            )
+            raise ChatTemplateError(
+                f"the chat template failed to render a prompt{hint}: {type(err).__name__}: {err}"
+            ) from err
         out.append(rendered)
     return out
 
@@ -84,7 +93,10 @@ _SENTINELS = ("Sentinel request alpha", "x 12345", "What is it?!")
 
 
 def eoi_tokens(
-    tokenizer, system_prompt: str | None = None, chat_template: str | None = None, template_kwargs: dict | None = None,
+    tokenizer,
+    system_prompt: str | None = None,
+    chat_template: str | None = None,
+    template_kwargs: dict | None = None,
 ) -> EoiSpan:
     """Derive the end-of-instruction span from the chat template.
 
@@ -98,7 +110,9 @@ def eoi_tokens(
     while all(k < len(seq) for seq in ids) and len({seq[-1 - k] for seq in ids}) == 1:
         k += 1
     if k == 0:
-        raise ChatTemplateError("the chat template adds no tokens after the user's text, so there are no end-of-instruction positions.")
+        raise ChatTemplateError(
+            "the chat template adds no tokens after the user's text, so there are no end-of-instruction positions."
+        )
     suffix = ids[0][len(ids[0]) - k :]
     return EoiSpan(list(range(-k, 0)), suffix, tokenizer.convert_ids_to_tokens(suffix))
 
@@ -119,13 +133,17 @@ def raise_if_too_long(lengths: Sequence[int], max_tokens: int, names: Sequence[s
         )
 
 
-def check_prompt_lengths(tokenizer, formatted: Sequence[str], max_tokens: int, names: Sequence[str] | None = None) -> list[int]:
+def check_prompt_lengths(
+    tokenizer, formatted: Sequence[str], max_tokens: int, names: Sequence[str] | None = None
+) -> list[int]:
     """Token count of each formatted prompt, after ``raise_if_too_long`` on all of them.
 
     Stages and batch loops call this on the whole set before any work, so a bad prompt fails in
     seconds and the message names prompts the user can find.
     """
-    lengths = [len(x) for x in tokenizer(list(formatted), add_special_tokens=False)["input_ids"]] if len(formatted) else []
+    lengths = (
+        [len(x) for x in tokenizer(list(formatted), add_special_tokens=False)["input_ids"]] if len(formatted) else []
+    )
     raise_if_too_long(lengths, max_tokens, names)
     return lengths
 

@@ -61,14 +61,26 @@ def stop_token_ids(model: nn.Module, tokenizer) -> list[int]:
     return sorted(ids)
 
 
-def _greedy_config(model: nn.Module, tokenizer, max_new_tokens: int, stop_strings: list[str] | None) -> GenerationConfig:
+def _greedy_config(
+    model: nn.Module, tokenizer, max_new_tokens: int, stop_strings: list[str] | None
+) -> GenerationConfig:
     # transformers 5 fills every unset (None) field of a passed GenerationConfig from the
     # model's own generation_config, so penalties a model ships with (e.g. repetition_penalty)
     # would silently apply; plain greedy decoding is spelt out field by field instead.
     return GenerationConfig(
-        max_new_tokens=max_new_tokens, min_new_tokens=0, do_sample=False, num_beams=1,
-        temperature=1.0, top_k=50, top_p=1.0, typical_p=1.0, repetition_penalty=1.0, no_repeat_ngram_size=0,
-        eos_token_id=stop_token_ids(model, tokenizer), pad_token_id=tokenizer.pad_token_id, use_cache=True,
+        max_new_tokens=max_new_tokens,
+        min_new_tokens=0,
+        do_sample=False,
+        num_beams=1,
+        temperature=1.0,
+        top_k=50,
+        top_p=1.0,
+        typical_p=1.0,
+        repetition_penalty=1.0,
+        no_repeat_ngram_size=0,
+        eos_token_id=stop_token_ids(model, tokenizer),
+        pad_token_id=tokenizer.pad_token_id,
+        use_cache=True,
         stop_strings=stop_strings or None,
     )
 
@@ -88,8 +100,14 @@ class _FirstStepLogprobs(LogitsProcessor):
 
 @torch.inference_mode()
 def generate_scored(
-    model: nn.Module, tokenizer, formatted: list[str], max_new_tokens: int, batch_size: int,
-    stop_strings: list[str] | None = None, max_prompt_tokens: int | None = None, progress: bool = False,
+    model: nn.Module,
+    tokenizer,
+    formatted: list[str],
+    max_new_tokens: int,
+    batch_size: int,
+    stop_strings: list[str] | None = None,
+    max_prompt_tokens: int | None = None,
+    progress: bool = False,
 ) -> tuple[list[str], torch.Tensor]:
     """Greedy continuations of formatted prompts, and each prompt's next-token log-probabilities.
 
@@ -114,7 +132,9 @@ def generate_scored(
         # generate() needs the tokenizer to match stop strings against token pieces.
         extra = {"tokenizer": tokenizer} if stop_strings else {}
         first = _FirstStepLogprobs()
-        ids = model.generate(**enc, generation_config=config, logits_processor=LogitsProcessorList([first]), **extra)  # [batch, prompt_len + new]
+        ids = model.generate(
+            **enc, generation_config=config, logits_processor=LogitsProcessorList([first]), **extra
+        )  # [batch, prompt_len + new]
         texts = tokenizer.batch_decode(ids[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)
         for i, text, logp in zip(idx, texts, first.logprobs):
             for stop in stop_strings or ():
@@ -126,11 +146,19 @@ def generate_scored(
 
 
 def generate(
-    model: nn.Module, tokenizer, formatted: list[str], max_new_tokens: int, batch_size: int,
-    stop_strings: list[str] | None = None, max_prompt_tokens: int | None = None, progress: bool = False,
+    model: nn.Module,
+    tokenizer,
+    formatted: list[str],
+    max_new_tokens: int,
+    batch_size: int,
+    stop_strings: list[str] | None = None,
+    max_prompt_tokens: int | None = None,
+    progress: bool = False,
 ) -> list[str]:
     """Greedy continuations of formatted prompts: ``generate_scored``'s responses alone."""
-    return generate_scored(model, tokenizer, formatted, max_new_tokens, batch_size, stop_strings, max_prompt_tokens, progress)[0]
+    return generate_scored(
+        model, tokenizer, formatted, max_new_tokens, batch_size, stop_strings, max_prompt_tokens, progress
+    )[0]
 
 
 def refusal_token_ids(tokenizer, strings: list[str]) -> list[int]:
@@ -162,7 +190,11 @@ def _forward_last(model: nn.Module, enc) -> torch.Tensor:
 
 @torch.inference_mode()
 def first_token_logprobs(
-    model: nn.Module, tokenizer, formatted: list[str], batch_size: int, max_prompt_tokens: int | None = None,
+    model: nn.Module,
+    tokenizer,
+    formatted: list[str],
+    batch_size: int,
+    max_prompt_tokens: int | None = None,
 ) -> torch.Tensor:
     """Next-token log-probabilities after each prompt: float32 [n, vocab] on the CPU, input order."""
     device = _input_device(model)
@@ -174,8 +206,14 @@ def first_token_logprobs(
 
 
 @torch.inference_mode()
-def forward_tokens_per_s(model: nn.Module, tokenizer, formatted: list[str], batch_size: int, max_prompt_tokens: int | None = None,
-                         repeats: int = 3) -> float:
+def forward_tokens_per_s(
+    model: nn.Module,
+    tokenizer,
+    formatted: list[str],
+    batch_size: int,
+    max_prompt_tokens: int | None = None,
+    repeats: int = 3,
+) -> float:
     """Plain forward throughput, the floor that batched scoring is measured against: real tokens per second.
 
     One batch of ``batch_size`` whole prompts (``formatted`` repeated as needed), run as
@@ -194,7 +232,11 @@ def forward_tokens_per_s(model: nn.Module, tokenizer, formatted: list[str], batc
 
 
 def refusal_scores(
-    model: nn.Module, tokenizer, formatted: list[str], token_ids: list[int], batch_size: int,
+    model: nn.Module,
+    tokenizer,
+    formatted: list[str],
+    token_ids: list[int],
+    batch_size: int,
     max_prompt_tokens: int | None = None,
 ) -> np.ndarray:
     """First-token refusal log-odds per prompt: float64 [n].
@@ -203,7 +245,9 @@ def refusal_scores(
     last prompt position (Arditi et al. 2024). Computed from log-probabilities so p near 0 or 1
     stays finite.
     """
-    return refusal_log_odds(first_token_logprobs(model, tokenizer, formatted, batch_size, max_prompt_tokens), token_ids).numpy()
+    return refusal_log_odds(
+        first_token_logprobs(model, tokenizer, formatted, batch_size, max_prompt_tokens), token_ids
+    ).numpy()
 
 
 def refusal_log_odds(logp: torch.Tensor, token_ids: list[int]) -> torch.Tensor:
@@ -224,7 +268,9 @@ def kl_first_token(base_logprobs, steered_logprobs) -> np.ndarray:
     p_log = torch.as_tensor(base_logprobs).double()
     q_log = torch.as_tensor(steered_logprobs).double()
     if p_log.shape != q_log.shape or p_log.ndim != 2:
-        raise ValueError(f"kl_first_token: shapes {tuple(p_log.shape)} and {tuple(q_log.shape)}; expected equal [n, vocab]")
+        raise ValueError(
+            f"kl_first_token: shapes {tuple(p_log.shape)} and {tuple(q_log.shape)}; expected equal [n, vocab]"
+        )
     return kl_rows(p_log, q_log).numpy()
 
 
@@ -267,12 +313,16 @@ def encode_prefixed(tokenizer, formatted: list[str], max_prompt_tokens: int | No
     lengths = check_prompt_lengths(tokenizer, formatted, max_prompt_tokens or sys.maxsize)
     ids = tokenizer(list(formatted), add_special_tokens=False)["input_ids"] if formatted else []
     if any(n == 0 for n in lengths):
-        raise ValueError(f"encode_prefixed: prompt #{lengths.index(0)} encodes to no tokens; every prompt needs at least one")
+        raise ValueError(
+            f"encode_prefixed: prompt #{lengths.index(0)} encodes to no tokens; every prompt needs at least one"
+        )
     n = min(lengths, default=1) - 1  # keep >= 1 suffix token per prompt
     for seq in ids[1:]:
         n = next((i for i in range(n) if seq[i] != ids[0][i]), n)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    return PrefixedPrompts(prefix=list(ids[0][:n]) if ids else [], suffixes=[list(seq[n:]) for seq in ids], pad_id=int(pad))
+    return PrefixedPrompts(
+        prefix=list(ids[0][:n]) if ids else [], suffixes=[list(seq[n:]) for seq in ids], pad_id=int(pad)
+    )
 
 
 def _concat_caches(parts: list) -> object:
@@ -280,7 +330,9 @@ def _concat_caches(parts: list) -> object:
     out = copy.copy(parts[0])
     out.layers = [copy.copy(layer) for layer in parts[0].layers]
     for i, layer in enumerate(out.layers):
-        layer.keys, layer.values = (torch.cat([getattr(p.layers[i], name) for p in parts]) for name in ("keys", "values"))
+        layer.keys, layer.values = (
+            torch.cat([getattr(p.layers[i], name) for p in parts]) for name in ("keys", "values")
+        )
     return out
 
 
@@ -295,10 +347,17 @@ def _gather_rows(cache, index: torch.Tensor) -> object:
 
 @torch.inference_mode()
 def score_prefixed_rows(
-    model: nn.Module, prompts: PrefixedPrompts, row_prompt: Sequence[int], row_group: Sequence[int],
-    intervene: Callable[[list[int]], AbstractContextManager], reduce: Callable[[torch.Tensor, list[int]], torch.Tensor],
-    rows_per_pass: int, tally: dict | None = None, on_pass: Callable[[int], object] | None = None,
-    skip: Callable[[int], bool] | None = None, on_values: Callable[[list[int], np.ndarray], object] | None = None,
+    model: nn.Module,
+    prompts: PrefixedPrompts,
+    row_prompt: Sequence[int],
+    row_group: Sequence[int],
+    intervene: Callable[[list[int]], AbstractContextManager],
+    reduce: Callable[[torch.Tensor, list[int]], torch.Tensor],
+    rows_per_pass: int,
+    tally: dict | None = None,
+    on_pass: Callable[[int], object] | None = None,
+    skip: Callable[[int], bool] | None = None,
+    on_values: Callable[[list[int], np.ndarray], object] | None = None,
 ) -> np.ndarray:
     """One score per row, each row a (prompt, intervention group) pair, under per-row hooks.
 
@@ -331,11 +390,18 @@ def score_prefixed_rows(
         step = max(1, rows_per_pass)
         parts = []
         for start in range(0, len(distinct), step):
-            chunk = distinct[start:start + step]
+            chunk = distinct[start : start + step]
             ids = torch.tensor(prompts.prefix, device=device).expand(len(chunk), n_prefix)
             with intervene(chunk):
-                parts.append(model(input_ids=ids, attention_mask=torch.ones_like(ids), position_ids=torch.arange(n_prefix, device=device).expand_as(ids),
-                                   use_cache=True, **keep).past_key_values)
+                parts.append(
+                    model(
+                        input_ids=ids,
+                        attention_mask=torch.ones_like(ids),
+                        position_ids=torch.arange(n_prefix, device=device).expand_as(ids),
+                        use_cache=True,
+                        **keep,
+                    ).past_key_values
+                )
         prefix_cache = _concat_caches(parts)
         tally["tokens"] = tally.get("tokens", 0) + len(distinct) * n_prefix
         tally["padded_tokens"] = tally.get("padded_tokens", 0) + len(distinct) * n_prefix
@@ -344,19 +410,24 @@ def score_prefixed_rows(
         index, groups = [row_prompt[r] for r in rows], [row_group[r] for r in rows]
         kwargs = {}
         if n_prefix:
-            kwargs = {"past_key_values": _gather_rows(prefix_cache, torch.tensor([slot[g] for g in groups], device=device)), "use_cache": True}
+            kwargs = {
+                "past_key_values": _gather_rows(prefix_cache, torch.tensor([slot[g] for g in groups], device=device)),
+                "use_cache": True,
+            }
         width = max(len(prompts.suffixes[i]) for i in index)
         ids = torch.full((len(index), width), prompts.pad_id, dtype=torch.long)
         mask = torch.zeros((len(index), width), dtype=torch.long)
         for row, i in enumerate(index):
             suffix = prompts.suffixes[i]
-            ids[row, width - len(suffix):] = torch.tensor(suffix)
-            mask[row, width - len(suffix):] = 1
+            ids[row, width - len(suffix) :] = torch.tensor(suffix)
+            mask[row, width - len(suffix) :] = 1
         ids, mask = ids.to(device), mask.to(device)
         positions = n_prefix + (mask.cumsum(-1) - 1).clamp(min=0)  # a left-padded row continues at P, as if alone
         full_mask = torch.cat([torch.ones((len(index), n_prefix), dtype=torch.long, device=device), mask], dim=1)
         with intervene(groups):
-            logits = model(input_ids=ids, attention_mask=full_mask, position_ids=positions, **kwargs, **keep).logits[:, -1, :]
+            logits = model(input_ids=ids, attention_mask=full_mask, position_ids=positions, **kwargs, **keep).logits[
+                :, -1, :
+            ]
         out[rows] = reduce(torch.log_softmax(logits.float(), dim=-1), index).double().cpu().numpy()
         tally["tokens"] = tally.get("tokens", 0) + int(mask.sum())
         tally["padded_tokens"] = tally.get("padded_tokens", 0) + mask.numel()

@@ -21,7 +21,13 @@ import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from refusal_atlas.model.layout import ATTN_PROJ_NAMES, MLP_PROJ_NAMES, Layout, UnsupportedArchitectureError, find_layout
+from refusal_atlas.model.layout import (
+    ATTN_PROJ_NAMES,
+    MLP_PROJ_NAMES,
+    Layout,
+    UnsupportedArchitectureError,
+    find_layout,
+)
 
 
 def site_name(layer: int, kind: str = "resid_pre") -> str:
@@ -34,7 +40,9 @@ def site_name(layer: int, kind: str = "resid_pre") -> str:
 def _resid_module(layout: Layout, layer: int) -> nn.Module:
     """Module whose (first) input is residual site ``blocks.{layer}.resid_pre``."""
     if not 0 <= layer <= layout.n_layers:
-        raise ValueError(f"layer {layer} out of range: the model has blocks 0..{layout.n_layers - 1} and the final residual at {layout.n_layers}")
+        raise ValueError(
+            f"layer {layer} out of range: the model has blocks 0..{layout.n_layers - 1} and the final residual at {layout.n_layers}"
+        )
     return layout.blocks[layer] if layer < layout.n_layers else layout.final_norm
 
 
@@ -90,7 +98,9 @@ class ResidualCapture:
         # x: [batch, tokens, d_model]. Only the requested columns are gathered, on the
         # device, before the copy, so a long prompt never costs a full-activation copy.
         if x.shape[1] < max(-p for p in self.positions):
-            raise ValueError(f"read_residual: positions {self.positions} need at least {max(-p for p in self.positions)} tokens, got a call with {x.shape[1]}")
+            raise ValueError(
+                f"read_residual: positions {self.positions} need at least {max(-p for p in self.positions)} tokens, got a call with {x.shape[1]}"
+            )
         if layer == self.layers[0]:
             self.call_lengths.append(int(x.shape[1]))
         index = torch.tensor([x.shape[1] + p for p in self.positions], device=x.device)
@@ -102,7 +112,9 @@ class ResidualCapture:
         if counts == {0}:
             raise RuntimeError("read_residual captured nothing: run a forward pass inside the with block")
         if len(counts) != 1:
-            raise RuntimeError(f"read_residual: layers saw different numbers of calls {counts}; was a forward interrupted?")
+            raise RuntimeError(
+                f"read_residual: layers saw different numbers of calls {counts}; was a forward interrupted?"
+            )
         return torch.stack([torch.cat(self.calls[layer], dim=0) for layer in self.layers], dim=1)
 
     def clear(self) -> None:
@@ -129,8 +141,10 @@ def read_residual(model: nn.Module, layers: list[int], positions: list[int]) -> 
 
     def register(handles):
         for layer in capture.layers:
+
             def hook(module, args, kwargs, layer=layer):
                 capture._record(layer, _get_input(args, kwargs))
+
             handles.append(_resid_module(layout, layer).register_forward_pre_hook(hook, with_kwargs=True))
 
     with _registered(register):
@@ -156,7 +170,9 @@ def add_direction(model: nn.Module, layer: int, vector: torch.Tensor) -> Iterato
             cache[key] = vector.detach().to(device=x.device, dtype=x.dtype)
         return _set_input(args, kwargs, x + cache[key])
 
-    with _registered(lambda h: h.append(_resid_module(layout, layer).register_forward_pre_hook(hook, with_kwargs=True))):
+    with _registered(
+        lambda h: h.append(_resid_module(layout, layer).register_forward_pre_hook(hook, with_kwargs=True))
+    ):
         yield
 
 
@@ -165,7 +181,9 @@ def orthonormal_basis(basis: torch.Tensor) -> torch.Tensor:
     basis = basis.detach().to(torch.float64).reshape(-1, basis.shape[-1])
     q, r = torch.linalg.qr(basis.T)  # q: [d, k]
     if torch.any(torch.abs(torch.diagonal(r)) < 1e-8 * torch.abs(r).max()):
-        raise ValueError(f"the {basis.shape[0]} directions to ablate are linearly dependent (or zero); pass independent directions")
+        raise ValueError(
+            f"the {basis.shape[0]} directions to ablate are linearly dependent (or zero); pass independent directions"
+        )
     return q
 
 
@@ -222,7 +240,9 @@ def _row_vectors(model: nn.Module, vectors: torch.Tensor, name: str) -> tuple[La
     """Check per-row vectors [batch, d_model] against the model; returns its layout and them in float64."""
     layout = find_layout(model)
     if vectors.ndim != 2 or vectors.shape[1] != layout.d_model:
-        raise ValueError(f"{name}: vectors have shape {tuple(vectors.shape)}, expected [batch, {layout.d_model}] (one row per batch row)")
+        raise ValueError(
+            f"{name}: vectors have shape {tuple(vectors.shape)}, expected [batch, {layout.d_model}] (one row per batch row)"
+        )
     v64 = vectors.detach().to(torch.float64)
     if not bool(torch.isfinite(v64).all()):
         raise ValueError(f"{name}: vectors contain NaN or inf; pass finite directions")
@@ -231,7 +251,9 @@ def _row_vectors(model: nn.Module, vectors: torch.Tensor, name: str) -> tuple[La
 
 def _check_batch(name: str, x: torch.Tensor, n_rows: int) -> None:
     if x.shape[0] != n_rows:
-        raise ValueError(f"{name}: the forward pass has batch {x.shape[0]}, but {n_rows} per-row vectors were given; pass one vector per batch row")
+        raise ValueError(
+            f"{name}: the forward pass has batch {x.shape[0]}, but {n_rows} per-row vectors were given; pass one vector per batch row"
+        )
 
 
 @contextmanager
@@ -293,6 +315,7 @@ def add_rows(model: nn.Module, layers: list[int], vectors: torch.Tensor) -> Iter
             if key not in cache:
                 cache[key] = per_layer[layer].to(device=x.device, dtype=x.dtype)[:, None, :]  # [batch, 1, d]
             return _set_input(args, kwargs, x + cache[key])
+
         return hook
 
     def register(handles):
@@ -312,7 +335,9 @@ def _project_output_rows(module: nn.Module, r: torch.Tensor) -> None:
     elif isinstance(module, nn.Linear):  # weight [d_model, in]
         w.copy_((w64 - torch.outer(r_, r_ @ w64)).to(w.dtype))
     else:
-        raise UnsupportedArchitectureError(f"cannot orthogonalise {type(module).__name__}: expected nn.Linear or Conv1D")
+        raise UnsupportedArchitectureError(
+            f"cannot orthogonalise {type(module).__name__}: expected nn.Linear or Conv1D"
+        )
     if getattr(module, "bias", None) is not None:
         b = module.bias.data
         b64 = b.to(torch.float64)
@@ -359,14 +384,21 @@ def orthogonalize_weights(model: nn.Module, direction: torch.Tensor, strict: boo
             f"{cls} normalises attention/MLP outputs before adding them to the residual, so weight "
             "orthogonalisation is not equivalent to hook ablation there; use ablate_directions, or pass strict=False for the approximation."
         )
-    missing = [f"blocks.{i}.{kind}" for i in range(layout.n_layers) for kind, mods in (("attn", layout.attn_proj), ("mlp", layout.mlp_proj)) if mods[i] is None]
+    missing = [
+        f"blocks.{i}.{kind}"
+        for i in range(layout.n_layers)
+        for kind, mods in (("attn", layout.attn_proj), ("mlp", layout.mlp_proj))
+        if mods[i] is None
+    ]
     if missing:
         raise UnsupportedArchitectureError(
             f"{cls}: no output projection found for {', '.join(missing[:4])}; tried attention {'/'.join(ATTN_PROJ_NAMES)} "
             f"and MLP {'/'.join(MLP_PROJ_NAMES)} (as nn.Linear or Conv1D writing d_model outputs)."
         )
     if direction.shape != (layout.d_model,):
-        raise ValueError(f"orthogonalize_weights: direction has shape {tuple(direction.shape)}, expected ({layout.d_model},)")
+        raise ValueError(
+            f"orthogonalize_weights: direction has shape {tuple(direction.shape)}, expected ({layout.d_model},)"
+        )
     r = direction.detach().to(torch.float64)
     r = r / r.norm()
 

@@ -18,15 +18,23 @@ class UnsupportedArchitectureError(RefusalAtlasError, ValueError):
     """No known attribute path matches the model's decoder blocks or their sublayers."""
 
 
-
 # ---------------------------------------------------------------------------------------
 # Layout: where the blocks, sublayers and projections live
 # ---------------------------------------------------------------------------------------
 
 BLOCK_PATHS = (
-    "model.layers", "model.language_model.layers", "language_model.model.layers", "model.model.layers",
-    "transformer.h", "transformer.layers", "transformer.blocks", "gpt_neox.layers",
-    "model.decoder.layers", "backbone.layers", "layers", "h",
+    "model.layers",
+    "model.language_model.layers",
+    "language_model.model.layers",
+    "model.model.layers",
+    "transformer.h",
+    "transformer.layers",
+    "transformer.blocks",
+    "gpt_neox.layers",
+    "model.decoder.layers",
+    "backbone.layers",
+    "layers",
+    "h",
 )
 FINAL_NORM_NAMES = ("norm", "ln_f", "final_layer_norm", "final_layernorm", "norm_f", "final_norm")
 EMBED_NAMES = ("embed_tokens", "wte", "embed_in", "word_embeddings")
@@ -110,10 +118,13 @@ def find_layout(model: nn.Module) -> Layout:
     """
     cls = type(model).__name__
     blocks_path = next(
-        (p for p in BLOCK_PATHS if isinstance(_get_path(model, p), nn.ModuleList) and len(_get_path(model, p)) > 0), None
+        (p for p in BLOCK_PATHS if isinstance(_get_path(model, p), nn.ModuleList) and len(_get_path(model, p)) > 0),
+        None,
     )
     if blocks_path is None:
-        raise UnsupportedArchitectureError(f"{cls}: found no decoder blocks; tried the attribute paths {', '.join(BLOCK_PATHS)}.")
+        raise UnsupportedArchitectureError(
+            f"{cls}: found no decoder blocks; tried the attribute paths {', '.join(BLOCK_PATHS)}."
+        )
     blocks = list(_get_path(model, blocks_path))
     container = _get_path(model, blocks_path.rpartition(".")[0]) if "." in blocks_path else model
 
@@ -125,9 +136,13 @@ def find_layout(model: nn.Module) -> Layout:
     final_norm = _first_child(container, FINAL_NORM_NAMES)
     pos_embed = next((m for n in POS_EMBED_NAMES if isinstance(m := getattr(container, n, None), nn.Embedding)), None)
     if embed is None or getattr(embed, "weight", None) is None or embed.weight.ndim != 2:
-        raise UnsupportedArchitectureError(f"{cls}: found no token embedding; tried get_input_embeddings() and {', '.join(EMBED_NAMES)} next to {blocks_path}.")
+        raise UnsupportedArchitectureError(
+            f"{cls}: found no token embedding; tried get_input_embeddings() and {', '.join(EMBED_NAMES)} next to {blocks_path}."
+        )
     if final_norm is None:
-        raise UnsupportedArchitectureError(f"{cls}: found no final norm next to {blocks_path}; tried {', '.join(FINAL_NORM_NAMES)}.")
+        raise UnsupportedArchitectureError(
+            f"{cls}: found no final norm next to {blocks_path}; tried {', '.join(FINAL_NORM_NAMES)}."
+        )
     d_model = int(embed.weight.shape[1])
 
     attn, mlp, attn_out, mlp_out, attn_proj, mlp_proj = [], [], [], [], [], []
@@ -156,6 +171,6 @@ def find_layout(model: nn.Module) -> Layout:
         mlp.append(m)
         attn_proj.append(_projection(a, ATTN_PROJ_NAMES, d_model))
         mlp_proj.append(_projection(m, MLP_PROJ_NAMES, d_model))
-    return Layout(blocks, attn, mlp, attn_out, mlp_out, attn_proj, mlp_proj, embed, pos_embed, final_norm, normed, blocks_path)
-
-
+    return Layout(
+        blocks, attn, mlp, attn_out, mlp_out, attn_proj, mlp_proj, embed, pos_embed, final_norm, normed, blocks_path
+    )

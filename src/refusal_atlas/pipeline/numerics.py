@@ -25,8 +25,13 @@ import sys
 # (measured on numpy 2.4: float64 exp and log1p, float32 exp, sin, cos and tanh); disabling its
 # AVX-512 targets leaves X86_V3, the AVX2 loops an AVX2-only host runs (a target the host lacks is
 # ignored, so the setting is harmless there).
-CPU_NUMERICS = {"ATEN_CPU_CAPABILITY": "avx2", "MKL_CBWR": "AVX2,STRICT", "ONEDNN_MAX_CPU_ISA": "AVX2", "OPENBLAS_CORETYPE": "Haswell",
-                "NPY_DISABLE_CPU_FEATURES": "X86_V4 AVX512_ICL AVX512_SPR"}
+CPU_NUMERICS = {
+    "ATEN_CPU_CAPABILITY": "avx2",
+    "MKL_CBWR": "AVX2,STRICT",
+    "ONEDNN_MAX_CPU_ISA": "AVX2",
+    "OPENBLAS_CORETYPE": "Haswell",
+    "NPY_DISABLE_CPU_FEATURES": "X86_V4 AVX512_ICL AVX512_SPR",
+}
 # The price, on an AVX-512 host (2 cores, SmolLM2-135M float32, measured 2026-12-06): forward
 # passes 570-580 tokens/s pinned against 830-910 with the host's AVX-512 kernels, generation
 # 1.25x slower. REFUSAL_ATLAS_CPU_KERNELS=native skips the pin: faster on such a host, and
@@ -47,12 +52,16 @@ def pin_cpu_numerics() -> None:
     """
     choice = os.environ.get(OPT_OUT, "portable")
     if choice not in ("portable", "native"):
-        raise SystemExit(f"{OPT_OUT}={choice!r}: expected 'portable' (the default: the same bits on any x86-64 host) or 'native' "
-                         "(the host's fastest kernels); unset it or set one of those")
+        raise SystemExit(
+            f"{OPT_OUT}={choice!r}: expected 'portable' (the default: the same bits on any x86-64 host) or 'native' "
+            "(the host's fastest kernels); unset it or set one of those"
+        )
     if not on_x86_64() or choice == "native":
         return
     if loaded := [m for m in ("torch", "numpy") if m in sys.modules]:
-        raise RuntimeError(f"pin_cpu_numerics() must run before {' and '.join(loaded)} {'are' if len(loaded) > 1 else 'is'} imported; "
-                           "call it first in the process")
+        raise RuntimeError(
+            f"pin_cpu_numerics() must run before {' and '.join(loaded)} {'are' if len(loaded) > 1 else 'is'} imported; "
+            "call it first in the process"
+        )
     for key, value in CPU_NUMERICS.items():
         os.environ.setdefault(key, value)

@@ -41,7 +41,18 @@ PIPELINE_KEY_TAG = "refusal_atlas.pipeline_key"
 # which defaults to GenAI: its runs table is reached by the URL that ``runs_url`` builds.
 EXPERIMENT_TAGS = {"mlflow.experimentKind": "custom_model_development"}
 RUNS_VIEW = "workflowType=machine_learning"
-TRACKED_PACKAGES = ("refusal-atlas", "torch", "transformers", "accelerate", "dvc", "mlflow", "zarr", "xarray", "scikit-learn", "numpy")
+TRACKED_PACKAGES = (
+    "refusal-atlas",
+    "torch",
+    "transformers",
+    "accelerate",
+    "dvc",
+    "mlflow",
+    "zarr",
+    "xarray",
+    "scikit-learn",
+    "numpy",
+)
 SECRET_MARKERS = ("KEY", "TOKEN", "SECRET", "PASSWORD", "CREDENTIAL")
 
 
@@ -58,7 +69,11 @@ def experiment_id(uri: str, name: str) -> str | None:
 
 def runs_url(server: str, experiment_id: str | None) -> str:
     """The UI address of an experiment's runs table (MLflow's model-training view, not GenAI)."""
-    return f"{server.rstrip('/')}/#/experiments/{experiment_id}?{RUNS_VIEW}" if experiment_id else f"{server.rstrip('/')}/#/experiments?{RUNS_VIEW}"
+    return (
+        f"{server.rstrip('/')}/#/experiments/{experiment_id}?{RUNS_VIEW}"
+        if experiment_id
+        else f"{server.rstrip('/')}/#/experiments?{RUNS_VIEW}"
+    )
 
 
 class TrackingError(RefusalAtlasError, RuntimeError):
@@ -87,7 +102,7 @@ def resolve_tracking_uri(configured: str | None, repo_root: Path) -> str:
     if not uri:
         return f"sqlite:///{(repo_root / 'mlflow.db').resolve()}"
     if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
-        return f"sqlite:///{(repo_root / uri[len('sqlite:///'):]).resolve()}"
+        return f"sqlite:///{(repo_root / uri[len('sqlite:///') :]).resolve()}"
     return uri
 
 
@@ -212,7 +227,10 @@ class StageRun:
             fn(*args, **kwargs)
         except Exception as err:  # noqa: BLE001 - any client failure means the server is gone
             self.error = err
-            print(f"refusal-atlas: MLflow logging failed ({type(err).__name__}: {err}); continuing so outputs are written", file=sys.stderr)
+            print(
+                f"refusal-atlas: MLflow logging failed ({type(err).__name__}: {err}); continuing so outputs are written",
+                file=sys.stderr,
+            )
 
     def log_params(self, params: dict[str, object]) -> None:
         flat: dict[str, str] = {}
@@ -328,9 +346,15 @@ def stage_run(
             parent_id = parents[0].info.run_id
             client.update_run(parent_id, status="RUNNING")  # a later stage of the execution reopens it
         else:
-            parent = client.create_run(exp.experiment_id, run_name=f"pipeline {key}", tags={PIPELINE_KEY_TAG: key, "refusal_atlas.role": "pipeline", **git_state(repo_root)})
+            parent = client.create_run(
+                exp.experiment_id,
+                run_name=f"pipeline {key}",
+                tags={PIPELINE_KEY_TAG: key, "refusal_atlas.role": "pipeline", **git_state(repo_root)},
+            )
             parent_id = parent.info.run_id
-        active = mlflow.start_run(run_name=run_name, tags={**tags, "mlflow.parentRunId": parent_id, "refusal_atlas.role": "stage"})
+        active = mlflow.start_run(
+            run_name=run_name, tags={**tags, "mlflow.parentRunId": parent_id, "refusal_atlas.role": "stage"}
+        )
     except TrackingError:
         raise
     except Exception as err:  # noqa: BLE001 - a store that cannot open is a clear, early failure

@@ -51,8 +51,12 @@ def _table(title: str, frame: pd.DataFrame) -> str:
 def render_report(title: str, intro: Sequence[str], sections: Sequence[Section]) -> str:
     """One self-contained HTML page. Text is escaped; only the embedded images are binary."""
     nav = " ".join(f'<a href="#{_anchor(s.title)}">{html.escape(s.title)}</a>' for s in sections)
-    parts = [f"<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'><title>{html.escape(title)}</title><style>{_CSS}</style></head><body>",
-             f"<h1>{html.escape(title)}</h1>", *(f"<p class='note'>{html.escape(p)}</p>" for p in intro), f"<nav>{nav}</nav>"]
+    parts = [
+        f"<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'><title>{html.escape(title)}</title><style>{_CSS}</style></head><body>",
+        f"<h1>{html.escape(title)}</h1>",
+        *(f"<p class='note'>{html.escape(p)}</p>" for p in intro),
+        f"<nav>{nav}</nav>",
+    ]
     for s in sections:
         parts.append(f'<h2 id="{_anchor(s.title)}">{html.escape(s.title)}</h2>')
         parts += [f"<p>{html.escape(p)}</p>" for p in s.paragraphs]

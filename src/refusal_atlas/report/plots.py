@@ -126,10 +126,14 @@ def cosine_heatmap(df: pd.DataFrame, title: str = "Cosine similarity of refusal 
 
     Fixed limits make heatmaps of different models or layers directly comparable.
     """
-    return matrix_heatmap(df, title=title, cmap="RdBu_r", fmt=".2f", vmin=-1.0, vmax=1.0, center=0.0, colorbar_label="cosine")
+    return matrix_heatmap(
+        df, title=title, cmap="RdBu_r", fmt=".2f", vmin=-1.0, vmax=1.0, center=0.0, colorbar_label="cosine"
+    )
 
 
-def layer_curve(x: Sequence[float], ys: Mapping[str, Sequence[float]], xlabel: str = "layer", ylabel: str = "", title: str = "") -> Figure:
+def layer_curve(
+    x: Sequence[float], ys: Mapping[str, Sequence[float]], xlabel: str = "layer", ylabel: str = "", title: str = ""
+) -> Figure:
     """One line per label over a shared x axis (e.g. mean off-diagonal cosine per layer)."""
     fig, ax = _figure(6.0, 3.8)
     for label, y in ys.items():
@@ -143,8 +147,13 @@ def layer_curve(x: Sequence[float], ys: Mapping[str, Sequence[float]], xlabel: s
     return _finish(fig)
 
 
-def dendrogram_plot(linkage: np.ndarray, names: Sequence[str], title: str = "", n_clusters: int | None = None,
-                    distance_label: str = "1 − cosine") -> Figure:
+def dendrogram_plot(
+    linkage: np.ndarray,
+    names: Sequence[str],
+    title: str = "",
+    n_clusters: int | None = None,
+    distance_label: str = "1 − cosine",
+) -> Figure:
     """Dendrogram of a scipy linkage matrix [k − 1, 4], leaves labelled by ``names``.
 
     With ``n_clusters`` the branches of the cut into that many clusters are coloured
@@ -156,8 +165,15 @@ def dendrogram_plot(linkage: np.ndarray, names: Sequence[str], title: str = "", 
     if n_clusters is not None and 2 <= n_clusters <= len(names):
         threshold = (z[-n_clusters, 2] + z[-(n_clusters - 1), 2]) / 2 if n_clusters <= len(z) else z[0, 2] / 2
     fig, ax = _figure(max(5.0, 0.45 * len(names) + 2.0), 4.0)
-    dendrogram(z, labels=list(names), ax=ax, leaf_rotation=90, leaf_font_size=8, color_threshold=threshold,
-               above_threshold_color="0.35")
+    dendrogram(
+        z,
+        labels=list(names),
+        ax=ax,
+        leaf_rotation=90,
+        leaf_font_size=8,
+        color_threshold=threshold,
+        above_threshold_color="0.35",
+    )
     if threshold > 0:
         ax.axhline(threshold, linestyle=":", color="0.5", linewidth=1)
     ax.set_ylabel(distance_label)
@@ -165,8 +181,13 @@ def dendrogram_plot(linkage: np.ndarray, names: Sequence[str], title: str = "", 
     return _finish(fig)
 
 
-def mds_scatter(coords: np.ndarray | pd.DataFrame, names: Sequence[str] | None = None, groups: Sequence | None = None,
-                title: str = "MDS of 1 − cosine", stress: float | None = None) -> Figure:
+def mds_scatter(
+    coords: np.ndarray | pd.DataFrame,
+    names: Sequence[str] | None = None,
+    groups: Sequence | None = None,
+    title: str = "MDS of 1 − cosine",
+    stress: float | None = None,
+) -> Figure:
     """2-D scatter of MDS coordinates [k, 2], each point labelled; ``groups`` (length k) colours points.
 
     ``names`` defaults to the DataFrame index when ``coords`` is a DataFrame. A given
@@ -203,8 +224,11 @@ def _curve_style(name: str, index: int) -> dict:
     return {"color": f"C{index % 10}", "linestyle": "-", "linewidth": 1.3, "zorder": 2}
 
 
-def tradeoff_plot(curves: Mapping[str, pd.DataFrame], title: str = "Refusal vs over-refusal under steering",
-                  annotate: Sequence[str] | None = None) -> Figure:
+def tradeoff_plot(
+    curves: Mapping[str, pd.DataFrame],
+    title: str = "Refusal vs over-refusal under steering",
+    annotate: Sequence[str] | None = None,
+) -> Figure:
     """Refusal rate (y) against over-refusal rate (x) for every direction, one curve per direction.
 
     Each DataFrame has columns ``rr``, ``rr_lo``, ``rr_hi``, ``orr``, ``orr_lo``,
@@ -229,12 +253,28 @@ def tradeoff_plot(curves: Mapping[str, pd.DataFrame], title: str = "Refusal vs o
             random_labelled = True
         xerr = np.clip(np.vstack([df["orr"] - df["orr_lo"], df["orr_hi"] - df["orr"]]), 0, None)
         yerr = np.clip(np.vstack([df["rr"] - df["rr_lo"], df["rr_hi"] - df["rr"]]), 0, None)
-        ax.errorbar(df["orr"], df["rr"], xerr=xerr, yerr=yerr, marker="o", markersize=3.5, capsize=2, elinewidth=0.7,
-                    label=label, **style)
+        ax.errorbar(
+            df["orr"],
+            df["rr"],
+            xerr=xerr,
+            yerr=yerr,
+            marker="o",
+            markersize=3.5,
+            capsize=2,
+            elinewidth=0.7,
+            label=label,
+            **style,
+        )
         if annotate is None or name in annotate:
             for _, row in df.iterrows():
-                ax.annotate(f"{row['alpha']:g}", (row["orr"], row["rr"]), xytext=(3, -8), textcoords="offset points",
-                            fontsize=6, color=style["color"])
+                ax.annotate(
+                    f"{row['alpha']:g}",
+                    (row["orr"], row["rr"]),
+                    xytext=(3, -8),
+                    textcoords="offset points",
+                    fontsize=6,
+                    color=style["color"],
+                )
     ax.set_xlim(-0.02, 1.02)
     ax.set_ylim(-0.02, 1.02)
     ax.set_xlabel("over-refusal rate (benign prompts refused)")
@@ -245,8 +285,11 @@ def tradeoff_plot(curves: Mapping[str, pd.DataFrame], title: str = "Refusal vs o
     return _finish(fig)
 
 
-def explained_variance_plot(cumulative: Sequence[float], title: str = "Spectrum of the direction matrix",
-                            participation_ratio: float | None = None) -> Figure:
+def explained_variance_plot(
+    cumulative: Sequence[float],
+    title: str = "Spectrum of the direction matrix",
+    participation_ratio: float | None = None,
+) -> Figure:
     """Per-component (bars) and cumulative (line) explained variance, from ``effective_rank()["cumulative"]`` [k]."""
     cum = np.asarray(cumulative, dtype=np.float64)
     single = np.diff(np.r_[0.0, cum])

@@ -17,8 +17,9 @@ import pandas as pd
 import torch
 
 from refusal_atlas.judging.behaviour import fingerprint, generate_scored_resumable, judge_table
-from refusal_atlas.model.generation import first_token_logprobs
 from refusal_atlas.judging.judges import ClassifierJudge
+from refusal_atlas.judging.styles import dominant_style, style_distribution
+from refusal_atlas.model.generation import first_token_logprobs
 from refusal_atlas.steering.interventions import (
     compute_rates,
     intervention,
@@ -26,7 +27,6 @@ from refusal_atlas.steering.interventions import (
     teacher_forced_kls,
     transition_matrix,
 )
-from refusal_atlas.judging.styles import dominant_style, style_distribution
 
 
 def evaluate_direction(
@@ -73,7 +73,9 @@ def evaluate_direction(
     benign_responses = [r for r, b in zip(baseline_responses, benign) if b]
     with torch.inference_mode():
         base_logprobs = first_token_logprobs(model, tokenizer, benign_prompts, batch_size, max_prompt_tokens)
-    base_of = dict(zip(np.flatnonzero(benign).tolist(), base_logprobs))  # row in formatted -> unsteered first-token log-probs
+    base_of = dict(
+        zip(np.flatnonzero(benign).tolist(), base_logprobs)
+    )  # row in formatted -> unsteered first-token log-probs
 
     rows, metrics, hooks_of = [], {"interventions": {}}, {}
     for name in names:
@@ -85,9 +87,22 @@ def evaluate_direction(
             hooks = hooks_of[name] = partial(intervention, model, name, layer, direction, alpha_unit, mean_norm)
 
             # The generation's prefill gives every prompt's refusal score and the benign prompts' first-token KL.
-            responses, scores, kl = generate_scored_resumable(model, tokenizer, formatted, refusal_ids, max_new_tokens, batch_size, max_prompt_tokens,
-                                                              parts_dir, fingerprint(key, name), 4 * batch_size, hooks=hooks, base_logprobs=base_of,
-                                                              desc=f"{label} {name}".strip(), progress=progress)
+            responses, scores, kl = generate_scored_resumable(
+                model,
+                tokenizer,
+                formatted,
+                refusal_ids,
+                max_new_tokens,
+                batch_size,
+                max_prompt_tokens,
+                parts_dir,
+                fingerprint(key, name),
+                4 * batch_size,
+                hooks=hooks,
+                base_logprobs=base_of,
+                desc=f"{label} {name}".strip(),
+                progress=progress,
+            )
             judged = judge_table(responses, scores, judges, classifier=classifier, prompts=prompts)
         refused = judged["refused"].to_numpy()
         styles = classify(responses, refused)
@@ -96,11 +111,25 @@ def evaluate_direction(
         if kl is not None:
             entry["kl_first_token"] = float(np.nanmean(kl)) if len(kl) else float("nan")
         metrics["interventions"][name] = entry
-        rows.append(pd.DataFrame({"prompt_id": frame.prompt_id.to_numpy(), "category": frame.category.to_numpy(), "bucket": frame.bucket.to_numpy(),
-                                  "in_buckets": frame.in_buckets.to_numpy(), "intervention": name, "alpha": entry["alpha"],
-                                  "response": responses, **{c: judged[c].to_numpy() for c in judged.columns}, "style": styles}))
+        rows.append(
+            pd.DataFrame(
+                {
+                    "prompt_id": frame.prompt_id.to_numpy(),
+                    "category": frame.category.to_numpy(),
+                    "bucket": frame.bucket.to_numpy(),
+                    "in_buckets": frame.in_buckets.to_numpy(),
+                    "intervention": name,
+                    "alpha": entry["alpha"],
+                    "response": responses,
+                    **{c: judged[c].to_numpy() for c in judged.columns},
+                    "style": styles,
+                }
+            )
+        )
     # Teacher-forced KL on the unsteered benign responses: one unhooked pass per batch for all interventions.
-    for name, kl in teacher_forced_kls(model, tokenizer, benign_prompts, benign_responses, hooks_of, batch_size, max_prompt_tokens).items():
+    for name, kl in teacher_forced_kls(
+        model, tokenizer, benign_prompts, benign_responses, hooks_of, batch_size, max_prompt_tokens
+    ).items():
         metrics["interventions"][name]["kl_teacher_forced"] = float(np.nanmean(kl))
     return pd.concat(rows, ignore_index=True), metrics
 
@@ -116,5 +145,10 @@ def induced_style(table: pd.DataFrame, answered: set) -> dict:
     added = table[table.intervention.str.startswith("add_") & table.refused]
     induced = added[added.prompt_id.isin(answered)]
     dominant, purity = dominant_style(induced["style"].to_numpy())
-    return {"distribution": style_distribution(induced["style"].to_numpy()), "dominant": dominant, "purity": purity,
-            "n_induced": len(induced), "all_refusals": style_distribution(added["style"].to_numpy())}
+    return {
+        "distribution": style_distribution(induced["style"].to_numpy()),
+        "dominant": dominant,
+        "purity": purity,
+        "n_induced": len(induced),
+        "all_refusals": style_distribution(added["style"].to_numpy()),
+    }

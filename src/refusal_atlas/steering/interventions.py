@@ -23,9 +23,9 @@ import torch
 from torch import nn
 
 from refusal_atlas.errors import RefusalAtlasError
+from refusal_atlas.model.chat import raise_if_too_long
 from refusal_atlas.model.generation import kl_rows
 from refusal_atlas.model.hooks import ablate_directions, add_direction
-from refusal_atlas.model.chat import raise_if_too_long
 
 BUCKETS = ("HR", "HC", "BR", "BC")
 HARMFUL_BUCKETS = ("HR", "HC")
@@ -49,7 +49,9 @@ def _bucket_of(role: pd.Series, refused: pd.Series) -> pd.Series:
     return pd.Series(np.where(harmful, np.where(ref, "HR", "HC"), np.where(ref, "BR", "BC")), index=role.index)
 
 
-def build_eval_set(baseline: pd.DataFrame, n_per_bucket: int, seed: int, controlled_only: bool = False) -> tuple[pd.DataFrame, dict]:
+def build_eval_set(
+    baseline: pd.DataFrame, n_per_bucket: int, seed: int, controlled_only: bool = False
+) -> tuple[pd.DataFrame, dict]:
     """The controlled set plus every test prompt (only the controlled set if ``controlled_only``), from the baseline verdict table.
 
     Input: columns prompt_id, category, role ('target'|'baseline'), split, refused (bool).
@@ -64,18 +66,31 @@ def build_eval_set(baseline: pd.DataFrame, n_per_bucket: int, seed: int, control
     """
     missing = [c for c in ("prompt_id", "category", "role", "split", "refused") if c not in baseline.columns]
     if missing:
-        raise SteeringError(f"baseline verdict table lacks columns {missing}; expected prompt_id, category, role, split, refused")
+        raise SteeringError(
+            f"baseline verdict table lacks columns {missing}; expected prompt_id, category, role, split, refused"
+        )
     test = baseline[baseline["split"] == "test"]
     roles = set(test["role"]) - {"target", "baseline"}
     problems = [f"roles {sorted(roles)} (expected 'target' or 'baseline')"] if roles else []
-    problems += [f"{int(test['refused'].isna().sum())} prompts without a verdict"] if test["refused"].isna().any() else []
-    problems += [f"duplicated prompt_ids {sorted(test.prompt_id[test.prompt_id.duplicated()].astype(str))[:3]}"] if test.prompt_id.duplicated().any() else []
+    problems += (
+        [f"{int(test['refused'].isna().sum())} prompts without a verdict"] if test["refused"].isna().any() else []
+    )
+    problems += (
+        [f"duplicated prompt_ids {sorted(test.prompt_id[test.prompt_id.duplicated()].astype(str))[:3]}"]
+        if test.prompt_id.duplicated().any()
+        else []
+    )
     if problems:
-        raise SteeringError(f"baseline verdict table, test split: {'; '.join(problems)}; rerun the baseline stage on a valid prompt table")
+        raise SteeringError(
+            f"baseline verdict table, test split: {'; '.join(problems)}; rerun the baseline stage on a valid prompt table"
+        )
     test = test.assign(bucket=_bucket_of(test["role"], test["refused"]), prompt_id=test["prompt_id"].astype(str))
     available = {b: int((test["bucket"] == b).sum()) for b in BUCKETS}
-    empty_sides = [side for side, pair in (("harmful (target)", HARMFUL_BUCKETS), ("benign (baseline)", BENIGN_BUCKETS))
-                   if not any(available[b] for b in pair)]
+    empty_sides = [
+        side
+        for side, pair in (("harmful (target)", HARMFUL_BUCKETS), ("benign (baseline)", BENIGN_BUCKETS))
+        if not any(available[b] for b in pair)
+    ]
     if empty_sides:
         raise SteeringError(
             f"the {' and '.join(empty_sides)} side of the controlled set is empty: buckets "
@@ -92,15 +107,22 @@ def build_eval_set(baseline: pd.DataFrame, n_per_bucket: int, seed: int, control
     warnings = [
         f"bucket {b} has {available[b]} test prompts, fewer than n_per_bucket={n_per_bucket}; all are used"
         + (" (it is empty, so its side's rate rests on the other bucket alone)" if available[b] == 0 else "")
-        for b in BUCKETS if available[b] < n_per_bucket
+        for b in BUCKETS
+        if available[b] < n_per_bucket
     ]
     frame = test.assign(in_buckets=test["prompt_id"].isin(set(chosen)))
     frame = frame.assign(_order=frame["bucket"].map({b: i for i, b in enumerate(BUCKETS)}))
     frame = frame.sort_values(["in_buckets", "_order", "prompt_id"], ascending=[False, True, True])
     frame = frame[frame["in_buckets"]] if controlled_only else frame
     frame = frame[EVAL_COLUMNS].reset_index(drop=True)
-    counts = {"n_per_bucket": n_per_bucket, "available": available, "used": used,
-              "n_controlled": int(frame["in_buckets"].sum()), "n_test": len(frame), "warnings": warnings}
+    counts = {
+        "n_per_bucket": n_per_bucket,
+        "available": available,
+        "used": used,
+        "n_controlled": int(frame["in_buckets"].sum()),
+        "n_test": len(frame),
+        "warnings": warnings,
+    }
     return frame, counts
 
 
@@ -161,7 +183,12 @@ def intervention_alpha(name: str) -> float:
 
 
 def intervention(
-    model: nn.Module, name: str, layer: int, unit: torch.Tensor, alpha_unit: str = "norm", mean_norm: float | None = None,
+    model: nn.Module,
+    name: str,
+    layer: int,
+    unit: torch.Tensor,
+    alpha_unit: str = "norm",
+    mean_norm: float | None = None,
 ) -> contextlib.AbstractContextManager:
     """The hook context of intervention ``name`` (alpha parsed from the name).
 
@@ -192,7 +219,10 @@ def _percentile_ci(samples: np.ndarray) -> tuple[float, float]:
 def _stratified_weights(sizes: Sequence[int], n_bootstrap: int, seed: int) -> list[np.ndarray]:
     """Per stratum, multiplicity of each prompt in each replicate: [n_bootstrap, size] int."""
     rng = np.random.default_rng(seed)
-    return [rng.multinomial(n, np.full(n, 1.0 / n), size=n_bootstrap) if n else np.zeros((n_bootstrap, 0), int) for n in sizes]
+    return [
+        rng.multinomial(n, np.full(n, 1.0 / n), size=n_bootstrap) if n else np.zeros((n_bootstrap, 0), int)
+        for n in sizes
+    ]
 
 
 def compute_rates(refused: np.ndarray, frame: pd.DataFrame, n_bootstrap: int, seed: int) -> dict:
@@ -207,7 +237,9 @@ def compute_rates(refused: np.ndarray, frame: pd.DataFrame, n_bootstrap: int, se
     """
     refused = np.asarray(refused, dtype=bool)
     if refused.shape != (len(frame),):
-        raise ValueError(f"compute_rates: refused has shape {refused.shape}, expected ({len(frame)},) (one verdict per frame row)")
+        raise ValueError(
+            f"compute_rates: refused has shape {refused.shape}, expected ({len(frame)},) (one verdict per frame row)"
+        )
     ctrl = frame["in_buckets"].to_numpy(dtype=bool)
     bucket = frame["bucket"].to_numpy()
     strata = [refused[ctrl & (bucket == b)] for b in BUCKETS]
@@ -270,17 +302,29 @@ def _response_logprobs(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor, 
 
 
 def teacher_forced_kl(
-    model: nn.Module, tokenizer, formatted_prompts: list[str], responses: list[str],
-    hook_factory: Callable[[], contextlib.AbstractContextManager], batch_size: int, max_prompt_tokens: int | None = None,
+    model: nn.Module,
+    tokenizer,
+    formatted_prompts: list[str],
+    responses: list[str],
+    hook_factory: Callable[[], contextlib.AbstractContextManager],
+    batch_size: int,
+    max_prompt_tokens: int | None = None,
 ) -> np.ndarray:
     """Mean per-token KL(base || steered) in nats over each (unsteered) response: float64 [n].
     ``teacher_forced_kls`` with one hook."""
-    return teacher_forced_kls(model, tokenizer, formatted_prompts, responses, {"": hook_factory}, batch_size, max_prompt_tokens)[""]
+    return teacher_forced_kls(
+        model, tokenizer, formatted_prompts, responses, {"": hook_factory}, batch_size, max_prompt_tokens
+    )[""]
 
 
 def teacher_forced_kls(
-    model: nn.Module, tokenizer, formatted_prompts: list[str], responses: list[str],
-    hook_factories: Mapping[str, Callable[[], contextlib.AbstractContextManager]], batch_size: int, max_prompt_tokens: int | None = None,
+    model: nn.Module,
+    tokenizer,
+    formatted_prompts: list[str],
+    responses: list[str],
+    hook_factories: Mapping[str, Callable[[], contextlib.AbstractContextManager]],
+    batch_size: int,
+    max_prompt_tokens: int | None = None,
 ) -> dict[str, np.ndarray]:
     """Mean per-token KL(base || steered) in nats over each (unsteered) response, per hook:
     ``{name: float64 [n]}``. The unhooked pass runs once per batch for all the hooks.
@@ -299,7 +343,9 @@ def teacher_forced_kls(
         raise_if_too_long([len(p) for p in prompt_ids], max_prompt_tokens)
     response_ids = [tokenizer(r, add_special_tokens=False)["input_ids"] if r else [] for r in responses]
     out = {name: np.full(len(responses), np.nan) for name in hook_factories}
-    todo = sorted((i for i, r in enumerate(response_ids) if r), key=lambda i: (-len(prompt_ids[i]) - len(response_ids[i]), i))
+    todo = sorted(
+        (i for i, r in enumerate(response_ids) if r), key=lambda i: (-len(prompt_ids[i]) - len(response_ids[i]), i)
+    )
     device = model.get_input_embeddings().weight.device
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     for start in range(0, len(todo), batch_size):
@@ -336,7 +382,19 @@ def teacher_forced_kls(
 # The shared-knob statistic
 # ---------------------------------------------------------------------------------------
 
-KNOB_COLUMNS = ["a", "b", "max_abs_diff", "max_lo", "max_hi", "mean_abs_diff", "mean_lo", "mean_hi", "overlap_lo", "overlap_hi", "verdict"]
+KNOB_COLUMNS = [
+    "a",
+    "b",
+    "max_abs_diff",
+    "max_lo",
+    "max_hi",
+    "mean_abs_diff",
+    "mean_lo",
+    "mean_hi",
+    "overlap_lo",
+    "overlap_hi",
+    "verdict",
+]
 
 
 def _as_verdict_matrix(name: str, v) -> np.ndarray:
@@ -346,7 +404,9 @@ def _as_verdict_matrix(name: str, v) -> np.ndarray:
         v = v[cols].to_numpy()
     m = np.asarray(v)
     if m.ndim != 2 or m.shape[1] < 2:
-        raise SteeringError(f"direction {name!r}: verdicts have shape {m.shape}; expected [n_prompts, n_interventions >= 2] (baseline and at least one alpha)")
+        raise SteeringError(
+            f"direction {name!r}: verdicts have shape {m.shape}; expected [n_prompts, n_interventions >= 2] (baseline and at least one alpha)"
+        )
     return m.astype(bool)
 
 
@@ -371,8 +431,12 @@ def _interp(xs: np.ndarray, ys: np.ndarray, grid: np.ndarray) -> np.ndarray:
 
 
 def shared_knob(
-    verdicts: Mapping[str, pd.DataFrame | np.ndarray], is_harmful: np.ndarray, grid_size: int = 21,
-    n_bootstrap: int = 1000, seed: int = 0, tolerance: float = 0.1,
+    verdicts: Mapping[str, pd.DataFrame | np.ndarray],
+    is_harmful: np.ndarray,
+    grid_size: int = 21,
+    n_bootstrap: int = 1000,
+    seed: int = 0,
+    tolerance: float = 0.1,
 ) -> pd.DataFrame:
     """Do two directions trade refusal (RR) for over-refusal (ORR) alike? One row per pair.
 
@@ -399,7 +463,9 @@ def shared_knob(
     mats = {d: _as_verdict_matrix(d, v) for d, v in verdicts.items()}
     shapes = {d: m.shape for d, m in mats.items()}
     if any(s[0] != len(is_harmful) for s in shapes.values()):
-        raise SteeringError(f"shared_knob needs one [n, K] verdict matrix per direction over the same {len(is_harmful)} prompts (rows of is_harmful); got shapes {shapes}")
+        raise SteeringError(
+            f"shared_knob needs one [n, K] verdict matrix per direction over the same {len(is_harmful)} prompts (rows of is_harmful); got shapes {shapes}"
+        )
     n_h, n_b = int(is_harmful.sum()), int((~is_harmful).sum())
     if n_h == 0 or n_b == 0:
         raise SteeringError(f"shared_knob needs harmful and benign prompts; got {n_h} harmful and {n_b} benign")
@@ -428,7 +494,9 @@ def shared_knob(
             verdict = "different"
         else:
             verdict = "inconclusive"
-        rows.append([a, b, stat_max[0], max_lo, max_hi, stat_mean[0], mean_lo, mean_hi, float(lo[0]), float(hi[0]), verdict])
+        rows.append(
+            [a, b, stat_max[0], max_lo, max_hi, stat_mean[0], mean_lo, mean_hi, float(lo[0]), float(hi[0]), verdict]
+        )
     return pd.DataFrame(rows, columns=KNOB_COLUMNS).astype({c: float for c in KNOB_COLUMNS[2:-1]})
 
 
@@ -442,8 +510,10 @@ def shared_knob_summary(df: pd.DataFrame, tolerance: float) -> str:
     compared = df[df["verdict"] != "no overlap"]
     if not compared.empty:
         worst = compared.loc[compared["mean_abs_diff"].idxmax()]
-        line += (f"; largest mean |ΔORR| {worst.mean_abs_diff:.3f} [{worst.mean_lo:.3f}, {worst.mean_hi:.3f}]"
-                 f" for {worst.a} vs {worst.b}")
+        line += (
+            f"; largest mean |ΔORR| {worst.mean_abs_diff:.3f} [{worst.mean_lo:.3f}, {worst.mean_hi:.3f}]"
+            f" for {worst.a} vs {worst.b}"
+        )
     return line
 
 
@@ -456,8 +526,13 @@ def curve_table(rates_by_intervention: Mapping[str, dict], alphas: Sequence[floa
     order = intervention_names(alphas)
     unknown = [n for n in rates_by_intervention if n not in order]
     if unknown:
-        raise SteeringError(f"curve_table: interventions {unknown} are not among {order}; pass the alphas they were run with")
+        raise SteeringError(
+            f"curve_table: interventions {unknown} are not among {order}; pass the alphas they were run with"
+        )
     keys = [f"{m}{s}" for m in ("rr", "orr", "acc") for s in ("", "_lo", "_hi")]
-    rows = [{"intervention": n, "alpha": intervention_alpha(n), **{k: float(rates_by_intervention[n][k]) for k in keys}}
-            for n in order if n in rates_by_intervention]
+    rows = [
+        {"intervention": n, "alpha": intervention_alpha(n), **{k: float(rates_by_intervention[n][k]) for k in keys}}
+        for n in order
+        if n in rates_by_intervention
+    ]
     return pd.DataFrame(rows, columns=["intervention", "alpha", *keys])
