@@ -17,10 +17,8 @@ from pathlib import Path
 import pandas as pd
 
 from refusal_atlas.data.atomic import write_json, write_parquet
-from refusal_atlas.judging.behaviour import fingerprint, generate_scored_resumable, judge_table, refusal_rates
+from refusal_atlas.judging.behaviour import baseline_behaviour, refusal_rates
 from refusal_atlas.judging.classifier import load_judge_classifier
-from refusal_atlas.model.chat import check_prompt_lengths, format_prompts
-from refusal_atlas.model.generation import refusal_token_ids
 from refusal_atlas.model.load import load_stage_model
 from refusal_atlas.pipeline.harness import run_stage, stage_parser
 
@@ -28,45 +26,19 @@ STAGE = "baseline"
 
 
 def main(args, params, run) -> None:
-    cfg, mcfg = params.baseline, params.model
     table = pd.read_parquet(args.prompts)
     model, tokenizer, identity = load_stage_model(params.model, args.model, run)
     # Loaded before generating, so a bad judge.classifier_path fails in seconds, not after hours.
-    classifier = load_judge_classifier(params.judge, mcfg)
-    formatted = format_prompts(
-        tokenizer, table.text.tolist(), mcfg.system_prompt, mcfg.chat_template, mcfg.chat_template_kwargs
-    )
-    check_prompt_lengths(
-        tokenizer, formatted, mcfg.max_prompt_tokens, table.prompt_id.tolist()
-    )  # all of them, before any generation
-
-    key = fingerprint(identity, formatted, cfg.model_dump(), mcfg.batch_size, mcfg.refusal_tokens)
-    responses, scores, _ = generate_scored_resumable(
-        model,
-        tokenizer,
-        formatted,
-        refusal_token_ids(tokenizer, mcfg.refusal_tokens),
-        cfg.max_new_tokens,
-        mcfg.batch_size,
-        mcfg.max_prompt_tokens,
-        args.out / ".parts",
-        key,
-        chunk_size=8 * mcfg.batch_size,
-        desc="baseline",
-        progress=not args.no_progress,
-    )
-
-    judged = judge_table(responses, scores, params.judge.method, classifier=classifier, prompts=table.text.tolist())
-    result = pd.concat(
-        [table[["prompt_id", "category", "role", "split"]], pd.Series(responses, name="response"), judged], axis=1
-    )
+    classifier = load_judge_classifier(params.judge, params.model)
+    result = baseline_behaviour(
+        model, tokenizer, identity, table, params.baseline, params.model, params.judge.method, args.out / ".parts",
+        classifier=classifier, progress=not args.no_progress,
+    )  # fmt: skip
     metrics = refusal_rates(result)
     write_parquet(args.out / "responses.parquet", result)
     for name, rows in result.groupby("category"):
-        write_parquet(
-            args.out / "sets" / f"{name}.parquet",
-            rows[["prompt_id", "refused", "refusal_score"]].reset_index(drop=True),
-        )
+        verdicts = rows[["prompt_id", "refused", "refusal_score"]].reset_index(drop=True)
+        write_parquet(args.out / "sets" / f"{name}.parquet", verdicts)
     write_json(args.out / "metrics.json", metrics)
     shutil.rmtree(args.out / ".parts", ignore_errors=True)
 

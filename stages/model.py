@@ -12,69 +12,38 @@ from refusal_atlas.pipeline.numerics import pin_cpu_numerics
 
 pin_cpu_numerics()  # before numpy and torch load: the same bits on any x86-64 host (refusal_atlas.pipeline.numerics)
 
-import json
-import time
 from pathlib import Path
 
 import pandas as pd
 
 from refusal_atlas.data.atomic import atomic_path, write_json
 from refusal_atlas.model.load import DEMO
+from refusal_atlas.model.prepare import prepare_model
 from refusal_atlas.pipeline.harness import run_stage, stage_parser
 
 STAGE = "model"
 
 
 def main(args, params, run) -> None:
-    from refusal_atlas.model.load import compute_identity, gguf_identity, gguf_path, load_model
-
     cfg = params.model
-    metrics: dict = {}
+    table = pd.read_parquet(args.prompts) if cfg.name == DEMO else None
     with atomic_path(args.out / "weights") as weights:
-        if cfg.name == DEMO:
-            from refusal_atlas.demo.train import evaluate_demo, train_demo_model
-
-            table = pd.read_parquet(args.prompts)
-            result = train_demo_model(table, cfg.demo, weights, progress=not args.no_progress)
-            pd.DataFrame(result["loss_curve"], columns=["step", "loss"]).to_csv(args.out / "loss.csv", index=False)
-            for step, loss in result["loss_curve"]:
-                run.log_metrics({"train_loss": loss}, step=step)
-            start = time.perf_counter()
-            model, tokenizer = load_model(cfg, str(weights))
-            run.log_metrics({"model_loads": 1, "model_load_s": time.perf_counter() - start})
-            heldout = evaluate_demo(model, tokenizer, table, split="test")
-            heldout.pop("responses", None)  # the rates are the metrics; the responses would swamp them
-            # Wall time goes to MLflow only: the DVC-tracked metrics stay identical between runs.
-            run.log_metrics({"train_seconds": result.pop("train_seconds")})
-            metrics = {"train": {k: v for k, v in result.items() if k != "loss_curve"}, "heldout": heldout}
-            identity = compute_identity(model, tokenizer, cfg.name, cfg.revision, cfg.chat_template)
-        else:
-            gguf = gguf_path(cfg, cfg.name)
-            start = time.perf_counter()
-            model, tokenizer = load_model(cfg)
-            run.log_metrics({"model_loads": 1, "model_load_s": time.perf_counter() - start})
-            weights.mkdir()
-            if gguf is not None:
-                # Dequantised once, here: every later stage then loads a plain safetensors
-                # directory (about 1 s for SmolLM2) instead of converting the GGUF again (20 s).
-                model.save_pretrained(weights)
-                tokenizer.save_pretrained(weights)
-            (weights / "SOURCE.json").write_text(
-                json.dumps({"model_id": cfg.name, "revision": cfg.revision, "gguf_file": gguf and gguf.name}, indent=2)
-                + "\n"
-            )
-            pd.DataFrame({"step": [], "loss": []}).to_csv(args.out / "loss.csv", index=False)
-            identity = compute_identity(model, tokenizer, cfg.name, cfg.revision, cfg.chat_template)
-            if gguf is not None:
-                identity.update(gguf_identity(cfg.name, gguf))
+        prepared = prepare_model(cfg, weights, table, progress=not args.no_progress)
+    loss = pd.DataFrame(prepared.loss_curve, columns=["step", "loss"]) if prepared.loss_curve else None
+    (loss if loss is not None else pd.DataFrame({"step": [], "loss": []})).to_csv(args.out / "loss.csv", index=False)
+    identity = prepared.identity
     write_json(args.out / "identity.json", identity)
-    write_json(args.out / "metrics.json", metrics)
+    write_json(args.out / "metrics.json", prepared.metrics)
 
+    for step, value in prepared.loss_curve:
+        run.log_metrics({"train_loss": value}, step=step)
+    run.log_metrics({"model_loads": 1, "model_load_s": prepared.load_s})
+    if prepared.train_seconds is not None:  # wall time goes to MLflow only: DVC's metrics stay identical
+        run.log_metrics({"train_seconds": prepared.train_seconds})
     run.log_identity(identity)
-    run.log_metrics(metrics)
-    print(
-        f"model: {identity['architecture']} with {identity['n_layers']} layers, d_model {identity['d_model']} -> {args.out}"
-    )
+    run.log_metrics(prepared.metrics)
+    shape = f"{identity['architecture']} with {identity['n_layers']} layers, d_model {identity['d_model']}"
+    print(f"model: {shape} -> {args.out}")
 
 
 if __name__ == "__main__":

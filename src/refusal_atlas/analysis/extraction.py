@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -19,6 +20,7 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
+from refusal_atlas.config import ActivationsConfig, ModelConfig
 from refusal_atlas.data import store
 from refusal_atlas.errors import RefusalAtlasError
 from refusal_atlas.model.chat import check_prompt_lengths, eoi_tokens, format_prompts, tokenize_prompts
@@ -194,3 +196,30 @@ def extract_set(
         "n_batches_resumed": -(-len(prompts) // batch_size) - len(pending),
         "rebuilt": rebuilt,
     }
+
+
+def extract_sets(
+    model, tokenizer, identity: dict, prompts_dir: Path, verdicts_dir: Path, out: Path, cfg: ActivationsConfig,
+    mcfg: ModelConfig, rank: int = 0, world: int = 1, barrier=lambda: None, progress: bool = True,
+) -> dict:  # fmt: skip
+    """Bring one store per prompt set up to date: ``out/<set>.zarr`` for every ``prompts_dir/<set>.parquet``.
+
+    Each set's prompts are joined with its baseline verdicts (``verdicts_dir/<set>.parquet``)
+    and handed to ``extract_set``; stores of sets no longer in ``prompts_dir`` are removed (on
+    rank 0). Returns ``extract_set``'s record per set.
+    """
+    names = sorted(p.stem for p in prompts_dir.glob("*.parquet"))
+    template = (mcfg.system_prompt, mcfg.chat_template, mcfg.chat_template_kwargs)
+    done = {}
+    for name in names:
+        verdicts = pd.read_parquet(verdicts_dir / f"{name}.parquet")[["prompt_id", "refused"]]
+        prompts = pd.read_parquet(prompts_dir / f"{name}.parquet")
+        done[name] = extract_set(
+            model, tokenizer, identity, prompts.merge(verdicts, on="prompt_id", how="left", validate="one_to_one"),
+            out / f"{name}.zarr", name=name, template=template, dtype=cfg.dtype, batch_size=mcfg.batch_size,
+            max_prompt_tokens=mcfg.max_prompt_tokens, rank=rank, world=world, barrier=barrier, progress=progress,
+        )  # fmt: skip
+    if rank == 0:
+        for stale in sorted(set(out.glob("*.zarr")) - {out / f"{n}.zarr" for n in names}):
+            shutil.rmtree(stale)
+    return done

@@ -20,9 +20,11 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
+from refusal_atlas.config import BaselineConfig, ModelConfig
 from refusal_atlas.data.atomic import write_json
 from refusal_atlas.judging.judges import ClassifierJudge, judge_agreement, judge_responses
-from refusal_atlas.model.generation import generate_scored, kl_first_token, refusal_log_odds
+from refusal_atlas.model.chat import check_prompt_lengths, format_prompts
+from refusal_atlas.model.generation import generate_scored, kl_first_token, refusal_log_odds, refusal_token_ids
 
 # Chunk files hold one record per prompt (response and scores); the folder names the format,
 # so a chunk left by an older version is never read as this one.
@@ -172,3 +174,27 @@ def refusal_rates(table: pd.DataFrame) -> dict:
     if len(judges) > 1:
         metrics["judges"] = judge_agreement(judges)
     return metrics
+
+
+def baseline_behaviour(
+    model, tokenizer, identity: dict, table: pd.DataFrame, cfg: BaselineConfig, mcfg: ModelConfig,
+    judges: Sequence[str], parts_dir: Path, classifier=None, progress: bool = True,
+) -> pd.DataFrame:  # fmt: skip
+    """The unsteered model's response to every prompt of ``table``, judged.
+
+    Every formatted prompt's length is checked before any generation. Generation resumes from
+    ``parts_dir`` chunks keyed by the model identity, the prompts and the settings. Returns
+    prompt_id, category, role, split, response, refused, each judge's verdict and refusal_score.
+    """
+    texts = table.text.tolist()
+    formatted = format_prompts(tokenizer, texts, mcfg.system_prompt, mcfg.chat_template, mcfg.chat_template_kwargs)
+    check_prompt_lengths(tokenizer, formatted, mcfg.max_prompt_tokens, table.prompt_id.tolist())
+    key = fingerprint(identity, formatted, cfg.model_dump(), mcfg.batch_size, mcfg.refusal_tokens)
+    responses, scores, _ = generate_scored_resumable(
+        model, tokenizer, formatted, refusal_token_ids(tokenizer, mcfg.refusal_tokens), cfg.max_new_tokens,
+        mcfg.batch_size, mcfg.max_prompt_tokens, parts_dir, key, chunk_size=8 * mcfg.batch_size, desc="baseline",
+        progress=progress,
+    )  # fmt: skip
+    judged = judge_table(responses, scores, judges, classifier=classifier, prompts=texts)
+    columns = table[["prompt_id", "category", "role", "split"]]
+    return pd.concat([columns, pd.Series(responses, name="response"), judged], axis=1)

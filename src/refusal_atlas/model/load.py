@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -464,7 +465,6 @@ def load_stage_model(cfg: ModelConfig, model_dir: Path, run=None):
     ``run`` (the stage's tracking run) gets ``model_loads`` (1) and ``model_load_s``.
     """
     import json
-    import time
 
     identity = json.loads((model_dir / "identity.json").read_text())
     start = time.perf_counter()

@@ -15,7 +15,7 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from refusal_atlas.config import Params, load_params, params_dict
+from refusal_atlas.config import ConfigError, Params, load_params, params_dict
 from refusal_atlas.errors import RefusalAtlasError
 
 
@@ -91,17 +91,43 @@ def hide_library_progress_bars() -> None:
         logging.disable_progress_bar()
 
 
+def wait_for_everyone(world: int) -> None:
+    """A barrier across the processes of a distributed launch (nothing in a single process)."""
+    if world > 1:
+        import torch
+        from accelerate import PartialState
+
+        PartialState(cpu=not torch.cuda.is_available()).wait_for_everyone()
+
+
+def _relaunch_if_asked(parser: argparse.ArgumentParser, processes: Callable[[Params], int]) -> None:
+    """Rerun this command in ``processes(params)`` processes when that is over 1 and this is not one of them."""
+    known, _ = parser.parse_known_args()
+    try:
+        n = processes(load_params(known.params))
+    except ConfigError:
+        n = 1  # run_stage reports the bad params
+    if n > 1 and process_rank()[1] == 1 and not os.environ.get("REFUSAL_ATLAS_LAUNCHED"):
+        sys.exit(relaunch_with_accelerate(n))
+
+
 def run_stage(
-    stage: str, parser: argparse.ArgumentParser, main: Callable[[argparse.Namespace, Params, object], None]
+    stage: str,
+    parser: argparse.ArgumentParser,
+    main: Callable[[argparse.Namespace, Params, object], None],
+    processes: Callable[[Params], int] | None = None,
 ) -> None:
     """Parse args, validate params, open the MLflow run, call ``main(args, params, run)``.
 
-    On ranks > 0 of a distributed launch, ``run`` is a ``NullRun``.
+    ``processes(params)``, when given, is how many data-parallel processes the stage runs in
+    (``relaunch_with_accelerate``); on ranks > 0 of such a launch, ``run`` is a ``NullRun``.
     """
     import errno
 
     from refusal_atlas.pipeline.tracking import stage_run
 
+    if processes is not None:
+        _relaunch_if_asked(parser, processes)
     args = parser.parse_args()
     if args.no_progress:
         hide_library_progress_bars()

@@ -305,3 +305,28 @@ def explained_variance_plot(
     ax.set_title(title if participation_ratio is None else f"{title} (participation ratio = {participation_ratio:.2f})")
     ax.legend(fontsize=7, loc="center right")
     return _finish(fig)
+
+
+def geometry_figures(r) -> dict[str, Figure]:
+    """The geometry stage's PNGs by file name, from an ``analysis.geometry_analysis.GeometryResult``."""
+    cats = list(r.cos.index)
+    return {
+        "cosine_heatmap.png": cosine_heatmap(r.cos),
+        "layer_curve.png": layer_curve(
+            r.layers,
+            {"mean off-diagonal cosine": r.per_layer},
+            ylabel="cosine",
+            title="Category directions across layers",
+        ),
+        "dendrogram.png": dendrogram_plot(
+            r.clustering["linkage"]["average"], cats, "Average linkage on 1 - cos", r.clustering["best_k"]["average"]
+        ),
+        "mds.png": mds_scatter(r.mds[2]["coords"], cats, title="Metric MDS", stress=r.mds[2]["stress"]),
+        "probe_transfer.png": matrix_heatmap(r.transfer, "Probe transfer (train → test)", "viridis", ".2f", 0, 1),
+        "selectivity.png": matrix_heatmap(
+            r.selectivity, "Selectivity: projection minus benign", "RdBu_r", ".1f", center=0
+        ),
+        "explained_variance.png": explained_variance_plot(
+            r.rank["cumulative"], participation_ratio=r.rank["participation_ratio"]
+        ),
+    }

@@ -1,0 +1,287 @@
+"""What the report stage computes and says: steering aggregates, the shared-knob test, styles, sections.
+
+``build_report`` takes everything the earlier stages wrote, already read (``ReportInputs``),
+and returns the report's tables, figures, metrics, MLflow headline and HTML; the stage
+only reads the files, calls it, writes and logs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from matplotlib.figure import Figure
+
+from refusal_atlas.config import SteeringConfig
+from refusal_atlas.judging.styles import (
+    STYLES,
+    evaluate_classifier,
+    induced_style_counts,
+    style_homogeneity,
+    train_style_classifier,
+)
+from refusal_atlas.report import plots
+from refusal_atlas.report.html import Section, render_report
+from refusal_atlas.steering.interventions import curve_table, shared_knob, shared_knob_summary
+
+GEOMETRY_FIGURES = (
+    ("Cosine similarity between category directions", "cosine_heatmap.png"),
+    ("Hierarchical clustering (1 - cos)", "dendrogram.png"),
+    ("Metric MDS", "mds.png"),
+    ("Mean off-diagonal cosine per layer", "layer_curve.png"),
+    ("Probe transfer", "probe_transfer.png"),
+    ("Selectivity", "selectivity.png"),
+)
+
+
+@dataclass
+class ReportInputs:
+    """The earlier stages' outputs, read: each field names the file it comes from."""
+
+    summary: dict  # artifacts/prompts/summary.json
+    digests: dict  # set -> sha256 of artifacts/prompts/sets/<set>.parquet (``file_digests``)
+    identity: dict  # artifacts/model/identity.json
+    baseline: dict  # artifacts/baseline/metrics.json
+    selected: dict  # artifacts/directions/selected.json
+    geometry: dict  # artifacts/geometry/metrics.json
+    geometry_png: dict  # file name -> bytes of artifacts/geometry/figures/*.png
+    steering: dict  # direction -> artifacts/steering/<direction>/metrics.json
+    responses: dict  # direction -> artifacts/steering/<direction>/responses.parquet
+    exemplars: pd.DataFrame  # prompts/styles/exemplars.jsonl (``load_labelled``)
+    labelled: pd.DataFrame  # prompts/styles/hand_labelled.jsonl
+    commit: str  # the code commit the report names
+
+
+@dataclass
+class Report:
+    tradeoff: pd.DataFrame
+    knob: pd.DataFrame
+    figures: dict[str, Figure]
+    metrics: dict
+    headline: dict
+    html: str
+    tracked: dict = field(default_factory=dict)  # extra stage metrics for MLflow
+
+
+def file_digests(folder: Path) -> dict:
+    """sha256 of every parquet file in ``folder``, by stem."""
+    return {p.stem: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.glob("*.parquet"))}
+
+
+def identity_params(identity: dict) -> dict:
+    """The model identity as the parent run's params."""
+    keys = ("model_revision", "architecture", "n_layers", "d_model")
+    return {"model": identity["model_id"], **{k: identity[k] for k in keys}}
+
+
+def build_report(inp: ReportInputs, cfg: SteeringConfig) -> Report:
+    """Aggregate the steering results with the earlier stages' and render the report."""
+    steering = inp.steering
+    curves = {
+        n: curve_table({k: v for k, v in m["interventions"].items() if k != "ablate"}, cfg.alphas)
+        for n, m in steering.items()
+    }
+    tradeoff = pd.concat([c.assign(direction=n) for n, c in curves.items()], ignore_index=True)
+    verdicts, is_harmful = {}, None
+    for n, table in inp.responses.items():
+        controlled = table[table.in_buckets & (table.intervention != "ablate")]
+        verdicts[n] = controlled.pivot(index="prompt_id", columns="intervention", values="refused").sort_index()
+        is_harmful = controlled.groupby("prompt_id").bucket.first().sort_index().isin(["HR", "HC"]).to_numpy()
+    knob = shared_knob(verdicts, is_harmful, n_bootstrap=cfg.n_bootstrap, seed=cfg.seed, tolerance=cfg.knob_tolerance)
+    verdict_line = shared_knob_summary(knob, cfg.knob_tolerance)
+    distribution = {n: m["style"]["distribution"] for n, m in steering.items()}
+    style = pd.DataFrame(distribution).T.reindex(columns=list(STYLES)).fillna(0.0)
+    # The study's second finding as a test: do the category directions (not pooled or the
+    # random controls) induce different mixes of refusal styles?
+    categories = inp.summary["by_category"]
+    homogeneity = style_homogeneity(
+        induced_style_counts({n: m["style"] for n, m in steering.items() if n in categories})
+    )
+    keys = ("rr", "orr", "acc", "kl_first_token", "kl_teacher_forced")
+    ablation = pd.DataFrame({n: {k: m["interventions"]["ablate"][k] for k in keys} for n, m in steering.items()}).T
+    kl = pd.DataFrame(
+        {n: {k: v.get("kl_first_token", np.nan) for k, v in m["interventions"].items()} for n, m in steering.items()}
+    ).T
+    ex = inp.exemplars
+    clf = train_style_classifier(ex.text.tolist(), ex.label.tolist(), seed=cfg.seed)
+    style_eval = evaluate_classifier(clf, inp.labelled.text.tolist(), inp.labelled.label.tolist())
+
+    figures = {
+        "tradeoff.png": plots.tradeoff_plot({n: c[c.alpha.notna()] for n, c in curves.items()}),
+        "style_matrix.png": plots.matrix_heatmap(
+            style, "Style of the refusals each direction induces (share)", "Blues", ".2f", 0, 1
+        ),
+    }
+    metrics = {
+        "shared_knob": {
+            "summary": verdict_line,
+            "tolerance": cfg.knob_tolerance,
+            "verdicts": knob.verdict.value_counts().to_dict(),
+            "max_mean_abs_diff": float(knob.mean_abs_diff.max()),
+        },
+        "style_classifier": {k: style_eval[k] for k in ("n", "accuracy", "macro_f1")},
+        "dominant_style": {
+            n: {"style": m["style"]["dominant"], "purity": m["style"]["purity"]} for n, m in steering.items()
+        },
+        "style_homogeneity": homogeneity,
+    }
+    tables = {"tradeoff": tradeoff, "knob": knob, "style": style, "ablation": ablation, "kl": kl}
+    sections = _sections(inp, figures, tables, verdict_line, style_eval, homogeneity)
+    html = render_report("refusal-atlas report", _intro(inp.identity, inp.selected), sections)
+    tracked = {
+        "shared_knob.max_mean_abs_diff": metrics["shared_knob"]["max_mean_abs_diff"],
+        "style_classifier": metrics["style_classifier"],
+        "style_homogeneity": {k: homogeneity[k] for k in ("chi2", "p_value", "cramers_v")},
+    }
+    return Report(tradeoff, knob, figures, metrics, _headline(inp, knob), html, tracked)
+
+
+def _headline(inp: ReportInputs, knob: pd.DataFrame) -> dict:
+    """The numbers that compare one execution with another (a model, a setting), for the parent run."""
+    geometry, baseline = inp.geometry, inp.baseline
+    verdicts = ("same knob", "different", "inconclusive", "no overlap")
+    out = {
+        "geometry.cosine_offdiag_mean": geometry["cosine_offdiag_mean"],
+        "geometry.best_k": geometry["cluster_average_best_k"],
+        "geometry.best_k_silhouette": geometry["cluster_average_silhouette"],
+        **{f"shared_knob.{v.replace(' ', '_')}": int((knob.verdict == v).sum()) for v in verdicts},
+        **{f"judge.{k.split('.')[1]}.kappa": v for k, v in baseline.get("judges", {}).items() if k.endswith(".kappa")},
+    }
+    pooled = inp.steering.get("pooled", {}).get("interventions", {})
+    for name, entry in pooled.items():
+        if name.startswith("add_") or name == "ablate":
+            out.update({f"pooled.{name}.rr": entry["rr"], f"pooled.{name}.orr": entry["orr"]})
+    return out
+
+
+def _intro(identity: dict, selected: dict) -> list[str]:
+    intro = [
+        f"Model {identity['model_id']} ({identity['architecture']}, {identity['n_layers']} layers, "
+        f"d_model {identity['d_model']}, revision {identity['model_revision']})."
+    ]
+    if "gguf_sha256" in identity:
+        intro.append(
+            f"Weights: GGUF file {identity['gguf_file']} ({identity['gguf_quantization']}, dequantised to "
+            f"{identity['dtype']}), sha256 {identity['gguf_sha256']}."
+        )
+    if identity["model_id"] == "demo":
+        intro.append(
+            "This run uses the embedded demo model, a small model trained here so the pipeline runs offline; "
+            "it is not evidence about real LLMs."
+        )
+    weak = {n: s for n, s in selected.items() if s.get("underpowered")}
+    if weak:
+        intro.append(
+            f"Under-powered directions, learnt from fewer than {next(iter(weak.values()))['min_per_side']} prompts "
+            "on a side (marked ⚠ below): "
+            + ", ".join(f"{n} (HR {s['n_target']}, BC {s['n_baseline']})" for n, s in weak.items())
+            + ". Their geometry and steering rest on a handful of refusals and are not comparable to the other "
+            "directions'."
+        )
+    fallen = [n for n, s in selected.items() if s.get("fallback")]
+    if fallen:
+        intro.append(
+            f"No candidate site passed Arditi's filters (kl and induce) for {len(fallen)} direction(s): "
+            f"{', '.join(fallen)}; their sites are directions.fallback's choice (fallback column below; the reason "
+            "is in selected.json)."
+        )
+    return intro
+
+
+_SITE_KEYS = ("method", "layer", "position", "score", "fallback", "mean_resid_norm", "n_target", "n_baseline")
+_CANDIDATES = (
+    "Arditi candidates per direction: kept (passed every filter), dropped by rule (layer, nan, kl, induce), or not "
+    "scored because a lower-bypass candidate had already passed; the search order (bypass first, or filters first "
+    "where most candidates fail kl) and the validation prompts per side. Every row, with kl_prompts where kl stopped "
+    "early, is in artifacts/directions/candidates.csv"
+)
+_TRADEOFF_COLUMNS = ["alpha", "rr", "rr_lo", "rr_hi", "orr", "orr_lo", "orr_hi", "acc"]
+
+
+def _sections(inp: ReportInputs, figures, tables, verdict_line, style_eval, homogeneity) -> list[Section]:
+    summary, baseline, geometry, selected = inp.summary, inp.baseline, inp.geometry, inp.selected
+    sites = pd.DataFrame(
+        {("⚠ " if s.get("underpowered") else "") + n: {k: s.get(k) for k in _SITE_KEYS} for n, s in selected.items()}
+    ).T
+    arditi = {
+        n: {**s["counts"], "order": s.get("search_order"), **{f"n_val {k}": v for k, v in s.get("n_val", {}).items()}}
+        for n, s in selected.items()
+        if s.get("method") == "arditi"
+    }
+    reference = geometry["reference_site"]
+    scalars = {k: v for k, v in geometry.items() if isinstance(v, (int, float))}
+    n, dof = homogeneity["n"], homogeneity["dof"]
+    return [
+        Section(
+            "Prompt sets",
+            [f"{summary['total']} prompts."],
+            tables={"Prompts per set and split": pd.DataFrame(summary["by_category_split"]).T.fillna(0).astype(int)},
+        ),
+        Section(
+            "Baseline behaviour",
+            [f"Unsteered refusal rate overall: {baseline['refusal_rate']['overall']:.3f}."],
+            tables={"Refusal rate per set and split": pd.DataFrame(baseline["refusal_rate"]["by_category_split"]).T},
+        ),
+        Section(
+            "Directions",
+            [
+                "Each direction's selected (layer, position), the score behind the choice, and how many refused "
+                "targets (HR) and answered baseline prompts (BC) it was learnt from; ⚠ marks a side under "
+                "directions.min_per_side."
+            ],
+            tables={"Selected sites": sites, **({_CANDIDATES: pd.DataFrame(arditi).T} if arditi else {})},
+        ),
+        Section(
+            "Geometry",
+            [f"At the pooled direction's site (layer {reference['layer']}, position {reference['position']})."],
+            figures={caption: inp.geometry_png[f] for caption, f in GEOMETRY_FIGURES},
+            tables={"Summary": pd.Series(scalars).to_frame("value")},
+        ),
+        Section(
+            "Steering: refusal vs over-refusal",
+            [verdict_line],
+            figures={
+                "RR against ORR for every direction (95% bootstrap CIs)": plots.png_bytes(figures["tradeoff.png"])
+            },
+            tables={
+                "Trade-off curves": tables["tradeoff"].set_index(["direction", "intervention"])[_TRADEOFF_COLUMNS],
+                "Shared-knob statistic per pair": tables["knob"].set_index(["a", "b"]),
+                "Directional ablation": tables["ablation"],
+            },
+        ),
+        Section(
+            "Refusal style",
+            [
+                "Style of the refusals each direction induces: prompts the unsteered model answered and refuses "
+                "under activation addition (all alphas).",
+                f"Do the {homogeneity['n_directions']} category directions induce the same mix of styles? Chi-square "
+                f"test of homogeneity over {n} induced refusals: χ²({dof}) = {homogeneity['chi2']:.1f}, "
+                f"p = {homogeneity['p_value']:.2g}, Cramér's V = {homogeneity['cramers_v']:.2f} (0: the same mix "
+                "everywhere, 1: no style shared). A prompt refused at several α counts once per α, so p is "
+                "optimistic; V is the size of the difference.",
+                f"Offline style classifier accuracy on {style_eval['n']} hand-labelled responses: "
+                f"{style_eval['accuracy']:.3f} (macro-F1 {style_eval['macro_f1']:.3f}).",
+            ],
+            figures={"Direction × style": plots.png_bytes(figures["style_matrix.png"])},
+            tables={"Style shares": tables["style"]},
+        ),
+        Section(
+            "KL cost",
+            ["Mean first-token KL(base || steered) on benign prompts, per intervention."],
+            tables={"First-token KL": tables["kl"]},
+        ),
+        Section(
+            "Lineage",
+            [
+                f"Code commit {inp.commit}; whether the working tree was dirty, and the package versions, are tagged "
+                "on every MLflow run."
+            ],
+            tables={
+                "Model identity": pd.Series(inp.identity).to_frame("value"),
+                "Prompt-set digests": pd.Series(inp.digests).to_frame("sha256"),
+            },
+        ),
+    ]
