@@ -344,20 +344,20 @@ def parse_params(data: dict, path: Path | str = "params.yaml") -> Params:
         raise ConfigError(_format_error(Path(path), err)) from None
 
 
-def _read_yaml(path: Path, missing: str) -> object:
-    """The YAML document at ``path``; ``ConfigError`` saying ``missing`` if there is none, or where it does not parse."""
+def read_yaml(path: Path, missing: str, error: type[Exception] = ConfigError) -> object:
+    """The YAML document at ``path``; ``error`` saying ``missing`` if there is none, or where it does not parse."""
     try:
-        return yaml.safe_load(path.read_text(encoding="utf-8"))
+        return yaml.safe_load(Path(path).read_text(encoding="utf-8"))
     except FileNotFoundError:
-        raise ConfigError(f"{path}: {missing}") from None
+        raise error(f"{path}: {missing}") from None
     except yaml.YAMLError as err:
-        raise ConfigError(f"{path}: not valid YAML: {err}") from None
+        raise error(f"{path}: not valid YAML: {err}") from None
 
 
 def load_params(path: Path | str = "params.yaml") -> Params:
     """Read and validate params.yaml."""
     path = Path(path)
-    data = _read_yaml(path, "params file not found; run from the repository root or pass --params")
+    data = read_yaml(path, "params file not found; run from the repository root or pass --params")
     if data is not None and not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping of sections at the top level, got {type(data).__name__}")
     return parse_params(data, path)
@@ -396,12 +396,12 @@ def profile_overrides(profile: Path | str, params_path: Path | str = "params.yam
     a wrong type in the profile fails here, naming the profile, before any stage runs.
     """
     profile = Path(profile)
-    data = _read_yaml(profile, "profile not found; expected a YAML file shaped like params.yaml (see profiles/)")
+    data = read_yaml(profile, "profile not found; expected a YAML file shaped like params.yaml (see profiles/)")
     if not isinstance(data, dict) or not data:
         raise ConfigError(
             f"{profile}: expected a mapping of params sections (like params.yaml) with the keys to change, got {type(data).__name__}"
         )
-    base = yaml.safe_load(Path(params_path).read_text(encoding="utf-8")) or {}
+    base = read_yaml(params_path, "params file not found; run from the repository root or pass --params") or {}
     parse_params(_merged(base, data), profile)
     out: dict[str, object] = {}
     _leaves("", data, out)

@@ -3,7 +3,7 @@
 Run with ``make bench`` (``pytest -q -s -p no:cacheprovider tests/benchmarks -m bench``);
 a plain ``pytest`` (make test) skips it: the autouse fixture below skips unless the ``-m``
 expression selects the bench marker. (It is not a tests/benchmarks/conftest.py because the
-suite imports helpers with ``from conftest import ...``, and a second conftest module
+suite imports helpers with ``from helpers import ...``, and a second conftest module
 would shadow tests/conftest.py.)
 
 Setup: a randomly initialised ~110M-parameter Llama (float32, eval, ``torch.manual_seed(0)``),

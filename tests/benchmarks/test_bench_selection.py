@@ -18,7 +18,7 @@ every block below 0.8 L and every EOI position on the demo model; on SmolLM2, ``
 
 Rows, per model: forward tokens/s of a plain forward (batch 32 whole prompts, last-position
 logits), then per candidate and per direction (one select_arditi call) the new time, the
-reference (today's body, copied in tests/test_directions.py) time, their ratio, and the floor:
+reference (today's body, copied in tests/analysis/test_directions.py) time, their ratio, and the floor:
 the tokens the new path ran divided by the forward throughput. Bypass alone is timed too
 (``CandidateScorer.fast_bypass`` over all candidates vs ``reference_bypass`` on two).
 """
@@ -38,10 +38,10 @@ import pytest
 import torch
 
 REPO = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(REPO / "tests"))
+sys.path.insert(0, str(REPO / "tests" / "analysis"))
 
-from conftest_models import make_tokenizer  # noqa: E402
 from test_directions import _reference_select_arditi, load_smollm2, smollm2_refusal_ids  # noqa: E402
+from tiny_models import make_tokenizer  # noqa: E402
 
 from refusal_atlas.analysis.directions import compute_direction, select_arditi  # noqa: E402
 from refusal_atlas.analysis.site_scores import CandidateScorer  # noqa: E402

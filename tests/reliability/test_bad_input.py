@@ -1,6 +1,6 @@
 """Bad input across the stages: each case gets a clear message (what, where, how to fix), a
 non-zero exit where a command runs, and no partial output. Prompt-file cases live in
-tests/test_prompts.py and importer cases in tests/test_importers.py; these are the rest."""
+tests/data/test_prompts.py and importer cases in tests/data/test_importers.py; these are the rest."""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from conftest import REPO, clone_pipeline, run
-from conftest_models import make_tokenizer, tiny_model
+from helpers import REPO, clone_pipeline, run
+from tiny_models import make_tokenizer, tiny_model
 
 from refusal_atlas.analysis.atlas import load_site
 from refusal_atlas.analysis.directions import DirectionError, draw_sides, select_fixed

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import pytest
 import yaml
-from conftest import clone_pipeline, run
+from helpers import clone_pipeline, run
 
 pytestmark = pytest.mark.slow
 RERUN = ["prompts", "activations", "directions", "geometry", "report"]

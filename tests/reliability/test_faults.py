@@ -25,8 +25,8 @@ import pandas as pd
 import pytest
 import yaml
 import zarr
-from conftest import REPO, VENV_BIN, copy_repo, run
-from conftest_models import WORDS, make_tokenizer, tiny_model
+from helpers import REPO, VENV_BIN, copy_repo, run
+from tiny_models import WORDS, make_tokenizer, tiny_model
 
 from refusal_atlas.config import load_params
 from refusal_atlas.data import store

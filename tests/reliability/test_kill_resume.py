@@ -14,7 +14,7 @@ import pandas as pd
 import pytest
 import yaml
 import zarr
-from conftest import VENV_BIN, clone_pipeline, run
+from helpers import VENV_BIN, clone_pipeline, run
 
 from refusal_atlas.data import store
 

@@ -9,8 +9,6 @@ rebuilt from scratch.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import shutil
 from collections.abc import Sequence
 from pathlib import Path
@@ -22,6 +20,7 @@ from tqdm.auto import tqdm
 
 from refusal_atlas.config import ActivationsConfig, ModelConfig
 from refusal_atlas.data import store
+from refusal_atlas.digest import json_sha256
 from refusal_atlas.errors import RefusalAtlasError
 from refusal_atlas.model.chat import check_prompt_lengths, eoi_tokens, format_prompts, tokenize_prompts
 from refusal_atlas.model.hooks import read_residual
@@ -41,7 +40,7 @@ def inputs_fingerprint(prompts: pd.DataFrame, identity: dict, settings: dict) ->
         "identity": identity,
         "settings": settings,
     }
-    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
+    return json_sha256(payload)
 
 
 def store_order(prompts: pd.DataFrame, n_tokens: Sequence[int]) -> pd.DataFrame:

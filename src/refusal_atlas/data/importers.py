@@ -11,7 +11,6 @@ and the fix, before anything is written.
 from __future__ import annotations
 
 import csv
-import hashlib
 import io
 import json
 import logging
@@ -22,6 +21,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from refusal_atlas.digest import file_sha256, sha256_hex
 from refusal_atlas.errors import RefusalAtlasError
 
 log = logging.getLogger(__name__)
@@ -184,7 +184,7 @@ def _jsonl_objects(path: Path, fmt: str, required: tuple[str, ...]) -> Iterator[
 
 
 def _text_hash(text: str) -> str:
-    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:12]
+    return sha256_hex(text)[:12]
 
 
 def _kind_from_name(path: Path, kind: str | None, choices: dict[str, str]) -> str | None:
@@ -428,11 +428,6 @@ FORMATS: dict[str, ImportFormat] = {
 }
 
 
-def _file_sha256(path: Path) -> str:
-    with path.open("rb") as handle:
-        return hashlib.file_digest(handle, "sha256").hexdigest()
-
-
 def _select_format(fmt: str, kind: str | None, path: Path) -> ImportFormat:
     if fmt not in FORMATS:
         raise ImportFormatError(f"{path}: unknown format {fmt!r}; known formats: {', '.join(sorted(FORMATS))}")
@@ -461,7 +456,7 @@ def import_file(fmt: str, path: Path, category: str | None = None, *, kind: str 
         raise ImportFormatError(
             f"{path}: format {fmt!r} yields no category {category!r}; it yields {', '.join(spec.categories)}"
         )
-    source = f"{fmt}:{path.name}:sha256={_file_sha256(path)}"
+    source = f"{fmt}:{path.name}:sha256={file_sha256(path)}"
     result, seen = ImportResult(), {}
     for row in spec.read(path, kind):
         if row.category is None:

@@ -14,10 +14,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from refusal_atlas.config import SplitFractions
+from refusal_atlas.config import SplitFractions, read_yaml
+from refusal_atlas.digest import sha256_hex
 from refusal_atlas.errors import RefusalAtlasError
 
 REQUIRED_FIELDS = ("id", "text", "category", "source")
@@ -66,14 +66,8 @@ class PromptRecord:
 
 def load_manifest(path: Path) -> Manifest:
     """Read and validate ``prompts/manifest.yaml``."""
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise PromptValidationError(
-            f"{path}: manifest not found; create it or set prompts.manifest in params.yaml"
-        ) from None
-    except yaml.YAMLError as err:
-        raise PromptValidationError(f"{path}: not valid YAML: {err}") from None
+    missing = "manifest not found; create it or set prompts.manifest in params.yaml"
+    data = read_yaml(path, missing, PromptValidationError)
     try:
         manifest = Manifest.model_validate(data or {})
     except ValidationError as err:
@@ -211,7 +205,7 @@ def build_prompt_table(
                     "split": assign_split(rec.id, fractions),
                     "text": rec.text,
                     "source": rec.source,
-                    "sha256": hashlib.sha256(rec.text.encode("utf-8")).hexdigest(),
+                    "sha256": sha256_hex(rec.text),
                 }
             )
         if not file_problems and len(records) < min_per_category:

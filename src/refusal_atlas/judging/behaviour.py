@@ -8,7 +8,6 @@ once its real outputs are written.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import sys
 from collections.abc import Callable, Mapping, Sequence
@@ -22,6 +21,7 @@ from tqdm.auto import tqdm
 
 from refusal_atlas.config import BaselineConfig, ModelConfig
 from refusal_atlas.data.atomic import write_json
+from refusal_atlas.digest import json_sha256
 from refusal_atlas.judging.judges import ClassifierJudge, judge_agreement, judge_responses
 from refusal_atlas.model.chat import check_prompt_lengths, format_prompts
 from refusal_atlas.model.generation import generate_scored, kl_first_token, refusal_log_odds, refusal_token_ids
@@ -33,7 +33,7 @@ PARTS_FORMAT = "records2"
 
 def fingerprint(*parts: object) -> str:
     """Short sha256 of JSON-serialisable inputs."""
-    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    return json_sha256(list(parts))[:16]
 
 
 def generate_resumable(

@@ -30,7 +30,15 @@ import torch
 from refusal_atlas.config import JudgeConfig, ModelConfig
 from refusal_atlas.errors import RefusalAtlasError
 from refusal_atlas.model.generation import generate
-from refusal_atlas.model.load import _DTYPES, ModelLoadError, ModelNotAvailableError, UnsafeWeightsError, _weight_files
+from refusal_atlas.model.load import (
+    _DTYPES,
+    ModelLoadError,
+    ModelNotAvailableError,
+    UnsafeWeightsError,
+    _weight_files,
+    device_for,
+    ensure_pad_token,
+)
 
 # (prompts, responses) -> refused, a bool array [n].
 Classifier = Callable[[Sequence[str], Sequence[str]], np.ndarray]
@@ -176,10 +184,6 @@ def _check_directory(path: Path) -> None:
     )
 
 
-def _device(device: str) -> torch.device:
-    return torch.device(("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device)
-
-
 def load_classifier(
     path: str | Path,
     fmt: str,
@@ -225,13 +229,8 @@ def load_classifier(
             f"{path}: cannot load the judge model ({type(err).__name__}: {err}). It must be a Hugging Face model directory "
             "whose architecture transformers ships (custom modelling code is never run for the judge)."
         ) from err
-    model = model.to(_device(device)).eval().requires_grad_(False)
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
-        if tokenizer.pad_token is None:
-            raise ModelLoadError(
-                f"{path}: the judge's tokenizer has no pad, eos or unk token to pad batches with; add a pad token."
-            )
+    model = model.to(device_for(device)).eval().requires_grad_(False)
+    ensure_pad_token(tokenizer, f"{path}: the judge's tokenizer")
     if kind == "sequence":
         return _sequence_judge(model, tokenizer, fmt, select_refusal_label(config.id2label), batch_size)
     return _generative_judge(model, tokenizer, fmt, batch_size, max_new_tokens)

@@ -319,7 +319,9 @@ def llm_style_judge(
     ``NONREFUSAL`` becomes ``GENERIC``.
     """
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from refusal_atlas.config import ModelConfig
+    from refusal_atlas.model.load import load_model
 
     responses = [str(r) for r in responses]
     mask = None if refused is None else np.asarray(refused, dtype=bool)
@@ -328,13 +330,8 @@ def llm_style_judge(
     model_dir = Path(model_dir)
     if not model_dir.is_dir():
         raise StyleDataError(f"{model_dir}: no such model directory for the style judge.")
-    tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, local_files_only=True, use_safetensors=True)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    model = model.to(device).eval()
-    tokenizer.padding_side = "left"
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
+    # The one loader (local directory, safetensors only, device, left padding, pad token).
+    model, tokenizer = load_model(ModelConfig(name=str(model_dir)))
 
     def prompt(response: str) -> str:
         content = JUDGE_INSTRUCTIONS.format(response=response[:max_response_chars])
@@ -355,7 +352,7 @@ def llm_style_judge(
             return_tensors="pt",
             padding=True,
             add_special_tokens=not tokenizer.chat_template,
-        ).to(device)
+        ).to(model.device)
         with torch.no_grad():
             out = model.generate(
                 **enc, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id

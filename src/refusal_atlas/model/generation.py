@@ -173,19 +173,25 @@ def refusal_token_ids(tokenizer, strings: list[str]) -> list[int]:
     return ids
 
 
-def _forward_last(model: nn.Module, enc) -> torch.Tensor:
-    """float32 log-softmax of the next-token logits at the last position: [batch, vocab]."""
-    mask = enc["attention_mask"]
-    # Explicit position ids make a left-padded prompt see the same positions as it would
-    # alone (models' forward otherwise numbers pad tokens too), so scores do not depend on
-    # which prompts share its batch.
+def forward_logprobs(model: nn.Module, input_ids: torch.Tensor, mask: torch.Tensor, keep: int = 1) -> torch.Tensor:
+    """float32 log-softmax of the next-token logits at the last ``keep`` positions: [batch, keep, vocab].
+
+    Explicit position ids make a left-padded row see the same positions as it would alone
+    (models' forward otherwise numbers pad tokens too), so values do not depend on which rows
+    share the batch; only the kept positions' logits are materialised where the model allows.
+    """
     positions = (mask.long().cumsum(-1) - 1).clamp(min=0)
     accepted = inspect.signature(model.forward).parameters
     kwargs = {"position_ids": positions} if "position_ids" in accepted else {}
     if "logits_to_keep" in accepted:
-        kwargs["logits_to_keep"] = 1  # avoid materialising [batch, tokens, vocab] logits
-    logits = model(input_ids=enc["input_ids"], attention_mask=mask, use_cache=False, **kwargs).logits[:, -1, :]
+        kwargs["logits_to_keep"] = keep
+    logits = model(input_ids=input_ids, attention_mask=mask, use_cache=False, **kwargs).logits[:, -keep:, :]
     return torch.log_softmax(logits.float(), dim=-1)
+
+
+def _forward_last(model: nn.Module, enc) -> torch.Tensor:
+    """float32 log-softmax of the next-token logits at the last position: [batch, vocab]."""
+    return forward_logprobs(model, enc["input_ids"], enc["attention_mask"])[:, -1, :]
 
 
 @torch.inference_mode()

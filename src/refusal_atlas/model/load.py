@@ -14,6 +14,7 @@ from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from refusal_atlas.config import ModelConfig
+from refusal_atlas.digest import file_sha256, json_sha256, sha256_hex
 from refusal_atlas.errors import RefusalAtlasError
 from refusal_atlas.model.chat import resolve_chat_template
 from refusal_atlas.model.layout import UnsupportedArchitectureError, find_layout
@@ -148,15 +149,6 @@ BUILTIN_MODELS = {
         license="Apache-2.0",
     ),
 }
-
-
-def file_sha256(path: Path, chunk: int = 1 << 22) -> str:
-    """sha256 of a whole file, read in 4 MiB pieces."""
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 def builtin_gguf(name: str) -> Path:
@@ -345,36 +337,38 @@ def load_model(cfg: ModelConfig, name_or_path: str | None = None) -> tuple[nn.Mo
     return _ready(model, tokenizer, cfg)
 
 
-def _ready(model: nn.Module, tokenizer, cfg: ModelConfig) -> tuple[nn.Module, object]:
-    """Place the model, switch it to inference and prepare the tokenizer for left-padded batches."""
-    if cfg.device_map != "auto":
-        model = model.to(("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device)
-    model.eval()
-    model.requires_grad_(False)
-    _prepare_tokenizer(tokenizer)
-    return model, tokenizer
+def device_for(device: str) -> torch.device:
+    """The torch device for a ``device`` setting: "auto" is the GPU when there is one, else the CPU."""
+    return torch.device(("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device)
 
 
-def _prepare_tokenizer(tokenizer) -> None:
-    # Left padding keeps every prompt's last token at position -1, so end-of-instruction
-    # offsets and the next-token logits are read from the same column for the whole batch.
-    tokenizer.padding_side = "left"
+def ensure_pad_token(tokenizer, what: str = "the tokenizer") -> None:
+    """Give a tokenizer without a pad token its eos (else unk) token to pad batches with."""
     if tokenizer.pad_token is None:
         fallback = tokenizer.eos_token or tokenizer.unk_token
         if fallback is None:
             raise ModelLoadError(
-                "the tokenizer has no pad, eos or unk token to pad batches with; add a pad token to the tokenizer files."
+                f"{what} has no pad, eos or unk token to pad batches with; add a pad token to the tokenizer files."
             )
         tokenizer.pad_token = fallback
+
+
+def _ready(model: nn.Module, tokenizer, cfg: ModelConfig) -> tuple[nn.Module, object]:
+    """Place the model, switch it to inference and prepare the tokenizer for left-padded batches."""
+    if cfg.device_map != "auto":
+        model = model.to(device_for(cfg.device))
+    model.eval()
+    model.requires_grad_(False)
+    # Left padding keeps every prompt's last token at position -1, so end-of-instruction
+    # offsets and the next-token logits are read from the same column for the whole batch.
+    tokenizer.padding_side = "left"
+    ensure_pad_token(tokenizer)
+    return model, tokenizer
 
 
 # ---------------------------------------------------------------------------------------
 # Identity record
 # ---------------------------------------------------------------------------------------
-
-
-def _sha256(data: bytes | str) -> str:
-    return hashlib.sha256(data.encode() if isinstance(data, str) else data).hexdigest()
 
 
 def _file_digest(path: Path, chunk: int = 1 << 20) -> str:
@@ -428,7 +422,7 @@ def compute_identity(
     if local is not None:
         safe, pickled = _weight_files(local)
         files = [(p.name, p.stat().st_size, _file_digest(p)) for p in (safe or pickled)]
-        fingerprint = _sha256(json.dumps(sorted(files)))
+        fingerprint = sha256_hex(json.dumps(sorted(files)))
     else:
         fingerprint = _state_dict_digest(model)
     return {
@@ -438,9 +432,9 @@ def compute_identity(
         "n_layers": layout.n_layers,
         "d_model": layout.d_model,
         "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
-        "config_sha256": _sha256(json.dumps(config, sort_keys=True, default=str)),
+        "config_sha256": json_sha256(config),
         "weights_fingerprint": fingerprint,
-        "template_sha256": _sha256(resolve_chat_template(tokenizer, chat_template) or ""),
+        "template_sha256": sha256_hex(resolve_chat_template(tokenizer, chat_template) or ""),
     }
 
 

@@ -35,7 +35,8 @@ def prepare_model(cfg: ModelConfig, weights: Path, table=None, progress: bool = 
     Any other model stays where it is; ``weights/SOURCE.json`` names it.
     """
     if cfg.name == DEMO:
-        from refusal_atlas.demo.train import evaluate_demo, train_demo_model
+        from refusal_atlas.demo.evaluate import evaluate_demo
+        from refusal_atlas.demo.train import train_demo_model
 
         result = train_demo_model(table, cfg.demo, weights, progress=progress)
         start = time.perf_counter()

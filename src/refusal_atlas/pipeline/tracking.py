@@ -19,7 +19,6 @@ it properly; outputs are never recorded as done without their run.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import subprocess
@@ -32,6 +31,7 @@ from contextlib import contextmanager
 from importlib import metadata
 from pathlib import Path
 
+from refusal_atlas.digest import file_sha256
 from refusal_atlas.errors import RefusalAtlasError
 
 PIPELINE_KEY_TAG = "refusal_atlas.pipeline_key"
@@ -166,7 +166,7 @@ def pipeline_key(repo_root: Path, params_path: Path) -> str:
     # first stage (dvc.lock), which would split one execution over two parents. Each run
     # still records its own git_dirty tag.
     commit = git_state(repo_root)["git_commit"]
-    digest = hashlib.sha256(params_path.read_bytes()).hexdigest()[:12] if params_path.exists() else "none"
+    digest = file_sha256(params_path)[:12] if params_path.exists() else "none"
     return f"git:{commit[:12]}:params:{digest}"
 
 

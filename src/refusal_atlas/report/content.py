@@ -7,7 +7,6 @@ only reads the files, calls it, writes and logs.
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -16,6 +15,7 @@ import pandas as pd
 from matplotlib.figure import Figure
 
 from refusal_atlas.config import SteeringConfig
+from refusal_atlas.digest import file_sha256
 from refusal_atlas.judging.styles import (
     STYLES,
     evaluate_classifier,
@@ -68,7 +68,7 @@ class Report:
 
 def file_digests(folder: Path) -> dict:
     """sha256 of every parquet file in ``folder``, by stem."""
-    return {p.stem: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.glob("*.parquet"))}
+    return {p.stem: file_sha256(p) for p in sorted(folder.glob("*.parquet"))}
 
 
 def identity_params(identity: dict) -> dict:

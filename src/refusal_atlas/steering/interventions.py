@@ -13,7 +13,6 @@ arrays and dicts out; the model is only touched through ``hooks`` and a forward 
 from __future__ import annotations
 
 import contextlib
-import inspect
 import itertools
 from collections.abc import Callable, Mapping, Sequence
 
@@ -24,7 +23,7 @@ from torch import nn
 
 from refusal_atlas.errors import RefusalAtlasError
 from refusal_atlas.model.chat import raise_if_too_long
-from refusal_atlas.model.generation import kl_rows
+from refusal_atlas.model.generation import forward_logprobs, kl_rows
 from refusal_atlas.model.hooks import ablate_directions, add_direction
 
 BUCKETS = ("HR", "HC", "BR", "BC")
@@ -289,18 +288,6 @@ def transition_matrix(frame: pd.DataFrame, refused_after: np.ndarray) -> pd.Data
 # ---------------------------------------------------------------------------------------
 
 
-@torch.inference_mode()
-def _response_logprobs(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor, keep: int) -> torch.Tensor:
-    """float32 log-softmax of the logits at the last ``keep`` positions: [batch, keep, vocab]."""
-    positions = (mask.cumsum(-1) - 1).clamp(min=0)  # each row numbered from 0 whatever its padding
-    accepted = inspect.signature(model.forward).parameters
-    kwargs = {"position_ids": positions} if "position_ids" in accepted else {}
-    if "logits_to_keep" in accepted:
-        kwargs["logits_to_keep"] = keep
-    logits = model(input_ids=ids, attention_mask=mask, use_cache=False, **kwargs).logits[:, -keep:, :]
-    return torch.log_softmax(logits.float(), dim=-1)
-
-
 def teacher_forced_kl(
     model: nn.Module,
     tokenizer,
@@ -317,6 +304,7 @@ def teacher_forced_kl(
     )[""]
 
 
+@torch.inference_mode()
 def teacher_forced_kls(
     model: nn.Module,
     tokenizer,
@@ -363,14 +351,14 @@ def teacher_forced_kls(
         # the token after the response).
         keep = int(n_resp.max()) + 1
         ids, mask = ids.to(device), mask.to(device)
-        base = _response_logprobs(model, ids, mask, keep)[:, :-1]
+        base = forward_logprobs(model, ids, mask, keep)[:, :-1]
         # Column c predicts the token at position width - keep + c + 1, a response token
         # exactly when c >= keep - 1 - n_resp.
         offset = torch.arange(keep - 1)
         token_mask = offset[None, :] >= (keep - 1 - n_resp)[:, None]
         for name, hook_factory in hook_factories.items():
             with hook_factory():
-                steered = _response_logprobs(model, ids, mask, keep)[:, :-1]
+                steered = forward_logprobs(model, ids, mask, keep)[:, :-1]
             # float32 on the model's device: [batch, keep-1, vocab] in double would double the
             # memory of the largest tensors here for no useful precision.
             kl = kl_rows(base, steered).double().cpu()  # [batch, keep - 1]

@@ -6,7 +6,7 @@ import json
 
 import pandas as pd
 import pytest
-from conftest import run
+from helpers import run
 from mlflow import MlflowClient
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest_models import ARCHS, EXACT_ORTHO_ARCHS, batch, tiny_model
+from tiny_models import ARCHS, EXACT_ORTHO_ARCHS, batch, tiny_model
 
 from refusal_atlas.model.hooks import (
     ablate_directions,

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-from conftest import REPO, run
+from helpers import REPO, run
 
 from refusal_atlas.config import PromptsConfig, SplitFractions
 from refusal_atlas.data.prompts import PromptValidationError, assign_split, build_prompt_table, parse_prompt_file

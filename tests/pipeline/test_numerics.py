@@ -14,8 +14,8 @@ import sys
 
 import pytest
 import yaml
-from conftest import REPO, reduce_repo, run
-from conftest_models import make_tokenizer, tiny_model
+from helpers import REPO, reduce_repo, run
+from tiny_models import make_tokenizer, tiny_model
 
 from refusal_atlas.pipeline.numerics import CPU_NUMERICS, OPT_OUT, on_x86_64
 

@@ -16,7 +16,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import yaml
-from conftest import reduce_repo, run
+from helpers import reduce_repo, run
 
 from refusal_atlas.analysis.atlas import load_prompts
 from refusal_atlas.data import store
@@ -36,7 +36,7 @@ CHATML_SPAN = ["<|im_end|>", "Ċ", "<|im_start|>", "ass", "istant", "Ċ"]
 
 @pytest.fixture(scope="module")
 def smollm2_run(tmp_path_factory):
-    from conftest import copy_repo
+    from helpers import copy_repo
 
     repo = copy_repo(tmp_path_factory.mktemp("smollm2") / "repo")
     reduce_repo(repo, SETS, PER_SET)

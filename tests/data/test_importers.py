@@ -15,8 +15,8 @@ import pytest
 
 from refusal_atlas.data.importers import FORMATS, ImportFormatError, import_file, run_import, write_import
 
-FIXTURES = Path(__file__).resolve().parent / "fixtures" / "importers"
-REPO_ROOT = Path(__file__).resolve().parents[1]
+FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "importers"
+REPO_ROOT = Path(__file__).resolve().parents[2]
 DATASETS = REPO_ROOT.parent / "shared" / "datasets"
 
 

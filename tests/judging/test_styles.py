@@ -8,7 +8,7 @@ import math
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import REPO
+from helpers import REPO
 
 from refusal_atlas.errors import RefusalAtlasError
 from refusal_atlas.judging.styles import (
@@ -192,7 +192,7 @@ def test_parse_style_label(text, expected):
 
 
 def test_llm_style_judge_runs_on_a_tiny_local_model(tmp_path):
-    from conftest_models import make_tokenizer, tiny_model
+    from tiny_models import make_tokenizer, tiny_model
 
     tokenizer = make_tokenizer("llama3")
     tiny_model("llama", vocab=len(tokenizer)).save_pretrained(tmp_path, safe_serialization=True)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest_models import FAMILIES, LLAMA3, make_tokenizer
+from tiny_models import FAMILIES, LLAMA3, make_tokenizer
 
 from refusal_atlas.model.chat import ChatTemplateError, PromptTooLongError, eoi_tokens, format_prompts, tokenize_prompts
 

@@ -6,8 +6,8 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from conftest_models import make_tokenizer, tiny_model
 from scipy.special import log_softmax, rel_entr
+from tiny_models import make_tokenizer, tiny_model
 
 from refusal_atlas.errors import RefusalAtlasError
 from refusal_atlas.model.chat import format_prompts
@@ -415,3 +415,43 @@ def test_bootstrap_is_fast():
     verdicts = {f"d{i}": np.random.default_rng(i).random((200, 6)) < np.linspace(0.1, 0.9, 6) for i in range(6)}
     shared_knob(verdicts, np.arange(200) < 100, n_bootstrap=1000, seed=0)
     assert time.perf_counter() - start < 5.0
+
+
+def test_steered_directions_defaults_to_every_direction_and_names_unknown_ones():
+    from refusal_atlas.steering.evaluation import steered_directions
+    from refusal_atlas.steering.interventions import SteeringError
+
+    written = ["pooled", "humanizing", "random_0"]
+    assert steered_directions(written, None) == ["humanizing", "pooled", "random_0"]
+    assert steered_directions(written, ["random_0", "humanizing"]) == ["humanizing", "random_0"]
+    with pytest.raises(SteeringError, match=r"names \['nope'\].*it wrote \['humanizing', 'pooled', 'random_0'\]"):
+        steered_directions(written, ["pooled", "nope"])
+
+
+def test_build_steering_set_carries_texts_formatting_and_baseline_verdicts():
+    from refusal_atlas.config import ModelConfig, SteeringConfig
+    from refusal_atlas.steering.evaluation import build_steering_set
+
+    ids = [f"p{i}" for i in range(8)]
+    baseline = pd.DataFrame(
+        {
+            "prompt_id": ids,
+            "category": ["harm"] * 4 + ["benign"] * 4,
+            "role": ["target"] * 4 + ["baseline"] * 4,
+            "split": "test",
+            "refused": [True, True, False, False, False, False, True, False],
+            "judge_keywords": [True, True, False, False, False, False, True, False],
+            "refusal_score": np.linspace(-1, 1, 8),
+            "response": [f"response {i}" for i in range(8)],
+        }
+    )
+    prompts = pd.DataFrame({"prompt_id": ids[::-1], "text": [f"text of {i}" for i in ids[::-1]]})
+    tokenizer = make_tokenizer()
+    evalset = build_steering_set(baseline, prompts, tokenizer, SteeringConfig(n_per_bucket=10), ModelConfig())
+    rows = baseline.set_index("prompt_id").loc[evalset.frame.prompt_id]
+    assert evalset.prompts == [f"text of {i}" for i in evalset.frame.prompt_id]
+    assert evalset.formatted == format_prompts(tokenizer, evalset.prompts)
+    assert evalset.baseline_responses == rows.response.tolist()
+    assert list(evalset.baseline_verdicts.columns) == ["refused", "judge_keywords", "refusal_score"]
+    assert evalset.answered == {"p2", "p3", "p4", "p5", "p7"}
+    assert evalset.counts["n_controlled"] == 8

@@ -1,7 +1,7 @@
 """The embedded demo model: response templates, augmentation, the saved directory, determinism.
 
 The default model's held-out behaviour is asserted on the one trained by `dvc repro model`
-in tests/test_pipeline_e2e.py, so CI trains it once."""
+in tests/e2e/test_pipeline_e2e.py, so CI trains it once."""
 
 from __future__ import annotations
 
@@ -16,20 +16,19 @@ import torch
 
 from refusal_atlas.config import DemoConfig, SplitFractions
 from refusal_atlas.data.prompts import build_prompt_table
-from refusal_atlas.demo.train import (
-    END,
+from refusal_atlas.demo.evaluate import classify_style
+from refusal_atlas.demo.grammar import (
     STYLE_OF,
     TEMPLATES,
     build_training_examples,
-    classify_style,
     compute_response,
     extra_prompts,
     synthetic_prompts,
-    train_demo_model,
 )
+from refusal_atlas.demo.train import END, train_demo_model
 from refusal_atlas.judging.judges import judge_keywords
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 BASELINES = ("benign", "over_refusal_safe")
 # classify_style reports humanizing and unsupported refusals both as CAPABILITY.
 EXPECTED_STYLE = {c: "CAPABILITY" if s == "CAPABILITY" else s for c, s in STYLE_OF.items()}

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-from conftest import VENV_BIN, MlflowServer, browser_page, clone_pipeline, run
+from helpers import VENV_BIN, MlflowServer, browser_page, clone_pipeline, run
 
 from refusal_atlas.pipeline.tracking import runs_url
 

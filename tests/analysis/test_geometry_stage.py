@@ -1,6 +1,6 @@
 """The directions and geometry stages, end to end, recover directions planted at known angles.
 
-tests/test_geometry.py checks the geometry functions on planted unit vectors. Here the
+tests/analysis/test_geometry.py checks the geometry functions on planted unit vectors. Here the
 real stage scripts (stages/directions.py, then stages/geometry.py) run as subprocesses on
 synthetic inputs written in the exact formats the pipeline hands them: finished
 activation stores (``store.create_store`` + ``store.write_batch`` + ``finalize_store``,
@@ -28,7 +28,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import yaml
-from conftest import REPO, run
+from helpers import REPO, run
 from sklearn.metrics import silhouette_score
 
 from refusal_atlas.data import store
@@ -300,3 +300,53 @@ def test_directions_and_geometry_stages_recover_planted_angles(tmp_path: Path):
     with sqlite3.connect(tmp_path / "mlflow.db") as db:
         stages = {v for (v,) in db.execute("SELECT value FROM tags WHERE key = 'refusal_atlas.stage'")}
     assert stages == {"directions", "geometry"}
+
+
+def test_select_sites_and_analyse_geometry_recover_the_plant_in_process(tmp_path: Path):
+    """The library functions behind the two stages, called directly on the same synthetic stores:
+    ``select_sites`` (fixed site, so ``load_model`` must never be called) and ``analyse_geometry``."""
+    from refusal_atlas.analysis.atlas import build_atlas
+    from refusal_atlas.analysis.geometry_analysis import analyse_geometry, dvc_plot_tables
+    from refusal_atlas.analysis.selection import select_sites
+    from refusal_atlas.config import load_params
+
+    rng = np.random.default_rng(0)
+    gram = planted_gram()
+    units = planted_units(gram, rng)
+    paths = build_inputs(tmp_path, units, rng)
+    params = load_params(paths["params"])
+    stores = {n: store.open_store(paths["activations"] / f"{n}.zarr") for n in [*CATS, "benign"]}
+    pools = {c: "benign" for c in CATS}
+    cfg = params.directions
+    atlas = build_atlas(stores, pools, cfg.n_per_side, cfg.filter, cfg.method, cfg.seed, cfg.n_random, cfg.allow_fewer)
+    prompts = pd.read_parquet(paths["prompts"])
+
+    def no_model():
+        raise AssertionError("select: fixed must not load the model")
+
+    result = select_sites(atlas, stores, prompts, pools, N_LAYERS, cfg, params.model, no_model, progress=False)
+    assert result.search is None and result.candidates == []
+    assert set(result.selected) == {*CATS, "pooled", "random_0", "random_1"}
+    assert all((s["layer"], s["position"]) == (SITE_LAYER, SITE_POSITION) for s in result.selected.values())
+    assert result.selected["random_1"]["method"] == "copied from pooled"
+    assert result.metrics["counts"]["pooled"] == {"n_target": 64, "n_baseline": 64}
+    # Planted directions are stable: resampled halves agree almost perfectly at the site.
+    assert min(s["within_cos_mean"] for s in result.metrics["stability"].values()) > 0.99
+    assert result.metrics["underpowered"]["n"] == 0
+    # The site's mean residual norm: |shared mean + noise (+ shift on refused targets)| over the lineage.
+    assert all(s["mean_resid_norm"] > 0 for s in result.selected.values())
+
+    # The random controls follow directions.n_random, in the atlas and in the sites steering reads.
+    three = cfg.model_copy(update={"n_random": 3})
+    atlas3 = build_atlas(stores, pools, three.n_per_side, three.filter, three.method, three.seed, 3, three.allow_fewer)
+    assert {n for n in atlas3.direction_name.values if n.startswith("random")} == {"random_0", "random_1", "random_2"}
+    sites3 = select_sites(atlas3, stores, prompts, pools, N_LAYERS, three, params.model, no_model, progress=False)
+    assert sorted(n for n in sites3.selected if n.startswith("random")) == ["random_0", "random_1", "random_2"]
+
+    geometry = analyse_geometry(atlas, stores, pools, {"layer": SITE_LAYER, "position": SITE_POSITION}, params.geometry)
+    assert list(geometry.cos.index) == CATS
+    assert np.abs(geometry.cos.to_numpy() - gram).max() < COS_TOL
+    assert geometry.metrics["cluster_average_best_k"] == 2
+    curve = dvc_plot_tables(geometry)["layer_curve.csv"].set_index("layer")["mean_offdiag_cosine"]
+    off = ~np.eye(len(CATS), dtype=bool)
+    assert curve[SITE_LAYER] == pytest.approx(gram[off].mean(), abs=COS_TOL) and curve[DECOY_LAYER] > 0.99

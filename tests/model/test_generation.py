@@ -8,7 +8,7 @@ import time
 import numpy as np
 import pytest
 import torch
-from conftest_models import make_tokenizer, tiny_model
+from tiny_models import make_tokenizer, tiny_model
 
 from refusal_atlas.model.chat import PromptTooLongError, format_prompts
 from refusal_atlas.model.generation import (

@@ -17,9 +17,9 @@ import pandas as pd
 import pytest
 import torch
 import yaml
-from conftest import run
-from conftest_models import make_tokenizer, tiny_model
+from helpers import run
 from mlflow import MlflowClient
+from tiny_models import make_tokenizer, tiny_model
 
 from refusal_atlas.config import ModelConfig
 from refusal_atlas.data import store

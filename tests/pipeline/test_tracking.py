@@ -6,7 +6,7 @@ import socket
 import sys
 import time
 
-from conftest import REPO, run
+from helpers import REPO, run
 from mlflow import MlflowClient
 
 from refusal_atlas.pipeline.tracking import (

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 import torch
-from conftest_models import make_tokenizer, tiny_model
+from tiny_models import make_tokenizer, tiny_model
 
 from refusal_atlas.analysis.extraction import extract_batch, extract_to_store, inputs_fingerprint, store_order
 from refusal_atlas.data import store

@@ -9,7 +9,7 @@ import sys
 import numpy as np
 import pytest
 import yaml
-from conftest import clone_pipeline, run
+from helpers import clone_pipeline, run
 from mlflow import MlflowClient
 
 from refusal_atlas.data import store

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 import yaml
-from conftest import REPO
+from helpers import REPO
 from pydantic import BaseModel
 
 from refusal_atlas.config import STAGE_SECTIONS, ConfigError, Params, load_params, parse_params, stage_param_keys

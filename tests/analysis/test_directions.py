@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 import transformers as T
-from conftest_models import _decoder, make_tokenizer, tiny_model
+from tiny_models import _decoder, make_tokenizer, tiny_model
 
 from refusal_atlas.analysis import site_scores
 from refusal_atlas.analysis.directions import (

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 import transformers as T
-from conftest_models import make_tokenizer
+from tiny_models import make_tokenizer
 from tokenizers import AddedToken
 
 import refusal_atlas.judging.classifier as classifier_module

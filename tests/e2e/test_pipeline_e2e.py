@@ -16,10 +16,10 @@ import pandas as pd
 import pytest
 import xarray as xr
 import yaml
-from conftest import browser_page, clone_pipeline, run
+from helpers import browser_page, clone_pipeline, run
 from mlflow import MlflowClient
 
-from refusal_atlas.demo.train import STYLE_OF
+from refusal_atlas.demo.grammar import STYLE_OF
 from refusal_atlas.pipeline.numerics import on_x86_64
 
 pytestmark = pytest.mark.slow

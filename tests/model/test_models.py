@@ -7,7 +7,7 @@ import hashlib
 import pytest
 import torch
 import transformers as T
-from conftest_models import ARCHS, batch, make_tokenizer, tiny_model
+from tiny_models import ARCHS, batch, make_tokenizer, tiny_model
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
