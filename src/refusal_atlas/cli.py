@@ -46,19 +46,11 @@ def _cmd_abliterate(args: argparse.Namespace) -> int:
     from refusal_atlas.data.atomic import atomic_path
     from refusal_atlas.model.hooks import orthogonalize_weights
     from refusal_atlas.model.load import load_stage_model
-    from refusal_atlas.pipeline.harness import repo_root
-    from refusal_atlas.pipeline.tracking import stage_run
+    from refusal_atlas.pipeline.harness import tracked_run
 
     params = load_params(args.params)
-    with stage_run(
-        "abliterate",
-        {**params_dict(params, "model"), "direction": args.direction, "out": str(args.out)},
-        repo_root(),
-        uri=params.tracking.uri,
-        experiment=params.tracking.experiment,
-        timeout_s=params.tracking.timeout_s,
-        params_path=args.params,
-    ) as run:
+    logged = {**params_dict(params, "model"), "direction": args.direction, "out": str(args.out)}
+    with tracked_run("abliterate", params, logged, args.params) as run:
         model, tokenizer, identity = load_stage_model(params.model, args.artifacts / "model")
         site = load_site(args.artifacts / "directions" / "sites" / f"{args.direction}.json", identity["d_model"])
         edited = orthogonalize_weights(

@@ -91,6 +91,18 @@ def hide_library_progress_bars() -> None:
         logging.disable_progress_bar()
 
 
+def tracked_run(name: str, params: Params, logged: dict, params_path: Path):
+    """The MLflow run of a stage (or a command such as abliterate) named ``name``, logging ``logged`` as
+    its params, where ``params.tracking`` says, under this execution's parent run."""
+    from refusal_atlas.pipeline.tracking import stage_run
+
+    tracking = params.tracking
+    return stage_run(
+        name, logged, repo_root(), uri=tracking.uri, experiment=tracking.experiment, timeout_s=tracking.timeout_s,
+        params_path=params_path,
+    )  # fmt: skip
+
+
 def wait_for_everyone(world: int) -> None:
     """A barrier across the processes of a distributed launch (nothing in a single process)."""
     if world > 1:
@@ -124,8 +136,6 @@ def run_stage(
     """
     import errno
 
-    from refusal_atlas.pipeline.tracking import stage_run
-
     if processes is not None:
         _relaunch_if_asked(parser, processes)
     args = parser.parse_args()
@@ -136,15 +146,7 @@ def run_stage(
         if process_rank()[0] > 0:
             main(args, params, NullRun())
             return
-        with stage_run(
-            stage,
-            params_dict(params, stage),
-            repo_root(),
-            uri=params.tracking.uri,
-            experiment=params.tracking.experiment,
-            timeout_s=params.tracking.timeout_s,
-            params_path=args.params,
-        ) as run:
+        with tracked_run(stage, params, params_dict(params, stage), args.params) as run:
             main(args, params, run)
     except RefusalAtlasError as err:
         fail(stage, str(err))
