@@ -16,27 +16,17 @@ import pandas as pd
 import pytest
 import xarray as xr
 import yaml
-from helpers import browser_page, clone_pipeline, run
+from helpers import REPO, browser_page, clone_pipeline, run
 from mlflow import MlflowClient
 
+from refusal_atlas.data.prompts import load_manifest
 from refusal_atlas.demo.grammar import STYLE_OF
 from refusal_atlas.pipeline.numerics import on_x86_64
 
 pytestmark = pytest.mark.slow
 
-CATEGORIES = [
-    "safety_core",
-    "over_refusal",
-    "humanizing",
-    "incomplete",
-    "indeterminate",
-    "safety_concerns",
-    "unsupported",
-    "hate_speech",
-    "crime_assistance",
-    "inappropriate",
-    "unqualified_advice",
-]
+# The categories, in the manifest's order (the one list of sets; tests/data/test_prompts.py checks its content).
+CATEGORIES = list(load_manifest(REPO / "prompts/manifest.yaml").categories)
 
 
 def _json(path):
