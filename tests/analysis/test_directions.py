@@ -13,18 +13,14 @@ from tiny_models import _decoder, make_tokenizer, tiny_model
 from refusal_atlas.analysis import site_scores
 from refusal_atlas.analysis.directions import (
     DirectionError,
-    choose_candidate,
     compute_direction,
     compute_means,
     draw_sides,
-    filter_candidates,
     lineage,
     random_controls,
-    select_arditi,
-    select_cosmic,
-    select_fixed,
     stability,
 )
+from refusal_atlas.analysis.sites import choose_candidate, filter_candidates, select_arditi, select_cosmic, select_fixed
 from refusal_atlas.errors import RefusalAtlasError
 from refusal_atlas.model.chat import eoi_tokens, format_prompts, tokenize_prompts
 from refusal_atlas.model.generation import encode_prefixed, first_token_logprobs, refusal_scores, refusal_token_ids

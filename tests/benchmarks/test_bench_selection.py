@@ -43,8 +43,9 @@ sys.path.insert(0, str(REPO / "tests" / "analysis"))
 from test_directions import _reference_select_arditi, load_smollm2, smollm2_refusal_ids  # noqa: E402
 from tiny_models import make_tokenizer  # noqa: E402
 
-from refusal_atlas.analysis.directions import compute_direction, select_arditi  # noqa: E402
+from refusal_atlas.analysis.directions import compute_direction  # noqa: E402
 from refusal_atlas.analysis.site_scores import CandidateScorer  # noqa: E402
+from refusal_atlas.analysis.sites import select_arditi  # noqa: E402
 from refusal_atlas.model.chat import eoi_tokens, format_prompts, tokenize_prompts  # noqa: E402
 from refusal_atlas.model.generation import forward_tokens_per_s  # noqa: E402
 from refusal_atlas.model.hooks import read_residual  # noqa: E402

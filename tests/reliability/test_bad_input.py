@@ -15,7 +15,8 @@ from helpers import REPO, clone_pipeline, run
 from tiny_models import make_tokenizer, tiny_model
 
 from refusal_atlas.analysis.atlas import load_site
-from refusal_atlas.analysis.directions import DirectionError, draw_sides, select_fixed
+from refusal_atlas.analysis.directions import DirectionError, draw_sides
+from refusal_atlas.analysis.sites import select_fixed
 from refusal_atlas.config import ModelConfig
 from refusal_atlas.data import store
 from refusal_atlas.model.chat import ChatTemplateError, PromptTooLongError, format_prompts, tokenize_prompts

@@ -25,7 +25,8 @@ from refusal_atlas.analysis.atlas import (
     side_ids,
     validation_sides,
 )
-from refusal_atlas.analysis.directions import select_arditi, select_cosmic, select_fixed, stability
+from refusal_atlas.analysis.directions import stability
+from refusal_atlas.analysis.sites import select_arditi, select_cosmic, select_fixed
 from refusal_atlas.config import DirectionsConfig, ModelConfig
 from refusal_atlas.model.chat import format_prompts
 from refusal_atlas.model.generation import forward_tokens_per_s, refusal_token_ids

@@ -307,7 +307,7 @@ def search_candidates(
     behind kl; fewer than all where kl stopped early, its value then a lower bound),
     "scored": bool}``, ``scored`` being whether the search reached it. Every candidate that
     could change the choice is reached; where none passes the filters, every candidate that
-    the fallback (``directions.choose_candidate``, by ``fallback``) chooses among gets bypass.
+    the fallback (``sites.choose_candidate``, by ``fallback``) chooses among gets bypass.
     """
     out = [
         {"bypass": math.nan, "kl": math.nan, "induce": math.nan, "kl_prompts": 0, "scored": False}
