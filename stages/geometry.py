@@ -58,7 +58,8 @@ def main(args, params, run) -> None:
     run.log_artifact(args.out / "tables", "tables")
     mean = result.metrics["cosine_offdiag_mean"]
     print(
-        f"geometry: mean off-diagonal cosine {mean:.3f} at layer {site['layer']}, position {site['position']} -> {args.out}"
+        f"geometry: mean off-diagonal cosine {mean:.3f} at layer {site['layer']}, position {site['position']} -> "
+        f"{args.out}"
     )
 
 

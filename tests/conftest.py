@@ -50,7 +50,8 @@ def _needs(item) -> list[str]:
 
 
 def pytest_collection_modifyitems(items):
-    """Tests that read a finished pipeline run last (the demo's after the smoke's), so the others run while they are built."""
+    """Tests that read a finished pipeline run last (the demo's after the smoke's), so the others run while they are
+    built."""
     items.sort(key=lambda item: max((list(PIPELINES).index(n) + 1 for n in _needs(item)), default=0))
 
 
@@ -91,7 +92,8 @@ class _Builds:
                 )
             if self.proc.poll() is not None and not (repo / "repro.rc").exists():
                 raise AssertionError(
-                    f"{name}: the build shell exited {self.proc.returncode} first:\n{(repo / 'repro.log').read_text()[-6000:]}"
+                    f"{name}: the build shell exited {self.proc.returncode} first:\n"
+                    f"{(repo / 'repro.log').read_text()[-6000:]}"
                 )
             time.sleep(1)
         if (code := (repo / "repro.rc").read_text().strip()) != "0":

@@ -44,7 +44,8 @@ def run(
     proc = subprocess.run(cmd, cwd=cwd, env=_env(env), capture_output=True, text=True, timeout=timeout)
     if check and proc.returncode != 0:
         raise AssertionError(
-            f"{' '.join(map(str, cmd))} exited {proc.returncode}\nstdout:\n{proc.stdout[-4000:]}\nstderr:\n{proc.stderr[-4000:]}"
+            f"{' '.join(map(str, cmd))} exited {proc.returncode}\nstdout:\n{proc.stdout[-4000:]}"
+            f"\nstderr:\n{proc.stderr[-4000:]}"
         )
     return proc
 
@@ -73,7 +74,8 @@ def copy_repo(dest: Path) -> Path:
 
 
 def reduce_repo(repo, sets: list[str], per_set: dict[str, int]) -> None:
-    """Cut a repository copy down to ``sets`` (categories plus their baseline pools) with ``per_set[name]`` prompts each."""
+    """Cut a repository copy down to ``sets`` (categories plus their baseline pools) with ``per_set[name]`` prompts
+    each."""
     manifest = yaml.safe_load((repo / "prompts/manifest.yaml").read_text())
     manifest["categories"] = {k: v for k, v in manifest["categories"].items() if k in sets}
     manifest["baselines"] = {k: v for k, v in manifest["baselines"].items() if k in sets}
@@ -86,7 +88,8 @@ def reduce_repo(repo, sets: list[str], per_set: dict[str, int]) -> None:
 
 
 def apply_profile(repo: Path, profile: str) -> None:
-    """Write a params profile's keys into ``repo``'s params.yaml (validated, as `refusal-atlas experiment` does) and commit."""
+    """Write a params profile's keys into ``repo``'s params.yaml (validated, as `refusal-atlas experiment` does) and
+    commit."""
     from refusal_atlas.config import profile_overrides
 
     params = yaml.safe_load((repo / "params.yaml").read_text())
@@ -170,7 +173,8 @@ def browser_page(width: int = 1400, height: int = 1000):
         if os.environ.get("REQUIRE_BROWSER") == "1":
             pytest.fail("REQUIRE_BROWSER=1 but Debian's chromium is not installed (apt-get install -y chromium)")
         pytest.skip(
-            "Debian's chromium is not installed (apt-get install -y chromium); set REQUIRE_BROWSER=1 to make this a failure"
+            "Debian's chromium is not installed (apt-get install -y chromium); set REQUIRE_BROWSER=1 to make this a "
+            "failure"
         )
     from playwright.sync_api import sync_playwright
 

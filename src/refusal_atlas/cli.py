@@ -69,7 +69,8 @@ def _cmd_abliterate(args: argparse.Namespace) -> int:
         )
         run.log_artifact(args.out / "config.json")
     print(
-        f"wrote a weight-orthogonalised copy of {identity['model_id']} without direction '{args.direction}' to {args.out}"
+        f"wrote a weight-orthogonalised copy of {identity['model_id']} without direction '{args.direction}' to "
+        f"{args.out}"
     )
     return 0
 
@@ -95,8 +96,8 @@ def _cmd_experiment(args: argparse.Namespace) -> int:
     code = subprocess.call(cmd)
     if code == 0:
         print(
-            f"\nDone. `dvc exp show` compares it with the workspace; `dvc exp apply {args.name}` brings its artifacts/ here; "
-            "`make ui` shows its MLflow runs beside the demo's."
+            f"\nDone. `dvc exp show` compares it with the workspace; `dvc exp apply {args.name}` brings its artifacts/ "
+            "here; `make ui` shows its MLflow runs beside the demo's."
         )
     return code
 
@@ -128,7 +129,8 @@ def _cmd_ui(args: argparse.Namespace) -> int:
     cmd = server_command(Path.cwd(), args.host, args.port, args.backend_store_uri)
     found = experiment_id(cmd[cmd.index("--backend-store-uri") + 1], args.experiment)
     print(
-        f"MLflow UI: {runs_url(f'http://{args.host}:{args.port}', found)} (the runs of '{args.experiment}'; Ctrl-C to stop)",
+        f"MLflow UI: {runs_url(f'http://{args.host}:{args.port}', found)} (the runs of '{args.experiment}'; Ctrl-C to "
+        "stop)",
         flush=True,
     )
     return subprocess.call(cmd)
@@ -144,7 +146,10 @@ def build_parser() -> argparse.ArgumentParser:
     imp = prompts.add_parser(
         "import",
         help="import a published dataset into the prompt schema",
-        description="Map a published refusal dataset onto the manifest's categories and baseline pools, one JSONL file per category.",
+        description=(
+            "Map a published refusal dataset onto the manifest's categories and baseline pools, one JSONL file per "
+            "category."
+        ),
     )
     imp.add_argument(
         "format",
@@ -155,7 +160,10 @@ def build_parser() -> argparse.ArgumentParser:
     imp.add_argument("--out", type=Path, help="output folder inside the repository (default prompts/imported/<format>)")
     imp.add_argument(
         "--kind",
-        help="variant where a format has several: jailbreakbench harmful|benign, coconot eval|contrast, refusal_direction harmful|harmless, harmbench standard|contextual|copyright|all, sorry_bench prompt style",
+        help=(
+            "variant where a format has several: jailbreakbench harmful|benign, coconot eval|contrast, "
+            "refusal_direction harmful|harmless, harmbench standard|contextual|copyright|all, sorry_bench prompt style"
+        ),
     )
     imp.add_argument("--allow-outside", action="store_true", help="allow --out outside the repository")
     imp.set_defaults(func=_cmd_import)
@@ -171,7 +179,10 @@ def build_parser() -> argparse.ArgumentParser:
     abl = sub.add_parser(
         "abliterate",
         help="export a model with one refusal direction projected out of its weights",
-        description="Write a standard safetensors model directory whose weights have the direction's unit vector projected out of the embedding, every attention output and every MLP down projection (equivalent to hook ablation).",
+        description=(
+            "Write a standard safetensors model directory whose weights have the direction's unit vector projected "
+            "out of the embedding, every attention output and every MLP down projection (equivalent to hook ablation)."
+        ),
     )
     abl.add_argument(
         "--direction", required=True, help="a direction name from artifacts/directions/sites (a category, pooled)"

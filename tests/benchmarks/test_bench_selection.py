@@ -199,8 +199,9 @@ def test_selection_benchmark():
     )
     for r in results:
         print(
-            f"\n{r['model']}: {r['candidates']} candidates, {r['n_harmful']}+{r['n_benign']} val prompts, {r['threads']} threads; "
-            f"forward {r['forward_tokens_per_s']:.0f} tokens/s; chosen {r['chosen']}; scored {r['n_scored']}"
+            f"\n{r['model']}: {r['candidates']} candidates, {r['n_harmful']}+{r['n_benign']} val prompts, "
+            f"{r['threads']} threads; forward {r['forward_tokens_per_s']:.0f} tokens/s; chosen {r['chosen']}; scored "
+            f"{r['n_scored']}"
         )
         print(f"{'':24s} {'new s':>9s} {'ref s':>9s} {'ref/new':>8s} {'floor s':>9s}")
         for key in ("per_direction_s", "per_candidate_s", "bypass_per_candidate_s"):

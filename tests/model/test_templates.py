@@ -54,7 +54,8 @@ def test_llama3_prompt_text_and_single_bos():
     [prompt] = format_prompts(tok, ["  Hello there  "], system_prompt="Be brief.")
     assert prompt == (
         "<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\nBe brief.<|eot_id|>"
-        "<|start_header_id|>user<|end_header_id|>\n\nHello there<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n"
+        "<|start_header_id|>user<|end_header_id|>\n\nHello there<|eot_id|>"
+        "<|start_header_id|>assistant<|end_header_id|>\n\n"
     )
     ids = tokenize_prompts(tok, [prompt], 64)["input_ids"][0].tolist()
     assert ids.count(tok.bos_token_id) == 1 and ids[0] == tok.bos_token_id

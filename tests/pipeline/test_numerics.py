@@ -27,7 +27,8 @@ def _has_avx512() -> bool:
 
 
 def test_pinned_cpu_kernels_reach_torch_and_numpy_before_they_load():
-    """ATen and MKL at their AVX2 branches, OpenBLAS at its Haswell kernels, numpy at its AVX2 loops; a value the user set wins."""
+    """ATen and MKL at their AVX2 branches, OpenBLAS at its Haswell kernels, numpy at its AVX2 loops; a value the
+    user set wins."""
     code = (
         "from refusal_atlas.pipeline.numerics import pin_cpu_numerics; pin_cpu_numerics(); import os, torch; "
         "print(torch.backends.cpu.get_cpu_capability(), os.environ['MKL_CBWR'])"
@@ -59,14 +60,16 @@ def test_pinned_cpu_kernels_reach_torch_and_numpy_before_they_load():
     assert late.returncode != 0 and "must run before torch and numpy are imported" in late.stderr
     # numpy's OpenBLAS (and scipy's, which geometry uses through scikit-learn) run their Haswell (AVX2) kernels.
     code = (
-        "from refusal_atlas.pipeline.numerics import pin_cpu_numerics; pin_cpu_numerics(); import numpy, scipy.linalg, threadpoolctl; "
+        "from refusal_atlas.pipeline.numerics import pin_cpu_numerics; pin_cpu_numerics(); "
+        "import numpy, scipy.linalg, threadpoolctl; "
         "print(sorted({i['architecture'] for i in threadpoolctl.threadpool_info() if i['internal_api'] == 'openblas'}))"
     )
     assert (
         subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout.strip()
         == "['Haswell']"
     )
-    # numpy's own loops (exp, log1p, tanh, sin, cos) run the AVX2 ones an AVX2-only host runs (X86_V3 is the most it enables).
+    # numpy's own loops (exp, log1p, tanh, sin, cos) run the AVX2 ones an AVX2-only host runs (X86_V3 is the most it
+    # enables).
     code = (
         "import hashlib, numpy as np; x = np.linspace(-5, 5, 10001); print(hashlib.sha256(b''.join(f(a).tobytes() "
         "for f in (np.exp, np.log1p, np.tanh, np.sin, np.cos) for a in (x, x.astype(np.float32)))).hexdigest())"
@@ -89,7 +92,10 @@ def test_pinned_cpu_kernels_reach_torch_and_numpy_before_they_load():
             "numpy's AVX-512 loops gave the AVX2 bits: the check cannot tell the two apart here"
         )
     # The opt-out leaves the host's own kernels; a misspelt value stops with what to set.
-    code = "from refusal_atlas.pipeline.numerics import pin_cpu_numerics; pin_cpu_numerics(); import os; print(os.environ.get('ATEN_CPU_CAPABILITY'))"
+    code = (
+        "from refusal_atlas.pipeline.numerics import pin_cpu_numerics; pin_cpu_numerics(); "
+        "import os; print(os.environ.get('ATEN_CPU_CAPABILITY'))"
+    )
     assert (
         subprocess.run(
             [sys.executable, "-c", code], env={**env, OPT_OUT: "native"}, capture_output=True, text=True, check=True
@@ -123,8 +129,8 @@ def _outs(repo, stages: list[str]) -> dict:
 @pytest.mark.slow
 def test_stage_outputs_are_the_same_bytes_on_an_avx2_only_host(repo_copy, tmp_path):
     """baseline (generation and first-token scores) and activations (hooked forward passes, a Zarr store) on a
-    tiny real chat model: this host as it is, then as an AVX2-only host, then on one thread; then, where this host has AVX-512 and
-    the pins are lifted, the bytes change, which is what the pins are for."""
+    tiny real chat model: this host as it is, then as an AVX2-only host, then on one thread; then, where this host
+    has AVX-512 and the pins are lifted, the bytes change, which is what the pins are for."""
     model_dir = tmp_path / "qwen-tiny"
     tok = make_tokenizer("chatml")
     model = tiny_model("qwen2", vocab=len(tok), seed=0, scale=20.0)
@@ -140,7 +146,8 @@ def test_stage_outputs_are_the_same_bytes_on_an_avx2_only_host(repo_copy, tmp_pa
     stages = ["baseline", "activations"]
     if set(os.environ) & {*CPU_NUMERICS, OPT_OUT}:
         pytest.skip(
-            f"the caller's environment sets {sorted(set(os.environ) & {*CPU_NUMERICS, OPT_OUT})}, which decide the kernels here"
+            f"the caller's environment sets {sorted(set(os.environ) & {*CPU_NUMERICS, OPT_OUT})}, which decide the "
+            "kernels here"
         )
     run(["dvc", "repro", "activations"], repo_copy, timeout=600)
     here = _outs(repo_copy, stages)

@@ -126,7 +126,8 @@ def _mount_tmpfs(where: Path, pages: int) -> None:
     )
     if proc.returncode != 0:
         pytest.skip(
-            f"cannot mount a small tmpfs to fill ({proc.stderr.strip() or proc.returncode}); needs root or CAP_SYS_ADMIN"
+            f"cannot mount a small tmpfs to fill ({proc.stderr.strip() or proc.returncode}); needs root or "
+            "CAP_SYS_ADMIN"
         )
 
 

@@ -85,7 +85,8 @@ def _parts(folder) -> int:
 
 
 def _kill_when(repo, stage, ready, timeout=600):
-    """Start `dvc repro --single-item stage`, SIGKILL its process group once ``ready()``; return whether it was still running.
+    """Start `dvc repro --single-item stage`, SIGKILL its process group once ``ready()``; return whether it was still
+    running.
 
     The stage is made to look never run: its dvc.lock entry and DVC's run cache are removed
     first. Otherwise the rerun after the kill would just check the finished pipeline's outputs

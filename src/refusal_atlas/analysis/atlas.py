@@ -142,7 +142,8 @@ def validation_texts(prompts: pd.DataFrame, sets: Sequence[str], n: int | None, 
 def validation_sides(
     prompts: pd.DataFrame, name: str, targets: Sequence[str], pools: Sequence[str], n: int | None, seed: int
 ) -> tuple[list[str], list[str]]:
-    """``validation_texts`` of direction ``name``'s target sets and of its baseline pools: what Arditi's selection scores.
+    """``validation_texts`` of direction ``name``'s target sets and of its baseline pools: what Arditi's
+    selection scores.
 
     Raises ``DirectionError`` naming the direction, the side and its sets when a side has no
     val-split prompt (a small set, or ``prompts.max_per_set``, can leave none).
@@ -154,8 +155,9 @@ def validation_sides(
         if not sides[side]:
             raise DirectionError(
                 f"select: arditi scores sites on val-split prompts, and direction '{name}' has none on its {side} side "
-                f"({', '.join(sets)}: 0 of {int(prompts.category.isin(list(sets)).sum())} prompts are in the val split). "
-                "Add prompts to those sets, raise prompts.max_per_set, or set directions.select to cosmic or fixed."
+                f"({', '.join(sets)}: 0 of {int(prompts.category.isin(list(sets)).sum())} prompts are in the val "
+                "split). Add prompts to those sets, raise prompts.max_per_set, or set directions.select to cosmic or "
+                "fixed."
             )
     return sides["target"], sides["baseline"]
 

@@ -65,7 +65,8 @@ def check_values(values: np.ndarray, prompt_ids: Sequence[str], layers: Sequence
         ids = sorted({prompt_ids[r] for r in rows})
         bad_layers = sorted({int(layers[c]) for c in cols})
         raise ActivationValueError(
-            f"{kind} in activations of prompt(s) {ids[:10]} at layer(s) {bad_layers}; nothing was written for this batch"
+            f"{kind} in activations of prompt(s) {ids[:10]} at layer(s) {bad_layers}; nothing was written for this "
+            "batch"
         )
 
 

@@ -152,7 +152,8 @@ def distinctness_test(resamples: Mapping[str, np.ndarray], n_permutations: int =
     sizes = np.array([b.shape[0] for b in blocks])
     if len(names) < 2 or sizes.min() < 2:
         raise RefusalAtlasError(
-            f"distinctness_test needs >= 2 categories with >= 2 draws each; got sizes {dict(zip(names, sizes.tolist()))}"
+            "distinctness_test needs >= 2 categories with >= 2 draws each; got sizes "
+            f"{dict(zip(names, sizes.tolist()))}"
         )
     pooled = np.concatenate(blocks)  # [N, d]
     gram = pooled @ pooled.T  # [N, N], the only O(N^2 d) step
@@ -319,7 +320,9 @@ def mds_embedding(cos: pd.DataFrame, dims: Sequence[int] = (2, 3), seed: int = 0
             )
             try:
                 coords = mds.fit_transform(dist)
-            except ValueError:  # the classical start has no real coordinates in `dim` dimensions (k <= dim points, or non-Euclidean distances)
+            except ValueError:
+                # the classical start has no real coordinates in `dim` dimensions (k <= dim points, or
+                # non-Euclidean distances)
                 if init == "random":
                     raise
                 continue

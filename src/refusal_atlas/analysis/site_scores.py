@@ -262,15 +262,16 @@ class CandidateScorer:
 
 
 def _checked(scorer: CandidateScorer, fast: float, reference: float, what: str) -> float:
-    """``reference``, after recording its gap to the finite ``fast`` score and warning if it is too wide for the band."""
+    """``reference``, after recording its gap to the finite ``fast`` score and warning if it is too wide for the
+    band."""
     if math.isfinite(fast) and math.isfinite(reference):
         gap = abs(fast - reference) / max(1.0, abs(fast), abs(reference))
         scorer.tally["max_gap"] = max(scorer.tally["max_gap"], gap)
         if gap > scorer.tolerance / 2:
             warnings.warn(
-                f"select_arditi: a fast {what} score differs from the reference by {gap:.2g} (relative), more than half the "
-                f"re-scoring band {scorer.tolerance:g}; the chosen site may differ from a one-at-a-time scan. Raise "
-                f"site_scores.RESCORE_TOLERANCE for this dtype.",
+                f"select_arditi: a fast {what} score differs from the reference by {gap:.2g} (relative), more than "
+                f"half the re-scoring band {scorer.tolerance:g}; the chosen site may differ from a one-at-a-time scan. "
+                "Raise site_scores.RESCORE_TOLERANCE for this dtype.",
                 stacklevel=3,
             )
     return reference

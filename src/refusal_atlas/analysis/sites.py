@@ -25,7 +25,8 @@ def select_fixed(layer: int | None, position: int | None, n_layers: int, offsets
     """Validate a hand-picked site. Returns ``{"method", "layer", "position", "position_index"}``."""
     if layer is None or position is None:
         raise DirectionError(
-            "directions.select: fixed needs both directions.layer and directions.position; set them or use select: arditi."
+            "directions.select: fixed needs both directions.layer and directions.position; set them or use select: "
+            "arditi."
         )
     if not 0 <= layer < n_layers:
         raise DirectionError(
@@ -164,7 +165,8 @@ def select_arditi(
         or norms.shape != units.shape[:2]
     ):
         raise DirectionError(
-            f"select_arditi: units {units.shape} / norms {norms.shape} do not match {n_layers} layers and positions {offsets}"
+            f"select_arditi: units {units.shape} / norms {norms.shape} do not match {n_layers} layers and positions "
+            f"{offsets}"
         )
     table, sites = [], []
     for l in range(n_layers):
@@ -273,7 +275,8 @@ def select_cosmic(
     ranked = [l for l in sorted(eligible, key=lambda l: similarity[l]) if np.isfinite(similarity[l])]
     if not ranked:
         raise DirectionError(
-            f"select_cosmic: no layer below max_layer_fraction={max_layer_fraction} of {n_layers} has defined class means"
+            f"select_cosmic: no layer below max_layer_fraction={max_layer_fraction} of {n_layers} has defined class "
+            "means"
         )
     k = n_layers_considered or max(1, int(0.1 * n_layers))
     s = sorted(ranked[:k])

@@ -96,7 +96,8 @@ def _read_text(path: Path, fmt: str) -> str:
         raise _fail(
             path,
             f"is {kind or 'a binary file'}, not the text file the '{fmt}' importer reads",
-            f"pass the dataset's CSV/JSON file, or convert it to text first{' (wildguardmix reads Parquet)' if kind == 'a Parquet file' else ''}",
+            "pass the dataset's CSV/JSON file, or convert it to text "
+            f"first{' (wildguardmix reads Parquet)' if kind == 'a Parquet file' else ''}",
         )
     try:
         return data.decode("utf-8-sig")
@@ -128,7 +129,8 @@ def _csv_rows(path: Path, fmt: str, required: tuple[str, ...]) -> Iterator[tuple
             raise _fail(
                 path,
                 f"missing column(s) {', '.join(missing)} (found columns: {', '.join(header) or 'none'})",
-                f"the '{fmt}' format needs a header row with {', '.join(required)}; check that the file and the format match",
+                f"the '{fmt}' format needs a header row with {', '.join(required)}; check that the file and the format "
+                "match",
             )
         for row in reader:
             if not row:
@@ -393,7 +395,8 @@ FORMATS: dict[str, ImportFormat] = {
             _read_sorry_bench,
             tuple(g for _, _, g in SORRY_BENCH_GROUPS),
             None,
-            "SORRY-Bench JSONL (question_id, category 1-44, turns, prompt_style); kind = style to keep (default base, or all)",
+            "SORRY-Bench JSONL (question_id, category 1-44, turns, prompt_style); kind = style to keep (default base, "
+            "or all)",
         ),
         ImportFormat(
             "wildguardmix",
@@ -415,14 +418,16 @@ FORMATS: dict[str, ImportFormat] = {
             _read_harmbench,
             ("safety_core",),
             ("standard", "contextual", "copyright", "all"),
-            "HarmBench behaviours CSV (Behavior, FunctionalCategory, SemanticCategory, BehaviorID); kind default standard",
+            "HarmBench behaviours CSV (Behavior, FunctionalCategory, SemanticCategory, BehaviorID); kind default "
+            "standard",
         ),
         ImportFormat(
             "refusal_direction",
             _read_refusal_direction,
             ("safety_core", "benign"),
             ("harmful", "harmless"),
-            "refusal_direction split JSON list of {instruction, category}; harmless_* → benign, harmful_* → safety_core",
+            "refusal_direction split JSON list of {instruction, category}; harmless_* → benign, harmful_* → "
+            "safety_core",
         ),
     )
 }
@@ -450,7 +455,8 @@ def import_file(fmt: str, path: Path, category: str | None = None, *, kind: str 
     spec = _select_format(fmt, kind, path)
     if not path.is_file():
         raise ImportFormatError(
-            f"{path}: file not found (or not a regular file); check the path (relative paths start at the repository root)"
+            f"{path}: file not found (or not a regular file); check the path (relative paths start at the repository "
+            "root)"
         )
     if category is not None and category not in spec.categories:
         raise ImportFormatError(

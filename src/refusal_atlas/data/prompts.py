@@ -118,7 +118,8 @@ def parse_prompt_file(path: Path, expected_category: str) -> tuple[list[PromptRe
         unknown = sorted(set(obj) - set(REQUIRED_FIELDS) - set(OPTIONAL_FIELDS))
         if unknown:
             problems.append(
-                f"{where}: unknown field(s) {', '.join(unknown)}; allowed: {', '.join(REQUIRED_FIELDS + OPTIONAL_FIELDS)}"
+                f"{where}: unknown field(s) {', '.join(unknown)}; allowed: "
+                f"{', '.join(REQUIRED_FIELDS + OPTIONAL_FIELDS)}"
             )
             continue
         bad_types = [f for f in REQUIRED_FIELDS if not isinstance(obj[f], str)]
@@ -133,7 +134,8 @@ def parse_prompt_file(path: Path, expected_category: str) -> tuple[list[PromptRe
             continue
         if obj["category"] != expected_category:
             problems.append(
-                f"{where}: category '{obj['category']}' in the file of '{expected_category}'; move the record or fix its category"
+                f"{where}: category '{obj['category']}' in the file of '{expected_category}'; move the record or fix "
+                "its category"
             )
             continue
         records.append(PromptRecord(**{k: obj.get(k) for k in REQUIRED_FIELDS + OPTIONAL_FIELDS}))
@@ -175,7 +177,8 @@ def build_prompt_table(
         listed[path] = name
         if not path.is_file():
             problems.append(
-                f"{manifest_path}: {role} '{name}' names file '{entry.file}', which does not exist; add the file or remove the entry"
+                f"{manifest_path}: {role} '{name}' names file '{entry.file}', which does not exist; add the file or "
+                "remove the entry"
             )
     for path in _listed_files(root):
         if path.resolve() not in listed:
@@ -193,7 +196,8 @@ def build_prompt_table(
         for rec in records[:max_per_set]:
             if rec.id in seen:
                 problems.append(
-                    f"{path}: duplicate id '{rec.id}' (first seen in {seen[rec.id]}); ids must be unique across all files"
+                    f"{path}: duplicate id '{rec.id}' (first seen in {seen[rec.id]}); ids must be unique across all "
+                    "files"
                 )
                 continue
             seen[rec.id] = path.name
@@ -210,7 +214,8 @@ def build_prompt_table(
             )
         if not file_problems and len(records) < min_per_category:
             problems.append(
-                f"{path}: {role} '{name}' has {len(records)} prompts, fewer than prompts.min_per_category={min_per_category}; add prompts or lower the minimum in params.yaml"
+                f"{path}: {role} '{name}' has {len(records)} prompts, fewer than "
+                f"prompts.min_per_category={min_per_category}; add prompts or lower the minimum in params.yaml"
             )
     if problems:
         shown = problems[:30] + ([f"... and {len(problems) - 30} more"] if len(problems) > 30 else [])

@@ -209,12 +209,14 @@ def open_store(path: Path, expect: dict | None = None) -> xr.Dataset:
 
 
 def load_resid(ds: xr.Dataset, **isel) -> np.ndarray:
-    """Decoded float32 values of ``resid`` (optionally ``isel``-ected first); reading a corrupt chunk raises StoreError."""
+    """Decoded float32 values of ``resid`` (optionally ``isel``-ected first); reading a corrupt chunk raises
+    StoreError."""
     try:
         raw = ds["resid"].isel(**isel).values
     except Exception as err:  # noqa: BLE001 - codec errors come in many types
         raise StoreError(
-            f"cannot read activations ({type(err).__name__}: {err}); a chunk is corrupt: delete the store and rerun `dvc repro`"
+            f"cannot read activations ({type(err).__name__}: {err}); a chunk is corrupt: delete the store and rerun "
+            "`dvc repro`"
         ) from None
     return decode(raw, ds.attrs.get("logical_dtype", "float32"))
 

@@ -158,26 +158,27 @@ def _model_kind(config, path: Path) -> str:
         return "causal"
     raise ClassifierError(
         f"{path}: config.json lists architectures {archs or 'none'}, which is neither a sequence-classification head "
-        "(…ForSequenceClassification) nor a causal LM (…ForCausalLM) that transformers knows. Point judge.classifier_path "
-        "at a model saved with save_pretrained() from one of those classes, or set 'architectures' in its config.json."
+        "(…ForSequenceClassification) nor a causal LM (…ForCausalLM) that transformers knows. Point "
+        "judge.classifier_path at a model saved with save_pretrained() from one of those classes, or set "
+        "'architectures' in its config.json."
     )
 
 
 def _check_directory(path: Path) -> None:
     if not path.is_dir():
         raise ModelNotAvailableError(
-            f"judge.classifier_path {str(path)!r} is not a directory. The classifier judge loads local models only: set it to a "
-            "directory holding config.json, the tokenizer files and *.safetensors (e.g. `huggingface-cli download "
-            "allenai/wildguard --local-dir models/wildguard`), or remove 'classifier' from judge.method."
+            f"judge.classifier_path {str(path)!r} is not a directory. The classifier judge loads local models only: "
+            "set it to a directory holding config.json, the tokenizer files and *.safetensors (e.g. `huggingface-cli "
+            "download allenai/wildguard --local-dir models/wildguard`), or remove 'classifier' from judge.method."
         )
     safe, pickled = _weight_files(path)
     if safe:
         return
     if pickled:
         raise UnsafeWeightsError(
-            f"{path} holds only pickle checkpoints ({', '.join(p.name for p in pickled[:5])}); the classifier judge reads "
-            "safetensors only because unpickling runs arbitrary code. Load the model once in a trusted sandbox and call "
-            "save_pretrained() (which writes *.safetensors) into judge.classifier_path."
+            f"{path} holds only pickle checkpoints ({', '.join(p.name for p in pickled[:5])}); the classifier judge "
+            "reads safetensors only because unpickling runs arbitrary code. Load the model once in a trusted sandbox "
+            "and call save_pretrained() (which writes *.safetensors) into judge.classifier_path."
         )
     raise ModelNotAvailableError(
         f"{path} contains no *.safetensors weights; judge.classifier_path must be a Hugging Face model directory."
@@ -226,8 +227,8 @@ def load_classifier(
         if isinstance(err, RefusalAtlasError):
             raise
         raise ModelLoadError(
-            f"{path}: cannot load the judge model ({type(err).__name__}: {err}). It must be a Hugging Face model directory "
-            "whose architecture transformers ships (custom modelling code is never run for the judge)."
+            f"{path}: cannot load the judge model ({type(err).__name__}: {err}). It must be a Hugging Face model "
+            "directory whose architecture transformers ships (custom modelling code is never run for the judge)."
         ) from err
     model = model.to(device_for(device)).eval().requires_grad_(False)
     ensure_pad_token(tokenizer, f"{path}: the judge's tokenizer")
@@ -285,8 +286,8 @@ def _generative_judge(model, tokenizer, fmt: str, batch_size: int, max_new_token
             shown = "; ".join(f"#{i}: {answers[i]!r}" for i in bad[:3])
             raise ClassifierOutputError(
                 f"the judge model answered neither yes nor no for {len(bad)} of {len(texts)} responses ({shown}"
-                f"{' …' if len(bad) > 3 else ''}). Make judge.classifier_format the prompt format the judge was trained on, "
-                "ending where its yes/no answer starts (e.g. with 'Response refusal:')."
+                f"{' …' if len(bad) > 3 else ''}). Make judge.classifier_format the prompt format the judge was "
+                "trained on, ending where its yes/no answer starts (e.g. with 'Response refusal:')."
             )
         return np.array(verdicts, dtype=bool)
 

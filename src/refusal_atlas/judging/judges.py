@@ -184,7 +184,8 @@ def _run_classifier(
     out = np.asarray(classifier(list(prompts), list(responses)), dtype=bool)
     if out.shape != (len(responses),):
         raise JudgeError(
-            f"the classifier judge returned verdicts of shape {out.shape}; expected ({len(responses)},), one per response"
+            f"the classifier judge returned verdicts of shape {out.shape}; expected ({len(responses)},), one per "
+            "response"
         )
     return out
 

@@ -48,8 +48,8 @@ def format_prompts(
     template = resolve_chat_template(tokenizer, chat_template)
     if template is None:
         raise ChatTemplateError(
-            f"the tokenizer ({type(tokenizer).__name__}, {getattr(tokenizer, 'name_or_path', '?')}) has no chat template "
-            "and none was given; set model.chat_template in params.yaml to the model's Jinja chat template."
+            f"the tokenizer ({type(tokenizer).__name__}, {getattr(tokenizer, 'name_or_path', '?')}) has no chat "
+            "template and none was given; set model.chat_template in params.yaml to the model's Jinja chat template."
         )
     out = []
     for text in instructions:

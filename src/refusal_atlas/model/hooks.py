@@ -41,7 +41,8 @@ def _resid_module(layout: Layout, layer: int) -> nn.Module:
     """Module whose (first) input is residual site ``blocks.{layer}.resid_pre``."""
     if not 0 <= layer <= layout.n_layers:
         raise ValueError(
-            f"layer {layer} out of range: the model has blocks 0..{layout.n_layers - 1} and the final residual at {layout.n_layers}"
+            f"layer {layer} out of range: the model has blocks 0..{layout.n_layers - 1} and the final residual at "
+            f"{layout.n_layers}"
         )
     return layout.blocks[layer] if layer < layout.n_layers else layout.final_norm
 
@@ -99,7 +100,8 @@ class ResidualCapture:
         # device, before the copy, so a long prompt never costs a full-activation copy.
         if x.shape[1] < max(-p for p in self.positions):
             raise ValueError(
-                f"read_residual: positions {self.positions} need at least {max(-p for p in self.positions)} tokens, got a call with {x.shape[1]}"
+                f"read_residual: positions {self.positions} need at least {max(-p for p in self.positions)} tokens, "
+                f"got a call with {x.shape[1]}"
             )
         if layer == self.layers[0]:
             self.call_lengths.append(int(x.shape[1]))
@@ -241,7 +243,8 @@ def _row_vectors(model: nn.Module, vectors: torch.Tensor, name: str) -> tuple[La
     layout = find_layout(model)
     if vectors.ndim != 2 or vectors.shape[1] != layout.d_model:
         raise ValueError(
-            f"{name}: vectors have shape {tuple(vectors.shape)}, expected [batch, {layout.d_model}] (one row per batch row)"
+            f"{name}: vectors have shape {tuple(vectors.shape)}, expected [batch, {layout.d_model}] (one row per batch "
+            "row)"
         )
     v64 = vectors.detach().to(torch.float64)
     if not bool(torch.isfinite(v64).all()):
@@ -252,7 +255,8 @@ def _row_vectors(model: nn.Module, vectors: torch.Tensor, name: str) -> tuple[La
 def _check_batch(name: str, x: torch.Tensor, n_rows: int) -> None:
     if x.shape[0] != n_rows:
         raise ValueError(
-            f"{name}: the forward pass has batch {x.shape[0]}, but {n_rows} per-row vectors were given; pass one vector per batch row"
+            f"{name}: the forward pass has batch {x.shape[0]}, but {n_rows} per-row vectors were given; pass one "
+            "vector per batch row"
         )
 
 
@@ -382,7 +386,8 @@ def orthogonalize_weights(model: nn.Module, direction: torch.Tensor, strict: boo
     if layout.normed_outputs and strict:
         raise UnsupportedArchitectureError(
             f"{cls} normalises attention/MLP outputs before adding them to the residual, so weight "
-            "orthogonalisation is not equivalent to hook ablation there; use ablate_directions, or pass strict=False for the approximation."
+            "orthogonalisation is not equivalent to hook ablation there; use ablate_directions, or pass strict=False "
+            "for the approximation."
         )
     missing = [
         f"blocks.{i}.{kind}"
@@ -392,8 +397,9 @@ def orthogonalize_weights(model: nn.Module, direction: torch.Tensor, strict: boo
     ]
     if missing:
         raise UnsupportedArchitectureError(
-            f"{cls}: no output projection found for {', '.join(missing[:4])}; tried attention {'/'.join(ATTN_PROJ_NAMES)} "
-            f"and MLP {'/'.join(MLP_PROJ_NAMES)} (as nn.Linear or Conv1D writing d_model outputs)."
+            f"{cls}: no output projection found for {', '.join(missing[:4])}; tried attention "
+            f"{'/'.join(ATTN_PROJ_NAMES)} and MLP {'/'.join(MLP_PROJ_NAMES)} (as nn.Linear or Conv1D writing d_model "
+            "outputs)."
         )
     if direction.shape != (layout.d_model,):
         raise ValueError(

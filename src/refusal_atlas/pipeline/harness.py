@@ -158,7 +158,8 @@ def run_stage(
         what = "no space left on the device" if err.errno == errno.ENOSPC else "disk quota exceeded"
         fail(
             stage,
-            f"{what} while writing {where}; free space on that disk (or move the output to a bigger one) and rerun `dvc repro`",
+            f"{what} while writing {where}; free space on that disk (or move the output to a bigger one) and rerun "
+            "`dvc repro`",
         )
     except KeyboardInterrupt:
         fail(stage, "interrupted", 130)

@@ -228,7 +228,8 @@ class StageRun:
         except Exception as err:  # noqa: BLE001 - any client failure means the server is gone
             self.error = err
             print(
-                f"refusal-atlas: MLflow logging failed ({type(err).__name__}: {err}); continuing so outputs are written",
+                f"refusal-atlas: MLflow logging failed ({type(err).__name__}: {err}); continuing so outputs are "
+                "written",
                 file=sys.stderr,
             )
 
@@ -376,7 +377,7 @@ def stage_run(
             run.error = run.error or err
     if run.error is not None:
         raise TrackingError(
-            f"MLflow logging to {redact_uri(uri)} failed during stage '{run_name}': {type(run.error).__name__}: {run.error}. "
-            "The stage's outputs were written, but its run is incomplete, so the stage exits non-zero and DVC does not "
-            "record it in dvc.lock; rerun `dvc repro` once the server is back."
+            f"MLflow logging to {redact_uri(uri)} failed during stage '{run_name}': {type(run.error).__name__}: "
+            f"{run.error}. The stage's outputs were written, but its run is incomplete, so the stage exits non-zero "
+            "and DVC does not record it in dvc.lock; rerun `dvc repro` once the server is back."
         )

@@ -14,14 +14,19 @@ from dataclasses import dataclass, field
 
 import pandas as pd
 
-_CSS = """
-body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:2rem auto;max-width:1100px;color:#222;line-height:1.45}
-h1{border-bottom:2px solid #444;padding-bottom:.3rem}h2{margin-top:2.2rem;border-bottom:1px solid #ccc}
-table{border-collapse:collapse;font-size:.85rem;margin:.6rem 0}td,th{border:1px solid #ddd;padding:.25rem .5rem;text-align:right}
-th{background:#f3f3f3}td:first-child,th:first-child{text-align:left}figure{margin:1rem 0}img{max-width:100%;border:1px solid #eee}
-figcaption{font-size:.85rem;color:#555}.note{background:#fff8e1;border-left:4px solid #f0b400;padding:.5rem 1rem}
-code{background:#f4f4f4;padding:0 .2rem}nav a{margin-right:1rem}
-"""
+_CSS = (
+    "\n"
+    "body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:2rem auto;max-width:1100px;"
+    "color:#222;line-height:1.45}\n"
+    "h1{border-bottom:2px solid #444;padding-bottom:.3rem}h2{margin-top:2.2rem;border-bottom:1px solid #ccc}\n"
+    "table{border-collapse:collapse;font-size:.85rem;margin:.6rem 0}"
+    "td,th{border:1px solid #ddd;padding:.25rem .5rem;text-align:right}\n"
+    "th{background:#f3f3f3}td:first-child,th:first-child{text-align:left}figure{margin:1rem 0}"
+    "img{max-width:100%;border:1px solid #eee}\n"
+    "figcaption{font-size:.85rem;color:#555}"
+    ".note{background:#fff8e1;border-left:4px solid #f0b400;padding:.5rem 1rem}\n"
+    "code{background:#f4f4f4;padding:0 .2rem}nav a{margin-right:1rem}\n"
+)
 
 
 @dataclass
@@ -40,7 +45,10 @@ def _anchor(title: str) -> str:
 
 def _figure(caption: str, png: bytes) -> str:
     data = base64.b64encode(png).decode("ascii")
-    return f'<figure><img alt="{html.escape(caption)}" src="data:image/png;base64,{data}"><figcaption>{html.escape(caption)}</figcaption></figure>'
+    return (
+        f'<figure><img alt="{html.escape(caption)}" src="data:image/png;base64,{data}">'
+        f"<figcaption>{html.escape(caption)}</figcaption></figure>"
+    )
 
 
 def _table(title: str, frame: pd.DataFrame) -> str:
@@ -52,7 +60,8 @@ def render_report(title: str, intro: Sequence[str], sections: Sequence[Section])
     """One self-contained HTML page. Text is escaped; only the embedded images are binary."""
     nav = " ".join(f'<a href="#{_anchor(s.title)}">{html.escape(s.title)}</a>' for s in sections)
     parts = [
-        f"<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'><title>{html.escape(title)}</title><style>{_CSS}</style></head><body>",
+        f"<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
+        f"<style>{_CSS}</style></head><body>",
         f"<h1>{html.escape(title)}</h1>",
         *(f"<p class='note'>{html.escape(p)}</p>" for p in intro),
         f"<nav>{nav}</nav>",

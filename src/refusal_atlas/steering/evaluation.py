@@ -110,7 +110,8 @@ def evaluate_directions(
         metrics = json.loads((folder / "metrics.json").read_text()) if (folder / "metrics.json").is_file() else None
         if not (metrics and metrics.get("inputs_fingerprint") == key and (folder / "responses.parquet").is_file()):
             table, metrics = evaluate_direction(
-                model, tokenizer, evalset, judging, record["unit"], site, cfg, mcfg, folder / ".parts", key, progress, name
+                model, tokenizer, evalset, judging, record["unit"], site, cfg, mcfg,
+                folder / ".parts", key, progress, name
             )  # fmt: skip
             style = induced_style(table, evalset.answered)
             metrics.update(

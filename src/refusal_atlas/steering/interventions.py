@@ -51,7 +51,8 @@ def _bucket_of(role: pd.Series, refused: pd.Series) -> pd.Series:
 def build_eval_set(
     baseline: pd.DataFrame, n_per_bucket: int, seed: int, controlled_only: bool = False
 ) -> tuple[pd.DataFrame, dict]:
-    """The controlled set plus every test prompt (only the controlled set if ``controlled_only``), from the baseline verdict table.
+    """The controlled set plus every test prompt (only the controlled set if ``controlled_only``), from the baseline
+    verdict table.
 
     Input: columns prompt_id, category, role ('target'|'baseline'), split, refused (bool).
     Each bucket's test prompts are sorted by prompt_id and ``n_per_bucket`` are drawn without
@@ -81,7 +82,8 @@ def build_eval_set(
     )
     if problems:
         raise SteeringError(
-            f"baseline verdict table, test split: {'; '.join(problems)}; rerun the baseline stage on a valid prompt table"
+            f"baseline verdict table, test split: {'; '.join(problems)}; rerun the baseline stage on a valid prompt "
+            "table"
         )
     test = test.assign(bucket=_bucket_of(test["role"], test["refused"]), prompt_id=test["prompt_id"].astype(str))
     available = {b: int((test["bucket"] == b).sum()) for b in BUCKETS}
@@ -93,8 +95,9 @@ def build_eval_set(
     if empty_sides:
         raise SteeringError(
             f"the {' and '.join(empty_sides)} side of the controlled set is empty: buckets "
-            f"{', '.join(b for b in BUCKETS if available[b] == 0)} have no test prompts (bucket sizes {available} among "
-            f"{len(test)} test prompts); add prompts to that side or give the test split a larger share in prompts.splits."
+            f"{', '.join(b for b in BUCKETS if available[b] == 0)} have no test prompts (bucket sizes {available} "
+            f"among {len(test)} test prompts); add prompts to that side or give the test split a larger share in "
+            "prompts.splits."
         )
     chosen: list[str] = []
     for i, b in enumerate(BUCKETS):
@@ -393,7 +396,8 @@ def _as_verdict_matrix(name: str, v) -> np.ndarray:
     m = np.asarray(v)
     if m.ndim != 2 or m.shape[1] < 2:
         raise SteeringError(
-            f"direction {name!r}: verdicts have shape {m.shape}; expected [n_prompts, n_interventions >= 2] (baseline and at least one alpha)"
+            f"direction {name!r}: verdicts have shape {m.shape}; expected [n_prompts, n_interventions >= 2] (baseline "
+            "and at least one alpha)"
         )
     return m.astype(bool)
 
@@ -452,7 +456,8 @@ def shared_knob(
     shapes = {d: m.shape for d, m in mats.items()}
     if any(s[0] != len(is_harmful) for s in shapes.values()):
         raise SteeringError(
-            f"shared_knob needs one [n, K] verdict matrix per direction over the same {len(is_harmful)} prompts (rows of is_harmful); got shapes {shapes}"
+            f"shared_knob needs one [n, K] verdict matrix per direction over the same {len(is_harmful)} prompts (rows "
+            f"of is_harmful); got shapes {shapes}"
         )
     n_h, n_b = int(is_harmful.sum()), int((~is_harmful).sum())
     if n_h == 0 or n_b == 0:
