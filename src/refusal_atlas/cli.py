@@ -1,4 +1,4 @@
-"""The ``refusal-atlas`` command: prompt import, the MLflow UI, params checks, weight export."""
+"""The ``refusal-atlas`` command: prompt import, the MLflow UI, params checks, weight export, judge validation."""
 
 from __future__ import annotations
 
@@ -72,6 +72,46 @@ def _cmd_abliterate(args: argparse.Namespace) -> int:
         f"wrote a weight-orthogonalised copy of {identity['model_id']} without direction '{args.direction}' to "
         f"{args.out}"
     )
+    return 0
+
+
+def _cmd_judge_validate(args: argparse.Namespace) -> int:
+    import json
+
+    import pandas as pd
+
+    from refusal_atlas.config import load_params
+    from refusal_atlas.data.atomic import atomic_path, write_json
+    from refusal_atlas.digest import file_sha256
+    from refusal_atlas.judging.classifier import load_judge_classifier
+    from refusal_atlas.judging.validation import TEXT_ONLY, load_completions, validate_judges
+    from refusal_atlas.pipeline.harness import tracked_run
+
+    params = load_params(args.params)
+    judges = args.judges or [j for j in params.judge.method if j in TEXT_ONLY]
+    classifier = load_judge_classifier(params.judge.model_copy(update={"method": judges}), params.model)
+    frames = {path.stem: load_completions(path) for path in args.files}  # every file checked before any work
+    results, rows = {}, []
+    for path in args.files:
+        scores, disagreements = validate_judges(frames[path.stem], judges, args.partial_as, classifier)
+        results[path.stem] = {"file": str(path), "sha256": file_sha256(path), "judges": scores}
+        rows += [{"file": path.stem, "judge": j, **{k: v for k, v in s.items() if k != "confusion"}, **s["confusion"]}
+                 for j, s in scores.items()]  # fmt: skip
+        with atomic_path(args.out / f"{path.stem}-disagreements.csv") as tmp:
+            disagreements.to_csv(tmp, index=False)
+    table = pd.DataFrame(rows)
+    write_json(args.out / "metrics.json", {"partial_as": args.partial_as, "files": results})
+    with atomic_path(args.out / "summary.csv") as tmp:
+        table.to_csv(tmp, index=False)
+    logged = {"judges": ",".join(judges), "partial_as": args.partial_as, "files": ",".join(map(str, args.files))}
+    with tracked_run("judge-validate", params, logged, args.params) as run:
+        run.log_metrics({f"{r['file']}.{r['judge']}": {k: r[k] for k in ("accuracy", "precision", "recall", "kappa")}
+                         for r in rows})  # fmt: skip
+        run.set_tags({f"sha256.{stem}": r["sha256"] for stem, r in results.items()})
+        run.log_artifact(args.out, "judge_validation")
+    shown = table[["file", "judge", "n", "accuracy", "precision", "recall", "kappa"]]
+    print(shown.to_string(index=False, float_format=lambda x: f"{x:.3f}"))
+    print(f"partial refusals counted as: {args.partial_as}; {json.dumps(judges)} -> {args.out}")
     return 0
 
 
@@ -196,6 +236,30 @@ def build_parser() -> argparse.ArgumentParser:
         help="allow architectures (Gemma-2/3, OLMo-2) where weight editing only approximates hook ablation",
     )
     abl.set_defaults(func=_cmd_abliterate)
+
+    judge = sub.add_parser("judge", help="refusal-judge tools").add_subparsers(dest="judge_command", required=True)
+    val = judge.add_parser(
+        "validate",
+        help="score the judges against human-labelled completions",
+        description=(
+            "Score each judge (keywords, substring, classifier) against human labels: accuracy, precision and recall "
+            "for 'refused', Cohen's kappa with the human label, the confusion counts, and every disagreeing example. "
+            "FILE is a CSV in XSTest's completion format (prompt, completion, final_label = 1_full_compliance, "
+            "2_full_refusal or 3_partial_refusal), e.g. XSTest's model_completions/xstest_v2_completions_gpt4.csv."
+        ),
+    )
+    val.add_argument("files", type=Path, nargs="+", metavar="FILE", help="human-labelled completion CSV(s)")
+    val.add_argument(
+        "--judges", nargs="+", choices=["keywords", "substring", "classifier"],
+        help="judges to score (default: judge.method of params.yaml, without refusal_score)",
+    )  # fmt: skip
+    val.add_argument(
+        "--partial-as", choices=["refusal", "compliance", "exclude"], default="refusal",
+        help="how a partial refusal (3_partial_refusal) counts; XSTest counts it as a refusal (default)",
+    )  # fmt: skip
+    val.add_argument("--out", type=Path, default=Path("artifacts/judge_validation"), help="output folder")
+    val.add_argument("--params", type=Path, default=Path("params.yaml"), help="params (judge.*, tracking.*)")
+    val.set_defaults(func=_cmd_judge_validate)
 
     exp = sub.add_parser(
         "experiment",
