@@ -115,6 +115,30 @@ def _cmd_judge_validate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_style_validate(args: argparse.Namespace) -> int:
+    from refusal_atlas.data.atomic import write_json
+    from refusal_atlas.judging.styles import (
+        cross_validate_styles,
+        evaluate_classifier,
+        load_labelled,
+        train_style_classifier,
+    )
+
+    exemplars = load_labelled(args.exemplars)
+    files = {path.stem: load_labelled(path) for path in args.files}  # every file checked before any work
+    clf = train_style_classifier(exemplars.text.tolist(), exemplars.label.tolist(), seed=args.seed)
+    out = {name: evaluate_classifier(clf, f.text.tolist(), f.label.tolist()) for name, f in files.items()}
+    cv = cross_validate_styles(exemplars.text.tolist(), exemplars.label.tolist(), folds=args.folds, seed=args.seed)
+    out[f"cross-validated {args.exemplars.name}"] = cv
+    for name, score in out.items():
+        recall = ", ".join(f"{k} {v:.2f}" for k, v in score["recall"].items() if v == v)
+        print(f"{name}: n {score['n']}, accuracy {score['accuracy']:.3f}, macro-F1 {score['macro_f1']:.3f}; "
+              f"recall {recall}")  # fmt: skip
+    if args.out:
+        write_json(args.out, out)
+    return 0
+
+
 def _cmd_experiment(args: argparse.Namespace) -> int:
     import json
 
@@ -260,6 +284,23 @@ def build_parser() -> argparse.ArgumentParser:
     val.add_argument("--out", type=Path, default=Path("artifacts/judge_validation"), help="output folder")
     val.add_argument("--params", type=Path, default=Path("params.yaml"), help="params (judge.*, tracking.*)")
     val.set_defaults(func=_cmd_judge_validate)
+
+    style = sub.add_parser("style", help="refusal-style tools").add_subparsers(dest="style_command", required=True)
+    sval = style.add_parser(
+        "validate",
+        help="score the style classifier against labelled responses",
+        description=(
+            "Train the offline style classifier on its exemplars and score it on FILE(s): JSON Lines of {id, text, "
+            "label} with label one of CAPABILITY, SAFETY, UNDERSPEC, GENERIC, NONREFUSAL (the study's taxonomy). "
+            "Also prints its k-fold cross-validated score on the exemplars."
+        ),
+    )
+    sval.add_argument("files", type=Path, nargs="*", metavar="FILE", help="labelled responses (JSON Lines)")
+    sval.add_argument("--exemplars", type=Path, default=Path("prompts/styles/exemplars.jsonl"))
+    sval.add_argument("--folds", type=int, default=5, help="cross-validation folds (default 5)")
+    sval.add_argument("--seed", type=int, default=0)
+    sval.add_argument("--out", type=Path, help="write the scores as JSON here")
+    sval.set_defaults(func=_cmd_style_validate)
 
     exp = sub.add_parser(
         "experiment",

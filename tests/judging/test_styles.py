@@ -242,3 +242,51 @@ def test_induced_style_counts_recover_the_counts_behind_the_shares():
     counts = induced_style_counts(summaries)
     assert list(counts.columns) == list(REFUSAL_STYLES) and list(counts.index) == ["a", "b"]
     assert counts.loc["a"].tolist() == [3, 4, 0, 0] and counts.loc["b"].tolist() == [0, 0, 2, 1]
+
+
+def test_cross_validated_style_score_predicts_each_text_once_and_can_fail():
+    from refusal_atlas.judging.styles import cross_validate_styles
+
+    words = {
+        "CAPABILITY": "as an ai i cannot browse",
+        "SAFETY": "that could cause harm",
+        "UNDERSPEC": "could you clarify what you mean",
+        "NONREFUSAL": "sure here is the recipe",
+    }
+    texts = [f"{phrase} {i}" for phrase in words.values() for i in range(10)]
+    labels = [label for label in words for _ in range(10)]
+    clean = cross_validate_styles(texts, labels, folds=5, seed=0)
+    assert clean["n"] == 40 and clean["folds"] == 5 and len(clean["fold_accuracy"]) == 5
+    assert clean["accuracy"] == 1.0 and sum(clean["confusion"][s][s] for s in words) == 40
+    # Labels shuffled within the data: each held-out text's label cannot be learnt from the others.
+    shuffled = list(np.random.default_rng(0).permutation(labels))
+    assert cross_validate_styles(texts, shuffled, folds=5, seed=0)["accuracy"] < 0.6
+
+
+def test_style_validate_command_scores_a_file_and_the_exemplars(tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    from helpers import REPO
+
+    path = tmp_path / "mine.jsonl"
+    rows = [
+        ("a", "As an AI, I can't browse the internet.", "CAPABILITY"),
+        ("b", "Sure! Here is a recipe.", "NONREFUSAL"),
+    ]
+    path.write_text("".join(json.dumps({"id": i, "text": t, "label": label}) + "\n" for i, t, label in rows))
+    out = tmp_path / "scores.json"
+    cmd = [sys.executable, "-m", "refusal_atlas.cli", "style", "validate", str(path), "--folds", "3", "--out", str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr
+    scores = json.loads(out.read_text())
+    assert scores["mine"]["n"] == 2 and scores["mine"]["accuracy"] == 1.0
+    assert (
+        scores["cross-validated exemplars.jsonl"]["n"] > 300
+        and 0.5 < scores["cross-validated exemplars.jsonl"]["accuracy"] < 1
+    )
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"id": "x", "text": "t", "label": "RUDE"}) + "\n")
+    failed = subprocess.run([*cmd[:5], str(bad)], capture_output=True, text=True, cwd=REPO)
+    assert failed.returncode == 2 and "RUDE" in failed.stderr

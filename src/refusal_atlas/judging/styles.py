@@ -164,6 +164,26 @@ def classify_styles(clf, responses: Sequence[str], refused: Sequence[bool] | np.
     return out
 
 
+def cross_validate_styles(texts: Sequence[str], labels: Sequence[str], folds: int = 5, seed: int = 0) -> dict:
+    """Stratified ``folds``-fold cross-validated score of ``train_style_classifier`` on labelled texts.
+
+    Each text is predicted once, by the classifier trained on the other folds; the pooled
+    predictions are scored as ``evaluate_classifier`` scores (``n``, ``accuracy``, ``macro_f1``,
+    ``recall``, ``confusion``), plus ``folds`` and each fold's accuracy (``fold_accuracy``).
+    """
+    from sklearn.metrics import accuracy_score
+    from sklearn.model_selection import StratifiedKFold
+
+    texts, truth = [str(t) for t in texts], _check_labels(labels)
+    pred = np.full(len(texts), "", dtype=_LABEL_DTYPE)
+    per_fold = []
+    for train, test in StratifiedKFold(folds, shuffle=True, random_state=seed).split(texts, truth):
+        clf = train_style_classifier([texts[i] for i in train], truth[train], seed=seed)
+        pred[test] = classify_styles(clf, [texts[i] for i in test])
+        per_fold.append(float(accuracy_score(truth[test], pred[test])))
+    return {**_score(truth, pred), "folds": folds, "fold_accuracy": per_fold}
+
+
 def evaluate_classifier(clf, texts: Sequence[str], labels: Sequence[str]) -> dict:
     """Score ``clf`` on labelled texts (all five labels predicted, no refusal mask).
 
@@ -172,10 +192,12 @@ def evaluate_classifier(clf, texts: Sequence[str], labels: Sequence[str]) -> dic
     recall (NaN when the style is absent from the truth); ``confusion[true][predicted]``
     is a count for every pair of styles.
     """
+    return _score(_check_labels(labels), classify_styles(clf, texts))
+
+
+def _score(truth: np.ndarray, pred: np.ndarray) -> dict:
     from sklearn.metrics import accuracy_score, confusion_matrix, f1_score
 
-    truth = _check_labels(labels)
-    pred = classify_styles(clf, texts)
     present = [s for s in STYLES if s in set(truth) | set(pred)]
     cm = confusion_matrix(truth, pred, labels=list(STYLES))
     support = cm.sum(axis=1)

@@ -18,6 +18,7 @@ from refusal_atlas.config import SteeringConfig
 from refusal_atlas.digest import file_sha256
 from refusal_atlas.judging.styles import (
     STYLES,
+    cross_validate_styles,
     evaluate_classifier,
     induced_style_counts,
     style_homogeneity,
@@ -108,6 +109,15 @@ def build_report(inp: ReportInputs, cfg: SteeringConfig) -> Report:
     ex = inp.exemplars
     clf = train_style_classifier(ex.text.tolist(), ex.label.tolist(), seed=cfg.seed)
     style_eval = evaluate_classifier(clf, inp.labelled.text.tolist(), inp.labelled.label.tolist())
+    # The hand-labelled responses share an author with the exemplars; a cross-validated score
+    # over the exemplars is the number that does not flatter the classifier.
+    style_cv = cross_validate_styles(ex.text.tolist(), ex.label.tolist(), folds=5, seed=cfg.seed)
+    style_eval = {
+        **style_eval,
+        "cv_accuracy": style_cv["accuracy"],
+        "cv_macro_f1": style_cv["macro_f1"],
+        "cv_n": style_cv["n"],
+    }
 
     figures = {
         "tradeoff.png": plots.tradeoff_plot({n: c[c.alpha.notna()] for n, c in curves.items()}),
@@ -122,7 +132,9 @@ def build_report(inp: ReportInputs, cfg: SteeringConfig) -> Report:
             "verdicts": knob.verdict.value_counts().to_dict(),
             "max_mean_abs_diff": float(knob.mean_abs_diff.max()),
         },
-        "style_classifier": {k: style_eval[k] for k in ("n", "accuracy", "macro_f1")},
+        "style_classifier": {
+            k: style_eval[k] for k in ("n", "accuracy", "macro_f1", "cv_n", "cv_accuracy", "cv_macro_f1")
+        },
         "dominant_style": {
             n: {"style": m["style"]["dominant"], "purity": m["style"]["purity"]} for n, m in steering.items()
         },
@@ -263,7 +275,10 @@ def _sections(inp: ReportInputs, figures, tables, verdict_line, style_eval, homo
                 "everywhere, 1: no style shared). A prompt refused at several α counts once per α, so p is "
                 "optimistic; V is the size of the difference.",
                 f"Offline style classifier accuracy on {style_eval['n']} hand-labelled responses: "
-                f"{style_eval['accuracy']:.3f} (macro-F1 {style_eval['macro_f1']:.3f}).",
+                f"{style_eval['accuracy']:.3f} (macro-F1 {style_eval['macro_f1']:.3f}); 5-fold cross-validated on its "
+                f"{style_eval['cv_n']} training exemplars: {style_eval['cv_accuracy']:.3f} (macro-F1 "
+                f"{style_eval['cv_macro_f1']:.3f}). The hand labels share an author with the exemplars, so the "
+                "cross-validated score is the less flattering one.",
             ],
             figures={"Direction × style": plots.png_bytes(figures["style_matrix.png"])},
             tables={"Style shares": tables["style"]},
