@@ -1,6 +1,6 @@
 """Arditi et al.'s candidate scores (bypass, kl, induce), computed lazily, batched and prefix-shared.
 
-``select_arditi`` (analysis/directions.py) needs, per candidate site c = (layer, position) with unit
+``select_arditi`` (analysis/sites.py) needs, per candidate site c = (layer, position) with unit
 direction u_c and mean difference v_c = u_c · norm_c:
 
 - bypass(c): mean first-token refusal log-odds on harmful prompts with u_c ablated everywhere;

@@ -166,7 +166,7 @@ def _contexts(table: pd.DataFrame) -> list[str]:
 
 
 # Extra natural prompts written by the refusal-atlas team for the demo's training only, one per
-# line in demo_prompts/<set>.txt. They are not part of the versioned prompt sets, so they can never
+# line in demo/prompts/<set>.txt. They are not part of the versioned prompt sets, so they can never
 # be val or test prompts; a test checks that none is a near copy of a held-out prompt.
 DEMO_PROMPTS_DIR = Path(__file__).parent / "prompts"
 # Surface variants of each extra prompt (they get no synthetic slots of their own).
