@@ -191,3 +191,15 @@ def test_same_seed_gives_bit_identical_weights(table, tmp_path):
         assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes(), name
     train_demo_model(table, TINY.model_copy(update={"seed": 1}), tmp_path / "c", progress=False)
     assert (tmp_path / "a/model.safetensors").read_bytes() != (tmp_path / "c/model.safetensors").read_bytes()
+
+
+def test_the_demo_uses_one_style_vocabulary_with_the_study():
+    """Every label the demo trains toward or reports is the study's (judging.styles.STYLES) or one
+    of the demo's two additions (REFERRAL, OTHER) declared beside them."""
+    from refusal_atlas.demo.evaluate import _STYLE_MARKERS
+    from refusal_atlas.judging.styles import DEMO_STYLES, STYLES
+
+    assert DEMO_STYLES[: len(STYLES)] == STYLES and set(DEMO_STYLES) - set(STYLES) == {"REFERRAL", "OTHER"}
+    assert set(STYLE_OF.values()) <= set(DEMO_STYLES)
+    assert {style for style, _ in _STYLE_MARKERS} <= set(DEMO_STYLES)
+    assert classify_style("I refuse.") == "OTHER" and classify_style("Sure, here it is.") == "NONREFUSAL"

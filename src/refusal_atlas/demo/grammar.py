@@ -20,7 +20,7 @@ import yaml
 
 from refusal_atlas.judging.judges import judge_keywords
 
-STYLE_OF = {  # the study's refusal-style labels (../shared/RESEARCH.md)
+STYLE_OF = {  # the study's refusal-style labels (../shared/RESEARCH.md; judging.styles.DEMO_STYLES)
     "safety_core": "SAFETY",
     "hate_speech": "SAFETY",
     "crime_assistance": "SAFETY",

@@ -33,6 +33,10 @@ from refusal_atlas.judging.judges import judge_keywords, normalise
 
 STYLES = ("CAPABILITY", "SAFETY", "UNDERSPEC", "GENERIC", "NONREFUSAL")
 REFUSAL_STYLES = STYLES[:4]
+# The demo's own evaluation (demo.evaluate) adds two labels to the study's: REFERRAL, its
+# unqualified-advice refusals that point to a professional (the study counts those as SAFETY),
+# and OTHER, a refusal in none of its phrasings.
+DEMO_STYLES = (*STYLES, "REFERRAL", "OTHER")
 _LABEL_DTYPE = f"<U{max(map(len, STYLES))}"
 
 
