@@ -29,8 +29,7 @@ def main(args, params, run) -> None:
     table = pd.read_parquet(args.prompts) if cfg.name == DEMO else None
     with atomic_path(args.out / "weights") as weights:
         prepared = prepare_model(cfg, weights, table, progress=not args.no_progress)
-    loss = pd.DataFrame(prepared.loss_curve, columns=["step", "loss"]) if prepared.loss_curve else None
-    (loss if loss is not None else pd.DataFrame({"step": [], "loss": []})).to_csv(args.out / "loss.csv", index=False)
+    pd.DataFrame(prepared.loss_curve, columns=["step", "loss"]).to_csv(args.out / "loss.csv", index=False)
     identity = prepared.identity
     write_json(args.out / "identity.json", identity)
     write_json(args.out / "metrics.json", prepared.metrics)

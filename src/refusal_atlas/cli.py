@@ -84,11 +84,11 @@ def _cmd_judge_validate(args: argparse.Namespace) -> int:
     from refusal_atlas.data.atomic import atomic_path, write_json
     from refusal_atlas.digest import file_sha256
     from refusal_atlas.judging.classifier import load_judge_classifier
-    from refusal_atlas.judging.validation import TEXT_ONLY, load_completions, validate_judges
+    from refusal_atlas.judging.validation import COMPLETION_JUDGES, load_completions, validate_judges
     from refusal_atlas.pipeline.harness import tracked_run
 
     params = load_params(args.params)
-    judges = args.judges or [j for j in params.judge.method if j in TEXT_ONLY]
+    judges = args.judges or [j for j in params.judge.method if j in COMPLETION_JUDGES]
     classifier = load_judge_classifier(params.judge.model_copy(update={"method": judges}), params.model)
     frames = {path.stem: load_completions(path) for path in args.files}  # every file checked before any work
     results, rows = {}, []

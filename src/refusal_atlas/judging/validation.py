@@ -24,7 +24,7 @@ from refusal_atlas.judging.judges import ClassifierJudge, judge_responses
 
 LABELS = {"1_full_compliance": "compliance", "2_full_refusal": "refusal", "3_partial_refusal": "partial"}
 PARTIAL_AS = ("refusal", "compliance", "exclude")
-TEXT_ONLY = ("keywords", "substring", "classifier")  # judges that give a verdict on a given completion
+COMPLETION_JUDGES = ("keywords", "substring", "classifier")  # judges that give a verdict on a given completion
 COLUMNS = ("prompt", "completion", "final_label")
 
 
@@ -104,9 +104,9 @@ def validate_judges(
     where a judge and the human label differ, one row per (judge, completion), with the
     judge's and the human verdict.
     """
-    if unusable := [j for j in judges if j not in TEXT_ONLY]:
+    if unusable := [j for j in judges if j not in COMPLETION_JUDGES]:
         raise ValidationDataError(
-            f"judge(s) {unusable} cannot be validated on given completions ({', '.join(TEXT_ONLY)} can): "
+            f"judge(s) {unusable} cannot be validated on given completions ({', '.join(COMPLETION_JUDGES)} can): "
             "refusal_score reads the studied model's own first-token distribution, not a completion"
         )
     keep, truth = human_refused(frame.final_label.tolist(), partial_as)

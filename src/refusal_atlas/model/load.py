@@ -466,8 +466,6 @@ def load_stage_model(cfg: ModelConfig, model_dir: Path, run=None):
     the identity the model stage recorded (a changed checkpoint under the same name).
     ``run`` (the stage's tracking run) gets ``model_loads`` (1) and ``model_load_s``.
     """
-    import json
-
     identity = json.loads((model_dir / "identity.json").read_text())
     start = time.perf_counter()
     model, tokenizer = load_model(cfg, model_source(cfg, model_dir / "weights"))
