@@ -2,6 +2,8 @@
 #   make repro        set up .venv and run the whole pipeline on the embedded demo model
 #   make test         set up .venv and run the whole test suite
 #   make repro-real   the whole pipeline on SmolLM2-135M-Instruct (offline), as the DVC experiment `smollm2`
+#   make study        the pipeline on the study's public datasets (prompts/study/manifest.yaml), experiment `study`;
+#                     STUDY_DATA=DIR reads a local copy of the datasets instead of their pinned URLs
 SHELL := /bin/bash
 VENV := .venv
 PY := $(VENV)/bin/python
@@ -16,7 +18,7 @@ export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM := false
 export PYTHONUNBUFFERED := 1
 
-.PHONY: setup repro repro-real test test-fast lint format bench ui clean
+.PHONY: setup repro repro-real study test test-fast lint format bench ui clean
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || python3 -m venv $(VENV)
@@ -45,6 +47,11 @@ repro: setup
 # brings its outputs into the workspace, and its MLflow runs land beside the demo's.
 repro-real: setup
 	refusal-atlas experiment profiles/smollm2.yaml --name smollm2
+
+# The study's recipe: `dvc import-url` of each public dataset file (pinned URL and sha256, or
+# STUDY_DATA=DIR laid out like ../shared/datasets), then the pipeline on it as a DVC experiment.
+study: setup
+	refusal-atlas study run $(if $(STUDY_DATA),--from $(STUDY_DATA)) $(STUDY_PROFILES)
 
 test: setup
 	pytest -q --durations=20

@@ -19,7 +19,7 @@ from refusal_atlas.analysis.atlas import build_atlas, site_record
 from refusal_atlas.analysis.selection import select_sites
 from refusal_atlas.data import store
 from refusal_atlas.data.atomic import atomic_path, write_json
-from refusal_atlas.data.prompts import load_manifest
+from refusal_atlas.data.prompts import read_provenance
 from refusal_atlas.model.load import load_stage_model
 from refusal_atlas.pipeline.harness import run_stage, stage_parser
 
@@ -28,14 +28,13 @@ STAGE = "directions"
 
 def main(args, params, run) -> None:
     cfg = params.directions
-    manifest = load_manifest(args.manifest)
-    baseline_of = {c: manifest.baseline_of(c) for c in manifest.categories}
+    baseline_of, names = read_provenance(args.sets)
     identity = json.loads((args.model / "identity.json").read_text())
     expect = {
         "model_weights_fingerprint": identity["weights_fingerprint"],
         "template_sha256": identity["template_sha256"],
     }
-    stores = {name: store.open_store(args.activations / f"{name}.zarr", expect=expect) for name in manifest.sets()}
+    stores = {name: store.open_store(args.activations / f"{name}.zarr", expect=expect) for name in names}
     atlas = build_atlas(
         stores, baseline_of, cfg.n_per_side, cfg.filter, cfg.method, cfg.seed, cfg.n_random, cfg.allow_fewer
     )
@@ -71,7 +70,7 @@ def main(args, params, run) -> None:
 
 if __name__ == "__main__":
     parser = stage_parser(STAGE, __doc__)
-    parser.add_argument("--manifest", type=Path, required=True, help="prompts/manifest.yaml")
+    parser.add_argument("--sets", type=Path, required=True, help="artifacts/prompts/manifest.json")
     parser.add_argument("--prompts", type=Path, required=True, help="artifacts/prompts/prompts.parquet")
     parser.add_argument("--activations", type=Path, required=True, help="artifacts/activations")
     parser.add_argument("--model", type=Path, required=True, help="artifacts/model")

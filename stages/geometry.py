@@ -18,7 +18,7 @@ from refusal_atlas.analysis.atlas import POOLED
 from refusal_atlas.analysis.geometry_analysis import analyse_geometry, dvc_plot_tables, save_geometry_tables
 from refusal_atlas.data import store
 from refusal_atlas.data.atomic import atomic_path, write_json
-from refusal_atlas.data.prompts import load_manifest
+from refusal_atlas.data.prompts import read_provenance
 from refusal_atlas.pipeline.harness import run_stage, stage_parser
 from refusal_atlas.report.plots import geometry_figures, save_png
 
@@ -26,7 +26,7 @@ STAGE = "geometry"
 
 
 def main(args, params, run) -> None:
-    manifest = load_manifest(args.manifest)
+    baseline_of, names = read_provenance(args.sets)
     atlas = store.open_directions(args.directions / "directions.zarr")
     site = json.loads((args.directions / "selected.json").read_text())[POOLED]
     identity = json.loads((args.model / "identity.json").read_text())
@@ -34,10 +34,8 @@ def main(args, params, run) -> None:
         "model_weights_fingerprint": identity["weights_fingerprint"],
         "template_sha256": identity["template_sha256"],
     }
-    stores = {n: store.open_store(args.activations / f"{n}.zarr", expect=expect) for n in manifest.sets()}
-    result = analyse_geometry(
-        atlas, stores, {c: manifest.baseline_of(c) for c in manifest.categories}, site, params.geometry
-    )
+    stores = {n: store.open_store(args.activations / f"{n}.zarr", expect=expect) for n in names}
+    result = analyse_geometry(atlas, stores, baseline_of, site, params.geometry)
 
     with atomic_path(args.out / "tables") as tables:
         tables.mkdir()
@@ -65,7 +63,7 @@ def main(args, params, run) -> None:
 
 if __name__ == "__main__":
     parser = stage_parser(STAGE, __doc__)
-    parser.add_argument("--manifest", type=Path, required=True, help="prompts/manifest.yaml")
+    parser.add_argument("--sets", type=Path, required=True, help="artifacts/prompts/manifest.json")
     parser.add_argument("--directions", type=Path, required=True, help="artifacts/directions")
     parser.add_argument("--activations", type=Path, required=True, help="artifacts/activations")
     parser.add_argument("--model", type=Path, required=True, help="artifacts/model (its identity.json)")

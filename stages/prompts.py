@@ -1,13 +1,19 @@
-"""DVC stage `prompts`: validate the manifest and prompt files; write the prompt table."""
+"""DVC stage `prompts`: validate the manifest and prompt files; write the prompt table.
+
+Writes prompts.parquet (every prompt), sets/<set>.parquet, summary.json (counts, the DVC
+metrics) and manifest.json: each set's role, baseline pool and the file it was read from
+(format, path, sha256), which later stages and the report read instead of the manifest.
+"""
 
 from refusal_atlas.pipeline.numerics import pin_cpu_numerics
 
 pin_cpu_numerics()  # before numpy and torch load: the same bits on any x86-64 host (refusal_atlas.pipeline.numerics)
 
+import sys
 from pathlib import Path
 
 from refusal_atlas.data.atomic import write_json, write_parquet
-from refusal_atlas.data.prompts import build_prompt_table, summarize_prompts
+from refusal_atlas.data.prompts import collect_prompt_sets, summarize_prompts
 from refusal_atlas.pipeline.harness import run_stage, stage_parser
 
 STAGE = "prompts"
@@ -16,14 +22,19 @@ STAGE = "prompts"
 def main(args, params, run) -> None:
     cfg = params.prompts
     manifest = Path(cfg.manifest)
-    table = build_prompt_table(manifest, cfg.splits, cfg.min_per_category, cfg.max_per_set)
+    collected = collect_prompt_sets(manifest, cfg.splits, cfg.min_per_category, cfg.max_per_set)
+    table = collected.table
+    for note in collected.provenance["notes"]:  # a set read from a fallback source
+        print(f"prompts: note: {note}", file=sys.stderr)
     summary = summarize_prompts(table)
     write_parquet(args.out / "prompts.parquet", table)
     for name, rows in table.groupby("category"):
         write_parquet(args.out / "sets" / f"{name}.parquet", rows.reset_index(drop=True))
     write_json(args.out / "summary.json", summary)
+    write_json(args.out / "manifest.json", collected.provenance)
 
     run.log_input(manifest.parent, context="prompts")
+    run.set_tags({"prompts.manifest": str(manifest), "prompts.manifest_sha256": collected.provenance["sha256"]})
     run.log_metrics({"n_prompts": summary["total"], "count": summary["by_category"]})
     run.log_artifact(args.out / "summary.json")
     print(f"prompts: {summary['total']} prompts in {len(summary['by_category'])} sets -> {args.out}")

@@ -32,6 +32,7 @@ def main(args, params, run) -> None:
     names = sorted(p.name for p in args.steering.iterdir() if (p / "metrics.json").exists())
     inputs = ReportInputs(
         summary=_json(args.prompts / "summary.json"),
+        sets=_json(args.prompts / "manifest.json"),
         digests=file_digests(args.prompts / "sets"),
         identity=_json(args.model / "identity.json"),
         baseline=_json(args.baseline / "metrics.json"),

@@ -1,4 +1,5 @@
-"""The ``refusal-atlas`` command: prompt import, the MLflow UI, params checks, weight export, judge validation."""
+"""The ``refusal-atlas`` command: prompt import, the study recipe, the MLflow UI, params checks, weight export,
+judge validation."""
 
 from __future__ import annotations
 
@@ -139,19 +140,26 @@ def _cmd_style_validate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _dvc() -> str:
+    """The dvc installed beside refusal-atlas, activated or not."""
+    dvc = Path(sys.executable).with_name("dvc")
+    return str(dvc) if dvc.exists() else "dvc"
+
+
 def _cmd_experiment(args: argparse.Namespace) -> int:
     import json
 
     from refusal_atlas.config import profile_overrides
 
-    overrides = profile_overrides(args.profile, args.params)
+    overrides = {}
+    for profile in args.profiles:  # later profiles win
+        overrides.update(profile_overrides(profile, args.params))
     sets = [
         f"{key}={json.dumps(value)}" for key, value in overrides.items()
     ]  # JSON is YAML, which is how DVC reads -S values
-    dvc = Path(sys.executable).with_name("dvc")  # the dvc installed beside refusal-atlas, activated or not
-    dvc = str(dvc) if dvc.exists() else "dvc"
+    dvc = _dvc()
     cmd = [dvc, "exp", "run", "--temp", "-n", args.name, *[x for s in sets for x in ("-S", s)]]
-    print(f"{args.profile}: {len(sets)} params changed: {', '.join(sets)}")
+    print(f"{' + '.join(map(str, args.profiles))}: {len(sets)} params changed: {', '.join(sets)}")
     print("$ " + " ".join(cmd), flush=True)
     if args.dry_run:
         return 0
@@ -164,6 +172,23 @@ def _cmd_experiment(args: argparse.Namespace) -> int:
             "here; `make ui` shows its MLflow runs beside the demo's."
         )
     return code
+
+
+def _cmd_study(args: argparse.Namespace) -> int:
+    from refusal_atlas.data.recipe import fallbacks, fetch_sources
+
+    items = fetch_sources(args.manifest, args.source, _dvc())
+    for item in items:
+        print(f"{item.file} ({', '.join(item.sets)}): {item.status}")
+    for note in fallbacks(args.manifest):  # raises, naming the set, when one has no source at all
+        print(f"fallback: {note}")
+    if args.study_command == "fetch":
+        return 0
+    args.profiles = [*args.profiles, STUDY_PROFILE]
+    return _cmd_experiment(args)
+
+
+STUDY_PROFILE = Path("profiles/study.yaml")
 
 
 def server_command(repo_root: Path, host: str, port: int, backend: str | None = None) -> list[str]:
@@ -308,7 +333,10 @@ def build_parser() -> argparse.ArgumentParser:
         description="Run `dvc exp run --temp` with the keys a profile (a YAML file shaped like params.yaml) changes, "
         "after validating them. The workspace's dvc.lock and artifacts/ are left as they are.",
     )
-    exp.add_argument("profile", type=Path, help="the profile, e.g. profiles/smollm2.yaml")
+    exp.add_argument(
+        "profiles", type=Path, nargs="+", metavar="PROFILE",
+        help="the profile(s), e.g. profiles/smollm2.yaml; with several, later ones win",
+    )  # fmt: skip
     exp.add_argument("--name", required=True, help="experiment name (an existing experiment of that name is replaced)")
     exp.add_argument(
         "--params",
@@ -318,6 +346,30 @@ def build_parser() -> argparse.ArgumentParser:
     )
     exp.add_argument("--dry-run", action="store_true", help="print the dvc command and stop")
     exp.set_defaults(func=_cmd_experiment)
+    study = sub.add_parser(
+        "study", help="the study's recipe: its datasets as DVC external data, and the pipeline on them"
+    ).add_subparsers(dest="study_command", required=True)
+    for command, text in (
+        ("fetch", "import the recipe's dataset files with `dvc import-url` (pinned URLs, or --from a local copy)"),
+        ("run", "fetch, then run the pipeline on the recipe as the DVC experiment --name (profiles/study.yaml)"),
+    ):
+        cmd = study.add_parser(command, help=text, description=text + ". Gated datasets (WildGuardMix, SORRY-Bench) "
+                               "are read when present at the path the manifest gives; otherwise the sets fall back "
+                               "as the manifest lists.")  # fmt: skip
+        cmd.add_argument(
+            "--from", dest="source", type=Path, metavar="DIR",
+            help="a local copy of the datasets (DIR/<path after raw/>, the layout of ../shared/datasets)",
+        )  # fmt: skip
+        cmd.add_argument("--manifest", type=Path, default=Path("prompts/study/manifest.yaml"), help="the recipe")
+        if command == "run":
+            cmd.add_argument(
+                "profiles", type=Path, nargs="*", metavar="PROFILE",
+                help="profiles applied before profiles/study.yaml, e.g. profiles/smoke.yaml for a quick run",
+            )  # fmt: skip
+            cmd.add_argument("--name", default="study", help="experiment name (default study)")
+            cmd.add_argument("--params", type=Path, default=Path("params.yaml"))
+            cmd.add_argument("--dry-run", action="store_true", help="fetch, print the dvc command and stop")
+        cmd.set_defaults(func=_cmd_study)
     ui = sub.add_parser(
         "ui",
         help="serve the MLflow UI over the project's tracking store",

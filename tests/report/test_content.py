@@ -18,6 +18,7 @@ def _inputs(repo, commit: str) -> ReportInputs:
     names = sorted(p.name for p in (art / "steering").iterdir() if (p / "metrics.json").exists())
     return ReportInputs(
         summary=read(art / "prompts/summary.json"),
+        sets=read(art / "prompts/manifest.json"),
         digests=file_digests(art / "prompts/sets"),
         identity=read(art / "model/identity.json"),
         baseline=read(art / "baseline/metrics.json"),

@@ -2,8 +2,12 @@
 
 A prompt file is JSON Lines with one record per line: ``id`` (stable), ``text``,
 ``category``, ``source`` and an optional ``note``. The manifest names each target
-category's file and the baseline pool it is compared against. Every problem found
-is reported with its file and line, and nothing is returned until all files pass.
+category's file and the baseline pool it is compared against. Instead of a file, a set
+may list ``sources``: public dataset files read by the importers
+(:mod:`refusal_atlas.data.importers`), the first one present being used, so a recipe can
+name a gated dataset and fall back to a public one (``prompts/study/manifest.yaml``).
+Every problem found is reported with its file and line, and nothing is returned until
+all files pass.
 """
 
 from __future__ import annotations
@@ -14,27 +18,57 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from refusal_atlas.config import SplitFractions, read_yaml
-from refusal_atlas.digest import sha256_hex
+from refusal_atlas.data.importers import ImportFormatError, import_file
+from refusal_atlas.digest import file_sha256, sha256_hex
 from refusal_atlas.errors import RefusalAtlasError
 
 REQUIRED_FIELDS = ("id", "text", "category", "source")
 OPTIONAL_FIELDS = ("note",)
 TABLE_COLUMNS = ["prompt_id", "category", "role", "split", "text", "source", "sha256"]
-IGNORED_DIRS = ("styles",)  # style exemplars live beside the prompt sets but are not prompt sets
+# Folders under a manifest's that hold no prompt sets of it: style exemplars, the study recipe
+# (its own manifest) and raw dataset files (read by importers, some of them JSONL).
+IGNORED_DIRS = ("styles", "study", "raw")
+PROMPTS_FORMAT = "prompts"  # a source in the project's own JSONL format (parse_prompt_file)
 
 
 class PromptValidationError(RefusalAtlasError, ValueError):
     """Prompt files or manifest that do not validate; one line per problem, each with file:line."""
 
 
+class Source(BaseModel):
+    """One file a set can be read from: a public dataset's file (an importer format) or a JSONL prompt file."""
+
+    model_config = ConfigDict(extra="forbid")
+    format: str = Field(description=f"An importer format (importers.FORMATS) or '{PROMPTS_FORMAT}' (JSONL records).")
+    file: str = Field(description="The file, relative to the manifest's folder.")
+    kind: str | None = Field(None, description="The format's variant where it has them (importers.FORMATS).")
+    category: str | None = Field(None, description="Which of the file's categories; default: the set's name.")
+    limit: int | None = Field(None, ge=1, description="Keep the first N prompts imported, in file order.")
+    sha256: str | None = Field(None, description="The file's pinned sha256; another file is an error.")
+    url: str | None = Field(None, description="Pinned download URL (`refusal-atlas study fetch` imports it).")
+    published: str | None = Field(None, description="Where the dataset is published: said when it is absent.")
+
+
 class _Entry(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    file: str = Field(description="JSONL file, relative to the manifest's folder.")
+    file: str | None = Field(None, description="JSONL file, relative to the manifest's folder.")
+    sources: list[Source] | None = Field(
+        None, min_length=1, description="Instead of file: the files to read the set from, the first present used."
+    )
     baseline: str | None = Field(None, description="Baseline pool this category is compared against (targets only).")
     description: str | None = Field(None, description="One-line meaning of the set.")
+
+    @model_validator(mode="after")
+    def _one_origin(self) -> _Entry:
+        if (self.file is None) == (self.sources is None):
+            raise ValueError("give either file (a JSONL prompt file) or sources (dataset files), not both or neither")
+        return self
+
+    def candidates(self) -> list[Source]:
+        return self.sources or [Source(format=PROMPTS_FORMAT, file=self.file)]
 
 
 class Manifest(BaseModel):
@@ -158,10 +192,73 @@ def _listed_files(root: Path) -> list[Path]:
     )
 
 
+def _absent(src: Source) -> str:
+    where = f"; published at {src.published}" if src.published else ""
+    return f"{src.file} ({src.format}) is not there{where}"
+
+
+def pick_source(manifest_path: Path, name: str, role: str, entry: _Entry) -> tuple[Source | None, str]:
+    """The first of the set's sources whose file is present, and a note when it is not the first; else the
+    problem."""
+    missing = []
+    for src in entry.candidates():
+        if (manifest_path.parent / src.file).is_file():
+            note = f"{role} '{name}': {'; '.join(missing)}; read from {src.file} instead" if missing else ""
+            return src, note
+        missing.append(_absent(src))
+    if entry.file is not None:
+        return None, (
+            f"{manifest_path}: {role} '{name}' names file '{entry.file}', which does not exist; add the file or "
+            "remove the entry"
+        )
+    return None, (
+        f"{manifest_path}: {role} '{name}': none of its sources is present ({'; '.join(missing)}); fetch them "
+        "(`refusal-atlas study fetch`), add a source that is, or remove the set"
+    )
+
+
+def _read_source(path: Path, src: Source, name: str) -> tuple[list[PromptRecord], list[str]]:
+    """The records of one source (as set ``name``), at most ``src.limit``; or the problems found."""
+    if src.sha256 and (found := file_sha256(path)) != src.sha256:
+        return [], [
+            f"{path}: sha256 {found}, but the manifest pins {src.sha256}; fetch the pinned file (its url) or remove "
+            "the sha256 pin to study this one"
+        ]
+    wanted = src.category or name
+    if src.format == PROMPTS_FORMAT:
+        records, problems = parse_prompt_file(path, wanted)
+    else:
+        try:
+            imported = import_file(src.format, path, wanted, kind=src.kind)[wanted]
+        except ImportFormatError as err:
+            return [], [str(err)]
+        records = [PromptRecord(r["id"], r["text"], wanted, r["source"], r.get("note")) for r in imported]
+        problems = []
+    records = [PromptRecord(r.id, r.text, name, r.source, r.note) for r in records[: src.limit]]
+    return records, problems
+
+
+@dataclass
+class PromptSets:
+    """The prompt table and where each set came from (the prompts stage's manifest.json)."""
+
+    table: pd.DataFrame
+    provenance: dict
+
+
 def build_prompt_table(
     manifest_path: Path, fractions: SplitFractions, min_per_category: int, max_per_set: int | None = None
 ) -> pd.DataFrame:
-    """Validate the manifest and every prompt file; return one row per prompt (``TABLE_COLUMNS``).
+    """The prompt table of :func:`collect_prompt_sets`."""
+    return collect_prompt_sets(manifest_path, fractions, min_per_category, max_per_set).table
+
+
+def collect_prompt_sets(
+    manifest_path: Path, fractions: SplitFractions, min_per_category: int, max_per_set: int | None = None
+) -> PromptSets:
+    """Validate the manifest and every prompt file; return one row per prompt (``TABLE_COLUMNS``) and each
+    set's provenance: role, baseline, description, the source used (format, file, sha256), the count, and a
+    note where a set fell back from its first source.
 
     ``max_per_set`` keeps the first that many prompts of each file (in file order) once the
     whole file is validated: a quick run on a sample of every set. None keeps them all.
@@ -171,27 +268,34 @@ def build_prompt_table(
     manifest = load_manifest(manifest_path)
     root = manifest_path.parent
     problems: list[str] = []
-    listed = {}
+    chosen: dict[str, Source] = {}
+    provenance = {
+        "manifest": str(manifest_path),
+        "sha256": file_sha256(manifest_path),
+        "default_baseline": manifest.default_baseline,
+        "sets": {},
+        "notes": [],
+    }
     for name, (role, entry) in manifest.sets().items():
-        path = (root / entry.file).resolve()
-        listed[path] = name
-        if not path.is_file():
-            problems.append(
-                f"{manifest_path}: {role} '{name}' names file '{entry.file}', which does not exist; add the file or "
-                "remove the entry"
-            )
+        src, message = pick_source(manifest_path, name, role, entry)
+        if src is None:
+            problems.append(message)
+            continue
+        chosen[name] = src
+        if message:
+            provenance["notes"].append(message)
+    named = {(root / src.file).resolve() for _, entry in manifest.sets().values() for src in entry.candidates()}
     for path in _listed_files(root):
-        if path.resolve() not in listed:
+        if path.resolve() not in named:
             problems.append(
                 f"{path}: prompt file not listed in {manifest_path}; add it under categories or baselines, or delete it"
             )
 
     rows, seen = [], {}
-    for path, name in listed.items():
-        if not path.is_file():
-            continue
-        role = manifest.sets()[name][0]
-        records, file_problems = parse_prompt_file(path, name)
+    for name, src in chosen.items():
+        role, entry = manifest.sets()[name]
+        path = (root / src.file).resolve()
+        records, file_problems = _read_source(path, src, name)
         problems += file_problems
         for rec in records[:max_per_set]:
             if rec.id in seen:
@@ -217,10 +321,28 @@ def build_prompt_table(
                 f"{path}: {role} '{name}' has {len(records)} prompts, fewer than "
                 f"prompts.min_per_category={min_per_category}; add prompts or lower the minimum in params.yaml"
             )
+        if not file_problems:
+            provenance["sets"][name] = {
+                "role": role,
+                **({"baseline": manifest.baseline_of(name)} if role == "target" else {}),
+                "description": entry.description,
+                "format": src.format,
+                "file": src.file,
+                "sha256": file_sha256(path),
+                "n": min(len(records), max_per_set or len(records)),
+            }
     if problems:
         shown = problems[:30] + ([f"... and {len(problems) - 30} more"] if len(problems) > 30 else [])
         raise PromptValidationError(f"{len(problems)} problem(s) in the prompt sets:\n" + "\n".join(shown))
-    return pd.DataFrame(rows, columns=TABLE_COLUMNS).sort_values(["role", "category", "prompt_id"], ignore_index=True)
+    table = pd.DataFrame(rows, columns=TABLE_COLUMNS).sort_values(["role", "category", "prompt_id"], ignore_index=True)
+    return PromptSets(table, provenance)
+
+
+def read_provenance(path: Path) -> tuple[dict[str, str], list[str]]:
+    """From the prompts stage's manifest.json: each target's baseline pool (manifest order) and every set's
+    name."""
+    sets = json.loads(Path(path).read_text())["sets"]
+    return {n: s["baseline"] for n, s in sets.items() if s["role"] == "target"}, list(sets)
 
 
 def summarize_prompts(table: pd.DataFrame) -> dict:

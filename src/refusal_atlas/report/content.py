@@ -43,6 +43,7 @@ class ReportInputs:
     """The earlier stages' outputs, read: each field names the file it comes from."""
 
     summary: dict  # artifacts/prompts/summary.json
+    sets: dict  # artifacts/prompts/manifest.json: the manifest and each set's source file
     digests: dict  # set -> sha256 of artifacts/prompts/sets/<set>.parquet (``file_digests``)
     identity: dict  # artifacts/model/identity.json
     baseline: dict  # artifacts/baseline/metrics.json
@@ -213,6 +214,12 @@ _CANDIDATES = (
 _TRADEOFF_COLUMNS = ["alpha", "rr", "rr_lo", "rr_hi", "orr", "orr_lo", "orr_hi", "acc"]
 
 
+def _set_sources(sets: dict) -> pd.DataFrame:
+    """One row per set: its role, baseline pool, and the file it was read from (format, path, sha256)."""
+    columns = ["role", "baseline", "format", "file", "sha256", "n"]
+    return pd.DataFrame({name: {c: s.get(c, "") for c in columns} for name, s in sets.items()}).T
+
+
 def _sections(inp: ReportInputs, figures, tables, verdict_line, style_eval, homogeneity) -> list[Section]:
     summary, baseline, geometry, selected = inp.summary, inp.baseline, inp.geometry, inp.selected
     sites = pd.DataFrame(
@@ -229,8 +236,14 @@ def _sections(inp: ReportInputs, figures, tables, verdict_line, style_eval, homo
     return [
         Section(
             "Prompt sets",
-            [f"{summary['total']} prompts."],
-            tables={"Prompts per set and split": pd.DataFrame(summary["by_category_split"]).T.fillna(0).astype(int)},
+            [
+                f"{summary['total']} prompts, from the manifest {inp.sets['manifest']} (sha256 {inp.sets['sha256']}).",
+                *(f"⚠ Fallback: {note}." for note in inp.sets["notes"]),
+            ],
+            tables={
+                "Source of each set": _set_sources(inp.sets["sets"]),
+                "Prompts per set and split": pd.DataFrame(summary["by_category_split"]).T.fillna(0).astype(int),
+            },
         ),
         Section(
             "Baseline behaviour",
