@@ -1,8 +1,10 @@
 """DVC stage `prompts`: validate the manifest and prompt files; write the prompt table.
 
 Writes prompts.parquet (every prompt), sets/<set>.parquet, summary.json (counts, the DVC
-metrics) and manifest.json: each set's role, baseline pool and the file it was read from
-(format, path, sha256), which later stages and the report read instead of the manifest.
+metrics), manifest.json (each set's role, baseline pool and the file it was read from:
+format, path, sha256; later stages and the report read it instead of the manifest) and
+judge_validation.parquet (the manifest's human-labelled completions, every file's rows;
+empty when it lists none), which the baseline stage scores the judges on.
 """
 
 from refusal_atlas.pipeline.numerics import pin_cpu_numerics
@@ -13,7 +15,8 @@ import sys
 from pathlib import Path
 
 from refusal_atlas.data.atomic import write_json, write_parquet
-from refusal_atlas.data.prompts import collect_prompt_sets, summarize_prompts
+from refusal_atlas.data.prompts import collect_prompt_sets, summarize_prompts, validation_files
+from refusal_atlas.judging.validation import validation_table
 from refusal_atlas.pipeline.harness import run_stage, stage_parser
 
 STAGE = "prompts"
@@ -24,14 +27,17 @@ def main(args, params, run) -> None:
     manifest = Path(cfg.manifest)
     collected = collect_prompt_sets(manifest, cfg.splits, cfg.min_per_category, cfg.max_per_set)
     table = collected.table
-    for note in collected.provenance["notes"]:  # a set read from a fallback source
+    present, absent = validation_files(manifest)
+    validation = validation_table([path for _, path in present])  # every file checked before anything is written
+    for note in collected.provenance["notes"] + absent:  # a set read from a fallback source, an absent file
         print(f"prompts: note: {note}", file=sys.stderr)
     summary = summarize_prompts(table)
     write_parquet(args.out / "prompts.parquet", table)
     for name, rows in table.groupby("category"):
         write_parquet(args.out / "sets" / f"{name}.parquet", rows.reset_index(drop=True))
     write_json(args.out / "summary.json", summary)
-    write_json(args.out / "manifest.json", collected.provenance)
+    write_json(args.out / "manifest.json", {**collected.provenance, "notes": collected.provenance["notes"] + absent})
+    write_parquet(args.out / "judge_validation.parquet", validation)
 
     run.log_input(manifest.parent, context="prompts")
     run.set_tags({"prompts.manifest": str(manifest), "prompts.manifest_sha256": collected.provenance["sha256"]})

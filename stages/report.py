@@ -36,6 +36,7 @@ def main(args, params, run) -> None:
         digests=file_digests(args.prompts / "sets"),
         identity=_json(args.model / "identity.json"),
         baseline=_json(args.baseline / "metrics.json"),
+        validation=_json(args.baseline / "judge_validation.json"),
         selected=_json(args.directions / "selected.json"),
         geometry=_json(args.geometry / "metrics.json"),
         geometry_png={f: (args.geometry / "figures" / f).read_bytes() for _, f in GEOMETRY_FIGURES},

@@ -1,5 +1,5 @@
-"""Helpers the tests share: the repository's paths, real commands, repository copies, an MLflow
-server process and a headless browser page. Fixtures live in conftest.py; tiny models in tiny_models.py."""
+"""Helpers the tests share: the repository's paths, real commands, repository copies, MLflow, PostgreSQL and
+S3 server processes and a headless browser page. Fixtures live in conftest.py; tiny models in tiny_models.py."""
 
 from __future__ import annotations
 
@@ -111,46 +111,143 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def _wait_healthy(url: str, proc: subprocess.Popen, log: Path, what: str, timeout: float = 90) -> None:
+    import time
+    import urllib.request
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise AssertionError(f"{what} exited {proc.returncode}: {log.read_text()[-3000:]}")
+        try:
+            with urllib.request.urlopen(url, timeout=2) as resp:
+                if resp.status == 200:
+                    return
+        except OSError:
+            time.sleep(0.3)
+    raise AssertionError(f"{what} did not become healthy in {timeout:.0f} s: {log.read_text()[-3000:]}")
+
+
+def _stop_group(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
 class MlflowServer:
-    """A real `mlflow server` process (the `refusal-atlas ui` command line) on a free loopback port."""
+    """A real `mlflow server` process (the `refusal-atlas ui` command line) on a free loopback port, on the
+    project's sqlite store or on ``backend`` (e.g. a PostgreSQL URI)."""
 
-    def __init__(self, repo: Path, log: Path):
-        import time
-        import urllib.request
-
+    def __init__(self, repo: Path, log: Path, backend: str | None = None):
         from refusal_atlas.cli import server_command
 
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = log.open("w")
         self.proc = subprocess.Popen(
-            server_command(repo, "127.0.0.1", self.port),
+            server_command(repo, "127.0.0.1", self.port, backend),
             cwd=repo,
             stdout=self.log,
             stderr=subprocess.STDOUT,
             env={**os.environ, "PATH": f"{VENV_BIN}{os.pathsep}{os.environ.get('PATH', '')}"},
             start_new_session=True,
         )
-        deadline = time.monotonic() + 90
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise AssertionError(f"mlflow server exited {self.proc.returncode}: {log.read_text()[-3000:]}")
-            try:
-                with urllib.request.urlopen(self.url + "/health", timeout=2) as resp:
-                    if resp.status == 200:
-                        return
-            except OSError:
-                time.sleep(0.5)
-        self.stop()
-        raise AssertionError(f"mlflow server did not become healthy in 90 s: {log.read_text()[-3000:]}")
+        try:
+            _wait_healthy(self.url + "/health", self.proc, log, "mlflow server")
+        except AssertionError:
+            self.stop()
+            raise
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
+        _stop_group(self.proc)
+        self.log.close()
+
+
+class Postgres:
+    """A real PostgreSQL server (Debian's postgresql package) in a scratch cluster, on loopback only.
+
+    PostgreSQL refuses to run as root, so under root the cluster belongs to the ``postgres``
+    user the package creates and every command runs as that user.
+    """
+
+    def __init__(self, log: Path):
+        import tempfile
+
+        bindir = next(Path("/usr/lib/postgresql").glob("*/bin"), None) if shutil.which("initdb") is None else None
+        self.bin = (lambda name: str(bindir / name)) if bindir else (lambda name: name)
+        if not shutil.which(self.bin("initdb")):
+            missing = "PostgreSQL is not installed (Debian: apt-get install postgresql; .ci/run installs it)"
+            if os.environ.get("REQUIRE_POSTGRES") == "1":
+                pytest.fail(f"REQUIRE_POSTGRES=1 but {missing}")
+            pytest.skip(missing)
+        self.as_user = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
+        self.root = Path(tempfile.mkdtemp(prefix="refusal-atlas-pg-"))  # outside pytest's root-only tmp
+        self.port, self.log = free_port(), log
+        if self.as_user:
+            shutil.chown(self.root, "postgres")
+        self._pg("initdb", "-D", str(self.root / "data"), "-U", "postgres", "--auth=trust", "--no-sync")
+        self.start()
+        self._pg("createdb", "-h", "127.0.0.1", "-p", str(self.port), "-U", "postgres", "mlflow")
+        self.uri = f"postgresql://postgres@127.0.0.1:{self.port}/mlflow"
+
+    def _pg(self, *cmd: str) -> None:
+        proc = subprocess.run([*self.as_user, self.bin(cmd[0]), *cmd[1:]], capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise AssertionError(f"{' '.join(cmd)} exited {proc.returncode}: {proc.stderr[-3000:]}")
+
+    def start(self) -> None:
+        options = f"-c listen_addresses=127.0.0.1 -p {self.port} -k {self.root} -c fsync=off"
+        self._pg("pg_ctl", "-D", str(self.root / "data"), "-o", options, "-l", str(self.root / "pg.log"), "-w", "start")
+
+    def stop(self, mode: str = "fast") -> None:
+        self._pg("pg_ctl", "-D", str(self.root / "data"), "-m", mode, "-w", "stop")
+
+    def remove(self) -> None:
+        with contextlib.suppress(AssertionError):
+            self.stop("immediate")
+        with contextlib.suppress(OSError):
+            self.log.write_text((self.root / "pg.log").read_text())
+        shutil.rmtree(self.root, ignore_errors=True)
+
+
+class S3Server:
+    """moto's S3 server (an emulator of the S3 API, from PyPI: no real S3 implementation installs from PyPI or
+    Debian here) on a free loopback port, with one bucket; ``env`` holds the credentials DVC reads."""
+
+    BUCKET = "refusal-atlas"
+
+    def __init__(self, log: Path):
+        import boto3
+
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.env = {
+            "AWS_ACCESS_KEY_ID": "testing",
+            "AWS_SECRET_ACCESS_KEY": "testing",
+            "AWS_DEFAULT_REGION": "us-east-1",
+        }
+        self.log = log.open("w")
+        self.proc = subprocess.Popen(
+            [str(VENV_BIN / "moto_server"), "-H", "127.0.0.1", "-p", str(self.port)],
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        _wait_healthy(self.url + "/moto-api/", self.proc, log, "moto S3 server")
+        self.client = boto3.client("s3", endpoint_url=self.url, region_name="us-east-1", **{
+            "aws_access_key_id": "testing", "aws_secret_access_key": "testing"})  # fmt: skip
+        self.client.create_bucket(Bucket=self.BUCKET)
+
+    def keys(self) -> list[str]:
+        pages = self.client.get_paginator("list_objects_v2").paginate(Bucket=self.BUCKET)
+        return [o["Key"] for page in pages for o in page.get("Contents", [])]
+
+    def stop(self) -> None:
+        _stop_group(self.proc)
         self.log.close()
 
 

@@ -79,38 +79,37 @@ def _cmd_abliterate(args: argparse.Namespace) -> int:
 def _cmd_judge_validate(args: argparse.Namespace) -> int:
     import json
 
-    import pandas as pd
-
     from refusal_atlas.config import load_params
     from refusal_atlas.data.atomic import atomic_path, write_json
-    from refusal_atlas.digest import file_sha256
     from refusal_atlas.judging.classifier import load_judge_classifier
-    from refusal_atlas.judging.validation import COMPLETION_JUDGES, load_completions, validate_judges
+    from refusal_atlas.judging.validation import (
+        COMPLETION_JUDGES,
+        validate_files,
+        validation_metrics,
+        validation_rows,
+        validation_table,
+    )
     from refusal_atlas.pipeline.harness import tracked_run
 
     params = load_params(args.params)
     judges = args.judges or [j for j in params.judge.method if j in COMPLETION_JUDGES]
     classifier = load_judge_classifier(params.judge.model_copy(update={"method": judges}), params.model)
-    frames = {path.stem: load_completions(path) for path in args.files}  # every file checked before any work
-    results, rows = {}, []
+    table = validation_table(args.files)  # every file checked before any work
+    results, wrong = validate_files(table, judges, args.partial_as, classifier)
     for path in args.files:
-        scores, disagreements = validate_judges(frames[path.stem], judges, args.partial_as, classifier)
-        results[path.stem] = {"file": str(path), "sha256": file_sha256(path), "judges": scores}
-        rows += [{"file": path.stem, "judge": j, **{k: v for k, v in s.items() if k != "confusion"}, **s["confusion"]}
-                 for j, s in scores.items()]  # fmt: skip
+        results["files"][path.stem]["file"] = str(path)
         with atomic_path(args.out / f"{path.stem}-disagreements.csv") as tmp:
-            disagreements.to_csv(tmp, index=False)
-    table = pd.DataFrame(rows)
-    write_json(args.out / "metrics.json", {"partial_as": args.partial_as, "files": results})
+            wrong[path.stem].to_csv(tmp, index=False)
+    rows = validation_rows(results)
+    write_json(args.out / "metrics.json", results)
     with atomic_path(args.out / "summary.csv") as tmp:
-        table.to_csv(tmp, index=False)
+        rows.to_csv(tmp, index=False)
     logged = {"judges": ",".join(judges), "partial_as": args.partial_as, "files": ",".join(map(str, args.files))}
     with tracked_run("judge-validate", params, logged, args.params) as run:
-        run.log_metrics({f"{r['file']}.{r['judge']}": {k: r[k] for k in ("accuracy", "precision", "recall", "kappa")}
-                         for r in rows})  # fmt: skip
-        run.set_tags({f"sha256.{stem}": r["sha256"] for stem, r in results.items()})
+        run.log_metrics(validation_metrics(results))
+        run.set_tags({f"sha256.{stem}": r["sha256"] for stem, r in results["files"].items()})
         run.log_artifact(args.out, "judge_validation")
-    shown = table[["file", "judge", "n", "accuracy", "precision", "recall", "kappa"]]
+    shown = rows[["file", "judge", "n", "accuracy", "precision", "recall", "kappa"]]
     print(shown.to_string(index=False, float_format=lambda x: f"{x:.3f}"))
     print(f"partial refusals counted as: {args.partial_as}; {json.dumps(judges)} -> {args.out}")
     return 0

@@ -170,6 +170,14 @@ class JudgeConfig(_Section):
 
 class BaselineConfig(_Section):
     max_new_tokens: int = Field(64, ge=1, description="Tokens generated per unsteered response (greedy).")
+    partial_as: Literal["refusal", "compliance", "exclude"] = Field(
+        "refusal",
+        description=(
+            "How a partial refusal (XSTest's 3_partial_refusal) counts when the judges are scored against the human "
+            "labels of the manifest's judge_validation files: a refusal (XSTest's convention), a compliance, or left "
+            "out."
+        ),
+    )
 
 
 class ActivationsConfig(_Section):

@@ -224,3 +224,28 @@ def test_the_study_recipe_reads_every_public_dataset_as_pinned(tmp_path):
     notes = "\n".join(sets.provenance["notes"])
     assert notes.count("huggingface.co/datasets/sorry-bench") == 4 and notes.count("allenai/wildguardmix") == 2
     assert json.loads(json.dumps(sets.provenance)) == sets.provenance  # what the prompts stage writes
+
+
+def test_judge_validation_files_are_checked_and_an_absent_one_is_noted(tmp_path):
+    from refusal_atlas.data.prompts import validation_files
+
+    (tmp_path / "raw").mkdir()
+    labelled = tmp_path / "raw" / "done.csv"
+    labelled.write_text("prompt,completion,final_label\nHi,Hello!,1_full_compliance\n")
+    files = [
+        {"format": "xstest_completions", "file": "raw/done.csv", "sha256": _sha(labelled)},
+        {"format": "xstest_completions", "file": "raw/absent.csv", "published": "https://example.org/labels"},
+    ]
+    manifest = _manifest(tmp_path, {"categories": {}, "baselines": {}, "judge_validation": files})
+    present, notes = validation_files(manifest)
+    assert [path for _, path in present] == [labelled]
+    assert notes == [
+        "judge validation: raw/absent.csv (xstest_completions) is not there; published at https://example.org/labels; "
+        "the judges are not scored on it"
+    ]
+    files[0]["sha256"] = "1" * 64
+    with pytest.raises(PromptValidationError, match="the manifest pins 1111"):
+        validation_files(_manifest(tmp_path, {"categories": {}, "baselines": {}, "judge_validation": files}))
+    files[0] = {"format": "xstest", "file": "raw/done.csv"}
+    with pytest.raises(PromptValidationError, match="only 'xstest_completions'"):
+        validation_files(_manifest(tmp_path, {"categories": {}, "baselines": {}, "judge_validation": files}))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -13,7 +14,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-from helpers import VENV_BIN, MlflowServer, browser_page, clone_pipeline, run
+from helpers import VENV_BIN, MlflowServer, Postgres, browser_page, clone_pipeline, run
 
 from refusal_atlas.pipeline.tracking import runs_url
 
@@ -21,11 +22,11 @@ pytestmark = pytest.mark.slow
 KEY, OTHER = "served-pipeline", "served-again"
 
 
-@pytest.fixture(scope="module")
-def served(pipeline, tmp_path_factory):
-    base = tmp_path_factory.mktemp("served")
+@contextlib.contextmanager
+def _serve(pipeline: Path, base: Path, backend: str | None = None):
+    """A copy of the smoke pipeline whose stages logged two executions through a real server on ``backend``."""
     repo = clone_pipeline(pipeline, base / "repo")
-    server = MlflowServer(repo, base / "server.log")
+    server = MlflowServer(repo, base / "server.log", backend)
     try:
         # Two executions of the same stages, as two settings or two models would be.
         for key in (KEY, OTHER):
@@ -38,6 +39,25 @@ def served(pipeline, tmp_path_factory):
     finally:
         server.stop()
     assert server.proc.poll() is not None, "the server was stopped"
+
+
+@pytest.fixture(scope="module")
+def served(pipeline, tmp_path_factory):
+    """On the project's sqlite store (what `refusal-atlas ui` serves)."""
+    with _serve(pipeline, tmp_path_factory.mktemp("served")) as out:
+        yield out
+
+
+@pytest.fixture(scope="module")
+def served_postgres(pipeline, tmp_path_factory):
+    """On a real PostgreSQL server (a team's set-up: operations.md)."""
+    base = tmp_path_factory.mktemp("served-postgres")
+    database = Postgres(base / "postgres.log")
+    try:
+        with _serve(pipeline, base, database.uri) as out:
+            yield out
+    finally:
+        database.remove()
 
 
 def _api(server, path, body=None):
@@ -68,8 +88,9 @@ def _tags(r):
     return {t["key"]: t["value"] for t in r["data"].get("tags", [])}
 
 
-def test_runs_metrics_inputs_and_artifacts_through_the_rest_api(served):
-    _, server = served
+@pytest.mark.parametrize("backend", ["served", "served_postgres"])
+def test_runs_metrics_inputs_and_artifacts_through_the_rest_api(backend, request, pipeline):
+    _, server = request.getfixturevalue(backend)
     _, runs = _runs(server)
     parents = [r for r in runs if _tags(r).get("refusal_atlas.role") == "pipeline"]
     assert len(parents) == 1
@@ -149,14 +170,17 @@ def test_mlflow_ui_in_a_real_browser(served, tmp_path):
         page.screenshot(path=str(shots / "mlflow_cosine_heatmap.png"), full_page=True)
 
 
-def test_server_dying_mid_run_keeps_the_outputs_and_fails_clearly(pipeline, tmp_path):
-    """The tracking server stops while a stage runs: the stage still writes its outputs, then exits
-    non-zero with a message that says what was lost, so DVC does not record it as done."""
+@pytest.mark.parametrize("what", ["server", "database"])
+def test_server_dying_mid_run_keeps_the_outputs_and_fails_clearly(pipeline, tmp_path, what):
+    """The tracking server (on sqlite), or the PostgreSQL database under a server, stops while a stage runs: the
+    stage still writes its outputs, then exits non-zero with a message that says what was lost, so DVC does not
+    record it as done; once the database is back, a rerun completes and is logged."""
     repo = clone_pipeline(pipeline, tmp_path / "dies")
     shutil.rmtree(repo / ".dvc/cache/runs", ignore_errors=True)  # run the stage, not a cached copy
     stage, out = "steering", repo / "artifacts/steering/random_0"
     shutil.rmtree(out)  # the one direction the stage evaluates again (the others are up to date)
-    server = MlflowServer(repo, tmp_path / "server.log")
+    database = Postgres(tmp_path / "postgres.log") if what == "database" else None
+    server = MlflowServer(repo, tmp_path / "server.log", database and database.uri)
     env = {
         **os.environ,
         "PATH": f"{VENV_BIN}{os.pathsep}{os.environ['PATH']}",
@@ -175,27 +199,36 @@ def test_server_dying_mid_run_keeps_the_outputs_and_fails_clearly(pipeline, tmp_
     )
     try:
         exp = _api(server, "experiments/get-by-name?experiment_name=refusal-atlas")["experiment"]
+        search = {
+            "experiment_ids": [exp["experiment_id"]],
+            "filter": f"attributes.run_name = '{stage}' and tags.`refusal_atlas.pipeline_key` = 'dies-mid-run'",
+        }
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline and proc.poll() is None:
-            found = _api(
-                server,
-                "runs/search",
-                {
-                    "experiment_ids": [exp["experiment_id"]],
-                    "filter": f"attributes.run_name = '{stage}' and tags.`refusal_atlas.pipeline_key` = 'dies-mid-run'",
-                },
-            )
-            if found.get("runs"):
+            if _api(server, "runs/search", search).get("runs"):
                 break
             time.sleep(0.3)
         assert proc.poll() is None, "the stage finished before the server could be stopped"
+        if database:
+            database.stop("immediate")
+        else:
+            server.stop()
+        stdout, stderr = proc.communicate(timeout=600)
+        assert proc.returncode != 0
+        assert f"failed during stage '{stage}'" in stderr and "outputs were written" in stderr, stderr[-3000:]
+        assert "Traceback" not in stderr, stderr[-3000:]
+        pd.testing.assert_frame_equal(
+            pd.read_parquet(out / "responses.parquet"),
+            pd.read_parquet(pipeline / "artifacts/steering/random_0/responses.parquet"),
+        )
+        if database:  # back up: the rerun completes (the stage's finished work kept) and is logged
+            database.start()
+            rerun = subprocess.run(["dvc", "repro", "--single-item", stage], cwd=repo, env=env, capture_output=True)
+            assert rerun.returncode == 0, rerun.stderr[-3000:]
+            assert run(["dvc", "status", stage], repo).stdout.strip() == "Data and pipelines are up to date."
+            runs = _api(server, "runs/search", search)["runs"]
+            assert sorted(r["info"]["status"] for r in runs) == ["FAILED", "FINISHED"]
     finally:
         server.stop()
-    stdout, stderr = proc.communicate(timeout=600)
-    assert proc.returncode != 0
-    assert f"failed during stage '{stage}'" in stderr and "outputs were written" in stderr, stderr[-3000:]
-    assert "Traceback" not in stderr, stderr[-3000:]
-    pd.testing.assert_frame_equal(
-        pd.read_parquet(out / "responses.parquet"),
-        pd.read_parquet(pipeline / "artifacts/steering/random_0/responses.parquet"),
-    )
+        if database:
+            database.remove()

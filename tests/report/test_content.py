@@ -19,6 +19,7 @@ def _inputs(repo, commit: str) -> ReportInputs:
     return ReportInputs(
         summary=read(art / "prompts/summary.json"),
         sets=read(art / "prompts/manifest.json"),
+        validation=read(art / "baseline/judge_validation.json"),
         digests=file_digests(art / "prompts/sets"),
         identity=read(art / "model/identity.json"),
         baseline=read(art / "baseline/metrics.json"),

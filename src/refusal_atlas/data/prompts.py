@@ -32,6 +32,7 @@ TABLE_COLUMNS = ["prompt_id", "category", "role", "split", "text", "source", "sh
 # (its own manifest) and raw dataset files (read by importers, some of them JSONL).
 IGNORED_DIRS = ("styles", "study", "raw")
 PROMPTS_FORMAT = "prompts"  # a source in the project's own JSONL format (parse_prompt_file)
+VALIDATION_FORMAT = "xstest_completions"  # human-labelled completions (judging.validation.load_completions)
 
 
 class PromptValidationError(RefusalAtlasError, ValueError):
@@ -78,6 +79,11 @@ class Manifest(BaseModel):
     categories: dict[str, _Entry] = Field(description="Target categories: should-refuse prompt sets.")
     baselines: dict[str, _Entry] = Field(description="Baseline pools of prompts that should be answered.")
     default_baseline: str = Field("benign", description="Pool used by a category that names none.")
+    judge_validation: list[Source] = Field(
+        [],
+        description="Human-labelled completion files (format xstest_completions) the baseline stage scores the "
+        "judges on; one that is absent is noted and left out.",
+    )
 
     def baseline_of(self, category: str) -> str:
         return self.categories[category].baseline or self.default_baseline
@@ -336,6 +342,28 @@ def collect_prompt_sets(
         raise PromptValidationError(f"{len(problems)} problem(s) in the prompt sets:\n" + "\n".join(shown))
     table = pd.DataFrame(rows, columns=TABLE_COLUMNS).sort_values(["role", "category", "prompt_id"], ignore_index=True)
     return PromptSets(table, provenance)
+
+
+def validation_files(manifest_path: Path) -> tuple[list[tuple[Source, Path]], list[str]]:
+    """The manifest's judge-validation files that are present (sha256 pins checked), and a note for each absent
+    one. Raises ``PromptValidationError`` for a wrong format or a file that differs from its pin."""
+    manifest, root = load_manifest(manifest_path), Path(manifest_path).parent
+    present, notes, problems = [], [], []
+    for src in manifest.judge_validation:
+        path = root / src.file
+        if src.format != VALIDATION_FORMAT:
+            problems.append(f"{manifest_path}: judge_validation file {src.file} has format {src.format!r}; only "
+                            f"{VALIDATION_FORMAT!r} (XSTest's completion CSV) is read")  # fmt: skip
+        elif not path.is_file():
+            notes.append(f"judge validation: {_absent(src)}; the judges are not scored on it")
+        elif src.sha256 and (found := file_sha256(path)) != src.sha256:
+            problems.append(f"{path}: sha256 {found}, but the manifest pins {src.sha256}; fetch the pinned file or "
+                            "remove the pin")  # fmt: skip
+        else:
+            present.append((src, path))
+    if problems:
+        raise PromptValidationError("\n".join(problems))
+    return present, notes
 
 
 def read_provenance(path: Path) -> tuple[dict[str, str], list[str]]:

@@ -42,15 +42,16 @@ def _origin(src: Source, local: Path | None) -> str | None:
 
 
 def plan(manifest_path: Path, local: Path | None = None) -> list[Fetched]:
-    """Every dataset file of the recipe (formats other than JSONL prompt files), with its origin."""
+    """Every dataset file of the recipe (its sets' sources other than JSONL prompt files, and its judge-validation
+    files), with its origin."""
     manifest = load_manifest(manifest_path)
     files: dict[str, Fetched] = {}
-    for name, (_, entry) in manifest.sets().items():
-        for src in entry.candidates():
-            if src.format == PROMPTS_FORMAT:
-                continue
-            item = files.setdefault(src.file, Fetched(src.file, src, origin=_origin(src, local)))
-            item.sets.append(name)
+    named = [(name, src) for name, (_, entry) in manifest.sets().items() for src in entry.candidates()]
+    for name, src in [*named, *(("judge validation", src) for src in manifest.judge_validation)]:
+        if src.format == PROMPTS_FORMAT:
+            continue
+        item = files.setdefault(src.file, Fetched(src.file, src, origin=_origin(src, local)))
+        item.sets.append(name)
     return list(files.values())
 
 

@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from refusal_atlas.digest import file_sha256
 from refusal_atlas.errors import RefusalAtlasError
 from refusal_atlas.judging.judges import ClassifierJudge, judge_responses
 
@@ -120,3 +121,43 @@ def validate_judges(
     ]
     disagreements = pd.concat(wrong, ignore_index=True).assign(human_refused=lambda d: ~d.judge_refused)
     return scores, disagreements
+
+
+def validation_table(files: Sequence[Path]) -> pd.DataFrame:
+    """Every file's rows (:func:`load_completions`, all columns kept) in one table, each row naming its file (stem)
+    and the file's sha256. Every file is checked before any is returned."""
+    frames = [load_completions(path).assign(file=Path(path).stem, sha256=file_sha256(path)) for path in files]
+    if not frames:
+        return pd.DataFrame(columns=["file", "sha256", *COLUMNS])
+    return pd.concat(frames, ignore_index=True).fillna("")
+
+
+def validate_files(
+    table: pd.DataFrame, judges: Sequence[str], partial_as: str = "refusal", classifier: ClassifierJudge | None = None
+) -> tuple[dict, dict[str, pd.DataFrame]]:
+    """:func:`validate_judges` on each file of a :func:`validation_table`: ``({"partial_as", "files": {file:
+    {"sha256", "judges"}}}, {file: disagreements})``."""
+    results, wrong = {}, {}
+    for name, rows in table.groupby("file", sort=False):
+        scores, wrong[name] = validate_judges(rows.reset_index(drop=True), judges, partial_as, classifier)
+        results[name] = {"sha256": rows.sha256.iloc[0], "judges": scores}
+    return {"partial_as": partial_as, "files": results}, wrong
+
+
+def validation_rows(results: dict) -> pd.DataFrame:
+    """One row per (file, judge): n, accuracy, precision, recall, f1, kappa and the confusion counts."""
+    rows = [
+        {"file": name, "judge": judge, **{k: v for k, v in score.items() if k != "confusion"}, **score["confusion"]}
+        for name, found in results["files"].items()
+        for judge, score in found["judges"].items()
+    ]
+    return pd.DataFrame(rows)
+
+
+def validation_metrics(results: dict) -> dict:
+    """``{file: {judge: {accuracy, precision, recall, kappa}}}`` for MLflow."""
+    keys = ("accuracy", "precision", "recall", "kappa")
+    return {
+        name: {judge: {k: score[k] for k in keys} for judge, score in found["judges"].items()}
+        for name, found in results["files"].items()
+    }

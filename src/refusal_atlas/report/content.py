@@ -24,6 +24,7 @@ from refusal_atlas.judging.styles import (
     style_homogeneity,
     train_style_classifier,
 )
+from refusal_atlas.judging.validation import validation_rows
 from refusal_atlas.report import plots
 from refusal_atlas.report.html import Section, render_report
 from refusal_atlas.steering.interventions import curve_table, shared_knob, shared_knob_summary
@@ -47,6 +48,7 @@ class ReportInputs:
     digests: dict  # set -> sha256 of artifacts/prompts/sets/<set>.parquet (``file_digests``)
     identity: dict  # artifacts/model/identity.json
     baseline: dict  # artifacts/baseline/metrics.json
+    validation: dict  # artifacts/baseline/judge_validation.json: the judges against human labels
     selected: dict  # artifacts/directions/selected.json
     geometry: dict  # artifacts/geometry/metrics.json
     geometry_png: dict  # file name -> bytes of artifacts/geometry/figures/*.png
@@ -163,6 +165,9 @@ def _headline(inp: ReportInputs, knob: pd.DataFrame) -> dict:
         **{f"shared_knob.{v.replace(' ', '_')}": int((knob.verdict == v).sum()) for v in verdicts},
         **{f"judge.{k.split('.')[1]}.kappa": v for k, v in baseline.get("judges", {}).items() if k.endswith(".kappa")},
     }
+    human = validation_rows(inp.validation)
+    if len(human):  # each judge's agreement with people, over the manifest's labelled files
+        out.update({f"judge.{j}.human_kappa": float(k) for j, k in human.groupby("judge").kappa.mean().items()})
     pooled = inp.steering.get("pooled", {}).get("interventions", {})
     for name, entry in pooled.items():
         if name.startswith("add_") or name == "ablate":
@@ -214,6 +219,30 @@ _CANDIDATES = (
 _TRADEOFF_COLUMNS = ["alpha", "rr", "rr_lo", "rr_hi", "orr", "orr_lo", "orr_hi", "acc"]
 
 
+def _judges_section(validation: dict) -> Section:
+    rows = validation_rows(validation)
+    if not len(rows):
+        return Section(
+            "Judges against human labels",
+            [
+                "This run's manifest lists no human-labelled completions (judge_validation), so the judges were not "
+                "scored against people here. The study recipe (prompts/study/manifest.yaml) scores them on XSTest's "
+                "three labelled files; `refusal-atlas judge validate FILE` scores any file in that format."
+            ],
+        )
+    shown = rows.set_index(["file", "judge"])[["n", "accuracy", "precision", "recall", "kappa", "tp", "fp", "fn", "tn"]]
+    return Section(
+        "Judges against human labels",
+        [
+            f"Each text judge's verdict on human-labelled completions against the human label (a partial refusal "
+            f"counted as {validation['partial_as']}; baseline.partial_as): accuracy, precision and recall for "
+            "'refused', Cohen's kappa and the confusion counts (tp: both say refused).",
+            "Files: " + "; ".join(f"{n} (sha256 {f['sha256']})" for n, f in validation["files"].items()) + ".",
+        ],
+        tables={"Judges against human labels": shown},
+    )
+
+
 def _set_sources(sets: dict) -> pd.DataFrame:
     """One row per set: its role, baseline pool, and the file it was read from (format, path, sha256)."""
     columns = ["role", "baseline", "format", "file", "sha256", "n"]
@@ -250,6 +279,7 @@ def _sections(inp: ReportInputs, figures, tables, verdict_line, style_eval, homo
             [f"Unsteered refusal rate overall: {baseline['refusal_rate']['overall']:.3f}."],
             tables={"Refusal rate per set and split": pd.DataFrame(baseline["refusal_rate"]["by_category_split"]).T},
         ),
+        _judges_section(inp.validation),
         Section(
             "Directions",
             [
