@@ -353,6 +353,15 @@ def stage_run(
                 tags={PIPELINE_KEY_TAG: key, "refusal_atlas.role": "pipeline", **git_state(repo_root)},
             )
             parent_id = parent.info.run_id
+        # A run of this stage that never ended (its process was killed, or lost its server mid-run) is closed as
+        # KILLED, so the UI shows no stage running that is not.
+        stale = client.search_runs(
+            [exp.experiment_id],
+            filter_string=f"tags.`mlflow.parentRunId` = '{parent_id}' and attributes.run_name = '{run_name}' and "
+            "attributes.status = 'RUNNING'",
+        )
+        for old in stale:
+            client.set_terminated(old.info.run_id, status="KILLED")
         active = mlflow.start_run(
             run_name=run_name, tags={**tags, "mlflow.parentRunId": parent_id, "refusal_atlas.role": "stage"}
         )
@@ -379,5 +388,6 @@ def stage_run(
         raise TrackingError(
             f"MLflow logging to {redact_uri(uri)} failed during stage '{run_name}': {type(run.error).__name__}: "
             f"{run.error}. The stage's outputs were written, but its run is incomplete, so the stage exits non-zero "
-            "and DVC does not record it in dvc.lock; rerun `dvc repro` once the server is back."
+            "and DVC does not record it in dvc.lock; rerun `dvc repro` once the server is back (`dvc repro -f -s "
+            f"{run_name}` where dvc.lock already holds the same outputs)."
         )
