@@ -300,3 +300,43 @@ def test_mds_of_three_directions_in_three_dimensions_is_finite():
     for dim in (2, 3):
         assert out[dim]["coords"].shape == (3, dim) and np.isfinite(out[dim]["coords"].to_numpy()).all()
         assert out[dim]["stress"] < 1e-3  # three points embed exactly in the plane
+
+
+def test_shared_baseline_control_sees_a_pool_that_carries_category_structure():
+    """Two categories share a benign pool whose mean rests on three extreme prompts: with a shared pool their pull is
+    the same for both directions; split in two parts, one part holds more of them than the other (three cannot
+    split evenly), so the directions and their cosine move."""
+    from refusal_atlas.analysis.geometry import shared_baseline_control
+
+    rng = np.random.default_rng(0)
+    d = 64
+    axes = np.eye(d)
+    targets = {"a": axes[0] * 5 + rng.normal(0, 0.1, (40, d)), "b": axes[1] * 5 + rng.normal(0, 0.1, (40, d))}
+    quiet = rng.normal(0, 0.1, (80, d))
+    calm = shared_baseline_control(targets, {"a": "benign", "b": "benign"}, {"benign": quiet}, seed=0)
+    assert calm["rows_per_part"] == 40
+    assert calm["cosine_shared"].loc["a", "b"] == pytest.approx(0.0, abs=0.05)
+    loud = quiet.copy()
+    loud[[5, 30, 70]] += axes[2] * 100
+    moved = shared_baseline_control(targets, {"a": "benign", "b": "benign"}, {"benign": loud}, seed=0)
+    assert moved["mean_abs_change"] > 0.03 > 0.01 > calm["mean_abs_change"]
+    assert moved["max_abs_change"] == pytest.approx(moved["mean_abs_change"])  # one pair: mean = max
+
+
+def test_replicate_floor_and_random_harmful_control_on_planted_directions():
+    from refusal_atlas.analysis.geometry import random_harmful_control, replicate_floor
+
+    rng = np.random.default_rng(1)
+    d = 32
+    a, b = np.eye(d)[0], np.eye(d)[1]
+    resamples = {"a": a + rng.normal(0, 0.05, (6, d)), "b": b + rng.normal(0, 0.05, (6, d))}
+    floor = replicate_floor(resamples)
+    assert floor["within"]["n"] == 2 * 15 and floor["between"]["n"] == 36
+    assert floor["within"]["min"] > 0.9 and abs(floor["between"]["mean"]) < 0.1
+    assert floor["between_reaching_within_min"] == 0.0
+    # Random subsets of both categories point between them: cos 1/sqrt(2) with each.
+    draws = (a + b) / np.sqrt(2) + rng.normal(0, 0.02, (5, d))
+    control = random_harmful_control(draws, {"a": a, "b": b})
+    assert control["random_vs_random"]["mean"] > 0.95
+    assert control["random_vs_category"] == pytest.approx({"a": 2**-0.5, "b": 2**-0.5}, abs=0.03)
+    assert control["category_vs_category"]["mean"] == pytest.approx(0.0, abs=1e-9)

@@ -5,7 +5,7 @@ real stage scripts (stages/directions.py, then stages/geometry.py) run as subpro
 synthetic inputs written in the exact formats the pipeline hands them: finished
 activation stores (``store.create_store`` + ``store.write_batch`` + ``finalize_store``,
 with the attributes stages/activations.py writes), the model stage's identity.json, the
-prompt table and a manifest. ``directions.select: fixed`` at the planted site means no
+prompt table and the prompt sets' manifest.json. ``directions.select: fixed`` at the planted site means no
 model is loaded, so nothing here needs a forward pass.
 
 The plant: six categories whose refusal directions have a two-cluster Gram matrix
@@ -115,7 +115,7 @@ def build_inputs(root: Path, units: np.ndarray, rng: np.random.Generator) -> dic
     sets = {**{c: ("target", units[i]) for i, c in enumerate(CATS)}, "benign": ("baseline", None)}
     act_dir = root / "artifacts" / "activations"
     paths = {
-        "manifest": root / "prompts" / "manifest.yaml",
+        "manifest": root / "artifacts" / "prompts" / "manifest.json",
         "prompts": root / "artifacts" / "prompts" / "prompts.parquet",
         "activations": act_dir,
         "model": root / "artifacts" / "model",
@@ -147,15 +147,8 @@ def build_inputs(root: Path, units: np.ndarray, rng: np.random.Generator) -> dic
             ]
         )
 
-    paths["manifest"].write_text(
-        yaml.safe_dump(
-            {
-                "default_baseline": "benign",
-                "categories": {c: {"file": f"{c}.jsonl"} for c in CATS},
-                "baselines": {"benign": {"file": "benign.jsonl"}},
-            }
-        )
-    )
+    sets = {c: {"role": "target", "baseline": "benign"} for c in CATS} | {"benign": {"role": "baseline"}}
+    paths["manifest"].write_text(json.dumps({"sets": sets}))  # as the prompts stage writes manifest.json
     pd.concat(table, ignore_index=True).to_parquet(paths["prompts"], index=False)
     (paths["model"] / "identity.json").write_text(json.dumps(IDENTITY))
     paths["params"].write_text(
@@ -200,7 +193,7 @@ def test_directions_and_geometry_stages_recover_planted_angles(tmp_path: Path):
         "--params",
         str(paths["params"]),
         "--no-progress",
-        "--manifest",
+        "--sets",
         str(paths["manifest"]),
         "--activations",
         str(paths["activations"]),
@@ -350,3 +343,21 @@ def test_select_sites_and_analyse_geometry_recover_the_plant_in_process(tmp_path
     curve = dvc_plot_tables(geometry)["layer_curve.csv"].set_index("layer")["mean_offdiag_cosine"]
     off = ~np.eye(len(CATS), dtype=bool)
     assert curve[SITE_LAYER] == pytest.approx(gram[off].mean(), abs=COS_TOL) and curve[DECOY_LAYER] > 0.99
+
+    # The controls on the planted stores: resamples of one category agree far more than across categories, random
+    # subsets of all targets agree with each other far more than the planted categories do, and splitting the
+    # shared benign pool (pure noise here) barely moves the cosines.
+    c = geometry.metrics["controls"]
+    assert c["replicate_within_mean"] > 0.95 and c["replicate_within_min"] > 0.9
+    assert c["replicate_between_mean"] == pytest.approx(gram[off].mean(), abs=0.05)
+    assert c["replicate_between_max"] < c["replicate_within_min"] and c["replicate_between_reaching_within_min"] == 0
+    assert c["category_cosine_mean"] == pytest.approx(gram[off].mean(), abs=COS_TOL)
+    assert c["random_harmful_cosine_mean"] > c["category_cosine_mean"] + 0.2
+    from refusal_atlas.analysis.atlas import site_arrays
+
+    li, pi = list(atlas.layer.values).index(SITE_LAYER), list(atlas.position.values).index(SITE_POSITION)
+    answered = site_arrays(stores, ["benign"], "baseline", "behaviour", "train", li, pi)["benign"]  # BC, train split
+    assert c["disjoint_baseline_rows_per_part"] == len(answered) // len(CATS) > 5
+    assert c["disjoint_baseline_mean_abs_change"] < 0.05
+    assert set(geometry.controls["shared_baseline"]["self_cosine"]) == set(CATS)
+    assert min(geometry.controls["shared_baseline"]["self_cosine"].values()) > 0.95

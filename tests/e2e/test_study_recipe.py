@@ -2,7 +2,7 @@
 ``../shared/datasets`` as DVC external data and runs the whole pipeline on them as a DVC experiment.
 
 Reduced sizes: the smoke profile (40 prompts a set, short training and generations) and a tiny
-profile on top (two steered directions). Skips when ``../shared/datasets`` is absent.
+profile on top (two steered directions, directions from every prompt of a set). Skips when ``../shared/datasets`` is absent.
 """
 
 from __future__ import annotations
@@ -16,7 +16,9 @@ from conftest import shared_datasets
 from helpers import copy_repo, run
 
 pytestmark = pytest.mark.slow
-TINY = {"model": {"demo": {"steps": 150}}, "steering": {"directions": ["pooled", "over_refusal"]}}
+# The demo model never saw these datasets' prompts, so it may answer or refuse any of them: directions learn from
+# every prompt of a set (filter: label) rather than from its refused and answered ones.
+TINY = {"directions": {"filter": "label"}, "steering": {"directions": ["pooled", "over_refusal"]}}
 
 
 def test_one_command_runs_the_pipeline_on_the_study_recipe(tmp_path):

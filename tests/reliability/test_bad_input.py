@@ -335,8 +335,8 @@ def test_arditi_with_no_validation_prompts_on_a_side_names_the_direction_and_the
         [
             sys.executable,
             "stages/directions.py",
-            "--manifest",
-            "prompts/manifest.yaml",
+            "--sets",
+            "artifacts/prompts/manifest.json",
             "--prompts",
             str(tmp_path / "prompts.parquet"),
             "--activations",

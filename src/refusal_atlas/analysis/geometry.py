@@ -531,3 +531,109 @@ def summarize_geometry(
         t = transfer.to_numpy()
         out["probe_transfer_offdiag_mean"] = float(t[~np.eye(len(t), dtype=bool)].mean())
     return out
+
+
+def _pair_cosines(a: np.ndarray, b: np.ndarray | None = None) -> np.ndarray:
+    """Cosines of every pair of rows: within ``a`` (i < j), or between ``a`` and ``b``."""
+    a = _unit(np.atleast_2d(a))
+    if b is None:
+        return (a @ a.T)[np.triu_indices(len(a), k=1)]
+    return (a @ _unit(np.atleast_2d(b)).T).ravel()
+
+
+def _spread(values: np.ndarray) -> dict[str, float]:
+    return {
+        "n": int(values.size),
+        "mean": float(values.mean()),
+        "min": float(values.min()),
+        "p05": float(np.quantile(values, 0.05)),
+        "p95": float(np.quantile(values, 0.95)),
+        "max": float(values.max()),
+    }
+
+
+def replicate_floor(resamples: Mapping[str, np.ndarray]) -> dict:
+    """The replicate noise floor (the study's replicate analysis): how independent resamples of one category agree
+    (within: every pair of draws of a category) against how different categories' draws agree (between: every
+    cross-category pair). Returns both distributions' summaries, the raw cosines for plotting, and the share of
+    between-category pairs that reach the lowest within-category cosine."""
+    names = list(resamples)
+    within = np.concatenate([_pair_cosines(resamples[n]) for n in names])
+    between = np.concatenate([_pair_cosines(resamples[a], resamples[b]) for a, b in itertools.combinations(names, 2)])
+    return {
+        "within": _spread(within),
+        "between": _spread(between),
+        "between_reaching_within_min": float((between >= within.min()).mean()),
+        "values": {"within": within, "between": between},
+    }
+
+
+def random_harmful_control(draws: np.ndarray, units: Mapping[str, np.ndarray]) -> dict:
+    """The random-harmful control: ``draws`` are directions from random subsets of all target prompts (every
+    category pooled), each against a draw of the baseline pool, at the categories' sample size. If the category
+    directions differed only because each is learnt from a small sample, these would differ from each other as
+    much. Returns the random directions' mutual cosines and their cosine with each category direction (``units``:
+    category → unit vector)."""
+    names = list(units)
+    mutual = _pair_cosines(draws)
+    return {
+        "random_vs_random": _spread(mutual),
+        "category_vs_category": _spread(_pair_cosines(np.stack([units[c] for c in names]))),
+        "random_vs_category": {c: float(np.mean(_pair_cosines(draws, units[c]))) for c in names},
+        "values": {"random": mutual},
+    }
+
+
+def shared_baseline_control(
+    targets: Mapping[str, np.ndarray], pools: Mapping[str, str], baselines: Mapping[str, np.ndarray], seed: int
+) -> dict:
+    """The shared-baseline confound: the categories that share one baseline pool get, instead, disjoint equal parts of
+    it (a seeded split), and their difference-of-means directions are compared with the shared-pool ones. Returns
+    both cosine matrices, how much the off-diagonal cosines move (mean and max |change|), each category's cosine
+    between its two variants, and the rows per part."""
+    cats = list(pools)
+    shared_pool = max(set(pools.values()), key=lambda p: sum(v == p for v in pools.values()))
+    sharing = [c for c in cats if pools[c] == shared_pool]
+    rows = baselines[shared_pool]
+    order = np.random.default_rng(seed).permutation(len(rows))
+    parts = dict(zip(sharing, np.array_split(order, len(sharing))))
+
+    def unit(c: str, base: np.ndarray) -> np.ndarray:
+        d = targets[c].astype(np.float64).mean(0) - base.astype(np.float64).mean(0)
+        return d / (np.linalg.norm(d) or 1.0)
+
+    shared = np.stack([unit(c, baselines[pools[c]]) for c in cats])
+    disjoint = np.stack([unit(c, rows[parts[c]]) if c in parts else unit(c, baselines[pools[c]]) for c in cats])
+    cos_shared, cos_disjoint = cosine_matrix(shared, cats), cosine_matrix(disjoint, cats)
+    off = ~np.eye(len(cats), dtype=bool)
+    change = np.abs(cos_disjoint.to_numpy() - cos_shared.to_numpy())[off]
+    return {
+        "pool": shared_pool,
+        "categories": sharing,
+        "rows_per_part": int(min(len(p) for p in parts.values())),
+        "cosine_shared": cos_shared,
+        "cosine_disjoint": cos_disjoint,
+        "offdiag_mean_shared": float(cos_shared.to_numpy()[off].mean()),
+        "offdiag_mean_disjoint": float(cos_disjoint.to_numpy()[off].mean()),
+        "mean_abs_change": float(change.mean()),
+        "max_abs_change": float(change.max()),
+        "self_cosine": {c: float(shared[i] @ disjoint[i]) for i, c in enumerate(cats)},
+    }
+
+
+def control_metrics(floor: dict, random_harmful: dict, shared: dict) -> dict[str, float]:
+    """The three controls' headline numbers, flat, for metrics.json and MLflow."""
+    return {
+        "replicate_within_mean": floor["within"]["mean"],
+        "replicate_within_min": floor["within"]["min"],
+        "replicate_between_mean": floor["between"]["mean"],
+        "replicate_between_max": floor["between"]["max"],
+        "replicate_between_reaching_within_min": floor["between_reaching_within_min"],
+        "random_harmful_cosine_mean": random_harmful["random_vs_random"]["mean"],
+        "random_harmful_vs_category_mean": float(np.mean(list(random_harmful["random_vs_category"].values()))),
+        "category_cosine_mean": random_harmful["category_vs_category"]["mean"],
+        "disjoint_baseline_offdiag_mean": shared["offdiag_mean_disjoint"],
+        "disjoint_baseline_mean_abs_change": shared["mean_abs_change"],
+        "disjoint_baseline_max_abs_change": shared["max_abs_change"],
+        "disjoint_baseline_rows_per_part": shared["rows_per_part"],
+    }

@@ -34,6 +34,7 @@ class GeometryResult:
     transfer: pd.DataFrame
     selectivity: pd.DataFrame
     metrics: dict
+    controls: dict  # replicate floor, random-harmful and disjoint-baseline controls (geometry.replicate_floor, ...)
 
 
 def analyse_geometry(
@@ -68,14 +69,26 @@ def analyse_geometry(
     test = site_arrays(stores, cats + ["benign"], "target", "label", "test", li, pi)
     units_at = {c: units[i, li, pi] for i, c in enumerate(cats)}
     select = g.selectivity({c: test[c] for c in cats}, units_at, baseline=test["benign"])
+    # The controls a reviewer asks for: the replicate noise floor (the resamples above), directions from random
+    # subsets of all targets (after the resamples, so those keep their draws), a disjoint baseline per category.
+    pooled_targets = np.concatenate([target[c] for c in cats])
+    main_pool = max(set(pools.values()), key=list(pools.values()).count)  # the pool most categories share
+    random_draws = resample_directions(pooled_targets, base[main_pool], n_per_side, cfg.n_draws, rng)
+    controls = {
+        "replicate": g.replicate_floor(resamples),
+        "random_harmful": g.random_harmful_control(random_draws, units_at),
+        "shared_baseline": g.shared_baseline_control(target, pools, base, cfg.seed),
+    }
     metrics = {
         **g.summarize_geometry(cos, clustering, mds, rank, distinct, probes, transfer),
         "reference_site": {"layer": site["layer"], "position": site["position"]},
         "probe_accuracy": probes.to_dict(),
+        "controls": g.control_metrics(controls["replicate"], controls["random_harmful"], controls["shared_baseline"]),
     }
     return GeometryResult(
-        cos, atlas.layer.values[layers], per_layer, distinct, clustering, mds, angles, rank, transfer, select, metrics
-    )
+        cos, atlas.layer.values[layers], per_layer, distinct, clustering, mds, angles, rank, transfer, select, metrics,
+        controls,
+    )  # fmt: skip
 
 
 def save_geometry_tables(r: GeometryResult, folder: Path) -> None:
@@ -92,6 +105,13 @@ def save_geometry_tables(r: GeometryResult, folder: Path) -> None:
     r.mds[2]["coords"].to_csv(folder / "mds_2d.csv")
     clusters = {f"{m}_k{k}": ids for m, cuts in r.clustering["labels"].items() for k, ids in cuts.items()}
     pd.DataFrame(clusters).rename_axis("direction").to_csv(folder / "clusters.csv")
+    shared = r.controls["shared_baseline"]
+    shared["cosine_disjoint"].to_csv(folder / "cosine_disjoint_baseline.csv")
+    floor = r.controls["replicate"]["values"]
+    pd.DataFrame(
+        {"kind": ["within"] * len(floor["within"]) + ["between"] * len(floor["between"]),
+         "cosine": np.concatenate([floor["within"], floor["between"]])}
+    ).to_csv(folder / "replicate_cosines.csv", index=False)  # fmt: skip
 
 
 def dvc_plot_tables(r: GeometryResult) -> dict[str, pd.DataFrame]:

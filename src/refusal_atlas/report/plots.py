@@ -307,6 +307,21 @@ def explained_variance_plot(
     return _finish(fig)
 
 
+def cosine_distributions(values: Mapping[str, Sequence[float]], title: str = "") -> Figure:
+    """Overlaid histograms of cosine samples on a shared [-1, 1] axis (the replicate noise floor and controls)."""
+    fig, ax = _figure(6.0, 3.8)
+    bins = np.linspace(-1, 1, 81)
+    for label, v in values.items():
+        v = np.asarray(v, dtype=np.float64)
+        ax.hist(v, bins=bins, alpha=0.55, density=True, label=f"{label} (n={v.size}, mean {v.mean():.2f})")
+    ax.set_xlabel("cosine")
+    ax.set_ylabel("density")
+    ax.set_title(title)
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    return _finish(fig)
+
+
 def geometry_figures(r) -> dict[str, Figure]:
     """The geometry stage's PNGs by file name, from an ``analysis.geometry_analysis.GeometryResult``."""
     cats = list(r.cos.index)
@@ -328,5 +343,13 @@ def geometry_figures(r) -> dict[str, Figure]:
         ),
         "explained_variance.png": explained_variance_plot(
             r.rank["cumulative"], participation_ratio=r.rank["participation_ratio"]
+        ),
+        "controls.png": cosine_distributions(
+            {
+                "within a category (resamples)": r.controls["replicate"]["values"]["within"],
+                "between categories (resamples)": r.controls["replicate"]["values"]["between"],
+                "random subsets of all targets": r.controls["random_harmful"]["values"]["random"],
+            },
+            title="Replicate noise floor and the random-harmful control",
         ),
     }
