@@ -2,7 +2,8 @@
 ``../shared/datasets`` as DVC external data and runs the whole pipeline on them as a DVC experiment.
 
 Reduced sizes: the smoke profile (40 prompts a set, short training and generations) and a tiny
-profile on top (two steered directions, directions from every prompt of a set). Skips when ``../shared/datasets`` is absent.
+profile on top (two steered directions, directions from every prompt of a set). Skips when
+``../shared/datasets`` is absent.
 """
 
 from __future__ import annotations

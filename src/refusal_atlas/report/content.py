@@ -163,6 +163,11 @@ def _headline(inp: ReportInputs, knob: pd.DataFrame) -> dict:
         "geometry.cosine_offdiag_mean": geometry["cosine_offdiag_mean"],
         "geometry.best_k": geometry["cluster_average_best_k"],
         "geometry.best_k_silhouette": geometry["cluster_average_silhouette"],
+        **{
+            f"geometry.{k}": geometry["controls"][k]
+            for k in ("replicate_within_mean", "replicate_between_mean", "random_harmful_cosine_mean")
+        },
+        "geometry.disjoint_baseline_mean_abs_change": geometry["controls"]["disjoint_baseline_mean_abs_change"],
         **{f"shared_knob.{v.replace(' ', '_')}": int((knob.verdict == v).sum()) for v in verdicts},
         **{f"judge.{k.split('.')[1]}.kappa": v for k, v in baseline.get("judges", {}).items() if k.endswith(".kappa")},
     }
