@@ -70,9 +70,10 @@ def test_s3_server_stopping_mid_push_fails_clearly_loses_nothing_and_a_rerun_com
     repo = clone_pipeline(pipeline, tmp_path / "repo")
     _use_remote(repo, server)
     before, objects = _artifacts(repo), _cache_objects(repo)
+    # One attempt per request (botocore retries a refused connection with backoff otherwise, a minute here).
     push = subprocess.Popen(
-        ["dvc", "push", "--jobs", "1"], cwd=repo, env=_env(server.env), text=True, stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
+        ["dvc", "push", "--jobs", "1"], cwd=repo, env=_env({**server.env, "AWS_MAX_ATTEMPTS": "1"}), text=True,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE,
     )  # fmt: skip
     try:
         deadline = time.monotonic() + 120
