@@ -2,24 +2,29 @@
 
 Writes directions.zarr (unit vectors at every layer and position, raw norms, counts,
 lineage), selected.json (each direction's (layer, position), the score behind it and
-the mean residual norm there, for norm-relative steering) and metrics.json (counts and
-within-category stability at the selected site).
+the mean residual norm there, for norm-relative steering), metrics.json (counts and
+within-category stability at the selected site) and crosslingual.json: where the manifest
+lists per-language prompts, the pooled direction's transfer to each language
+(analysis.crosslingual; an empty languages table otherwise).
 """
 
 from refusal_atlas.pipeline.numerics import pin_cpu_numerics
 
 pin_cpu_numerics()  # before numpy and torch load: the same bits on any x86-64 host (refusal_atlas.pipeline.numerics)
 
+import functools
 import json
 from pathlib import Path
 
 import pandas as pd
 
 from refusal_atlas.analysis.atlas import build_atlas, site_record
+from refusal_atlas.analysis.crosslingual import crosslingual_transfer
 from refusal_atlas.analysis.selection import select_sites
 from refusal_atlas.data import store
 from refusal_atlas.data.atomic import atomic_path, write_json
 from refusal_atlas.data.prompts import read_provenance
+from refusal_atlas.model.generation import refusal_token_ids
 from refusal_atlas.model.load import load_stage_model
 from refusal_atlas.pipeline.harness import run_stage, stage_parser
 
@@ -39,10 +44,18 @@ def main(args, params, run) -> None:
         stores, baseline_of, cfg.n_per_side, cfg.filter, cfg.method, cfg.seed, cfg.n_random, cfg.allow_fewer
     )
     prompts = pd.read_parquet(args.prompts)
-    load = lambda: load_stage_model(params.model, args.model, run)[:2]  # noqa: E731
+    load = functools.cache(lambda: load_stage_model(params.model, args.model, run)[:2])  # one load at most
     result = select_sites(
         atlas, stores, prompts, baseline_of, identity["n_layers"], cfg, params.model, load, not args.no_progress
     )
+
+    languages = pd.read_parquet(args.crosslingual)
+    transfer = {"languages": {}}
+    if len(languages):  # the pooled direction across languages (the manifest's crosslingual files)
+        model, tokenizer = load()
+        pooled = site_record(atlas, "pooled", result.selected["pooled"])
+        ids = refusal_token_ids(tokenizer, params.model.refusal_tokens)
+        transfer = crosslingual_transfer(model, tokenizer, languages, pooled, cfg.crosslingual_alpha, params.model, ids)
 
     store.save_directions(args.out / "directions.zarr", atlas)
     for name, site in result.selected.items():
@@ -53,10 +66,12 @@ def main(args, params, run) -> None:
     with atomic_path(args.out / "candidates.csv") as tmp:
         pd.DataFrame(result.candidates).to_csv(tmp, index=False)
     write_json(args.out / "metrics.json", result.metrics)
+    write_json(args.out / "crosslingual.json", transfer)
     underpowered = result.metrics["underpowered"]["names"]
     run.log_identity(identity)
     run.log_input(args.activations)
     run.log_metrics(result.metrics)
+    run.log_metrics({"crosslingual": transfer["languages"]})
     run.log_artifact(args.out / "selected.json")
     run.set_tags({"directions.underpowered": ", ".join(underpowered) or "none"})
     if result.search:
@@ -72,6 +87,7 @@ if __name__ == "__main__":
     parser = stage_parser(STAGE, __doc__)
     parser.add_argument("--sets", type=Path, required=True, help="artifacts/prompts/manifest.json")
     parser.add_argument("--prompts", type=Path, required=True, help="artifacts/prompts/prompts.parquet")
+    parser.add_argument("--crosslingual", type=Path, required=True, help="artifacts/prompts/crosslingual.parquet")
     parser.add_argument("--activations", type=Path, required=True, help="artifacts/activations")
     parser.add_argument("--model", type=Path, required=True, help="artifacts/model")
     parser.add_argument("--out", type=Path, required=True, help="artifacts/directions")

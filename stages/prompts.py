@@ -4,7 +4,9 @@ Writes prompts.parquet (every prompt), sets/<set>.parquet, summary.json (counts,
 metrics), manifest.json (each set's role, baseline pool and the file it was read from:
 format, path, sha256; later stages and the report read it instead of the manifest) and
 judge_validation.parquet (the manifest's human-labelled completions, every file's rows;
-empty when it lists none), which the baseline stage scores the judges on.
+empty when it lists none), which the baseline stage scores the judges on, and
+crosslingual.parquet (the manifest's per-language harmful and harmless prompts; empty when
+it lists none), which the directions stage's cross-lingual transfer analysis reads.
 """
 
 from refusal_atlas.pipeline.numerics import pin_cpu_numerics
@@ -15,7 +17,7 @@ import sys
 from pathlib import Path
 
 from refusal_atlas.data.atomic import write_json, write_parquet
-from refusal_atlas.data.prompts import collect_prompt_sets, summarize_prompts, validation_files
+from refusal_atlas.data.prompts import collect_prompt_sets, crosslingual_table, summarize_prompts, validation_files
 from refusal_atlas.judging.validation import validation_table
 from refusal_atlas.pipeline.harness import run_stage, stage_parser
 
@@ -29,6 +31,8 @@ def main(args, params, run) -> None:
     table = collected.table
     present, absent = validation_files(manifest)
     validation = validation_table([path for _, path in present])  # every file checked before anything is written
+    languages, left_out = crosslingual_table(manifest)
+    absent += left_out
     for note in collected.provenance["notes"] + absent:  # a set read from a fallback source, an absent file
         print(f"prompts: note: {note}", file=sys.stderr)
     summary = summarize_prompts(table)
@@ -38,6 +42,7 @@ def main(args, params, run) -> None:
     write_json(args.out / "summary.json", summary)
     write_json(args.out / "manifest.json", {**collected.provenance, "notes": collected.provenance["notes"] + absent})
     write_parquet(args.out / "judge_validation.parquet", validation)
+    write_parquet(args.out / "crosslingual.parquet", languages)
 
     run.log_input(manifest.parent, context="prompts")
     run.set_tags({"prompts.manifest": str(manifest), "prompts.manifest_sha256": collected.provenance["sha256"]})

@@ -38,6 +38,7 @@ def main(args, params, run) -> None:
         baseline=_json(args.baseline / "metrics.json"),
         validation=_json(args.baseline / "judge_validation.json"),
         selected=_json(args.directions / "selected.json"),
+        crosslingual=_json(args.directions / "crosslingual.json"),
         geometry=_json(args.geometry / "metrics.json"),
         geometry_png={f: (args.geometry / "figures" / f).read_bytes() for _, f in GEOMETRY_FIGURES},
         steering={n: _json(args.steering / n / "metrics.json") for n in names},

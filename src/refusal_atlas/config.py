@@ -189,6 +189,11 @@ class ActivationsConfig(_Section):
 
 class DirectionsConfig(_Section):
     n_per_side: int = Field(32, ge=1, description="Prompts per side of each difference of means.")
+    crosslingual_alpha: float = Field(
+        1.0,
+        description="Cross-lingual transfer: the pooled direction is added to each language's harmless prompts at "
+        "this many times the mean residual norm at its site (the manifest's crosslingual files; none, no analysis).",
+    )
     allow_fewer: bool = Field(
         True, description="If fewer than n_per_side exist, use all and match the other side (else fail)."
     )

@@ -77,3 +77,14 @@ def test_one_command_runs_the_pipeline_on_the_study_recipe(tmp_path):
         "xstest_v2_completions_llama2orig": {"keywords": 0.911, "substring": 0.893},
     }
     assert "Judges against human labels" in html and "xstest_v2_completions_llama2orig" in html
+
+    # Cross-lingual transfer of the pooled direction over PolyRefuse's 14 languages, in the directions stage.
+    transfer = json.loads((repo / "artifacts/directions/crosslingual.json").read_text())
+    languages = transfer["languages"]
+    assert list(languages) == ["en", "de", "fr", "es", "it", "nl", "pl", "ru", "ja", "ko", "zh", "ar", "th", "yo"]
+    assert all(v["n_harmful"] == v["n_harmless"] == 64 for v in languages.values())
+    assert languages["en"]["cos_english"] == 1.0 or abs(languages["en"]["cos_english"] - 1) < 1e-9
+    assert all(-1 <= v["cos_pooled"] <= 1 and -1 <= v["cos_english"] <= 1 for v in languages.values())
+    # The demo's English tokenizer covers English best: more characters per token than any non-Latin script.
+    assert all(languages["en"]["chars_per_token"] > languages[c]["chars_per_token"] for c in ("ja", "zh", "th", "ar"))
+    assert "Cross-lingual transfer" in html and "only English is meaningful here" in html

@@ -20,6 +20,7 @@ def _inputs(repo, commit: str) -> ReportInputs:
         summary=read(art / "prompts/summary.json"),
         sets=read(art / "prompts/manifest.json"),
         validation=read(art / "baseline/judge_validation.json"),
+        crosslingual=read(art / "directions/crosslingual.json"),
         digests=file_digests(art / "prompts/sets"),
         identity=read(art / "model/identity.json"),
         baseline=read(art / "baseline/metrics.json"),

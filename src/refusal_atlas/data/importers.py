@@ -344,7 +344,9 @@ def _read_harmbench(path: Path, kind: str | None) -> Iterator[_Row]:
         yield _Row(where, text, "safety_core", row["BehaviorID"], row["SemanticCategory"])
 
 
-def _read_refusal_direction(path: Path, kind: str | None) -> Iterator[_Row]:
+def _read_refusal_direction(path: Path, kind: str | None, fmt: str = "refusal_direction") -> Iterator[_Row]:
+    """A refusal_direction split; PolyRefuse's translations of them (``fmt`` polyrefuse) share the layout, the text
+    being ``instruction_translated`` where a file has it (its test splits) and ``instruction`` otherwise."""
     kind = _kind_from_name(path, kind, {"harmless": "harmless", "harmful": "harmful"})
     if kind is None:
         raise _fail(
@@ -353,7 +355,7 @@ def _read_refusal_direction(path: Path, kind: str | None) -> Iterator[_Row]:
             "name the file harmful_*.json / harmless_*.json or pass kind='harmful' or kind='harmless'",
         )
     try:
-        items = json.loads(_read_text(path, "refusal_direction"))
+        items = json.loads(_read_text(path, fmt))
     except json.JSONDecodeError as err:
         fix = (
             "it looks like JSON Lines; the splits are one JSON list"
@@ -368,13 +370,17 @@ def _read_refusal_direction(path: Path, kind: str | None) -> Iterator[_Row]:
             "pass a split file such as harmful_val.json",
         )
     for index, obj in enumerate(items, start=1):
-        obj = _check_fields(path, f"item {index}", obj, ("instruction",), "refusal_direction")
+        obj = _check_fields(path, f"item {index}", obj, ("instruction",), fmt)
         yield _Row(
             f"item {index}",
-            obj["instruction"] or "",
+            obj.get("instruction_translated", obj["instruction"]) or "",
             "benign" if kind == "harmless" else "safety_core",
             note=obj.get("category"),
         )
+
+
+def _read_polyrefuse(path: Path, kind: str | None) -> Iterator[_Row]:
+    return _read_refusal_direction(path, kind, "polyrefuse")
 
 
 FORMATS: dict[str, ImportFormat] = {
@@ -420,6 +426,14 @@ FORMATS: dict[str, ImportFormat] = {
             ("standard", "contextual", "copyright", "all"),
             "HarmBench behaviours CSV (Behavior, FunctionalCategory, SemanticCategory, BehaviorID); kind default "
             "standard",
+        ),
+        ImportFormat(
+            "polyrefuse",
+            _read_polyrefuse,
+            ("safety_core", "benign"),
+            ("harmful", "harmless"),
+            "PolyRefuse translated split JSON ({instruction, instruction_translated, category}); harmless_* → benign, "
+            "harmful_* → safety_core",
         ),
         ImportFormat(
             "refusal_direction",

@@ -53,6 +53,15 @@ class Source(BaseModel):
     published: str | None = Field(None, description="Where the dataset is published: said when it is absent.")
 
 
+class LanguageSources(BaseModel):
+    """One language's harmful and harmless prompt files (cross-lingual transfer)."""
+
+    model_config = ConfigDict(extra="forbid")
+    language: str = Field(description="Language code, e.g. en, de, zh; 'en' is the reference the others compare to.")
+    harmful: Source = Field(description="Prompts the model should refuse, in this language.")
+    harmless: Source = Field(description="Prompts it should answer, in this language.")
+
+
 class _Entry(BaseModel):
     model_config = ConfigDict(extra="forbid")
     file: str | None = Field(None, description="JSONL file, relative to the manifest's folder.")
@@ -79,6 +88,11 @@ class Manifest(BaseModel):
     categories: dict[str, _Entry] = Field(description="Target categories: should-refuse prompt sets.")
     baselines: dict[str, _Entry] = Field(description="Baseline pools of prompts that should be answered.")
     default_baseline: str = Field("benign", description="Pool used by a category that names none.")
+    crosslingual: list[LanguageSources] = Field(
+        [],
+        description="Harmful and harmless prompts per language (PolyRefuse), for the directions stage's cross-lingual "
+        "transfer analysis; a language whose files are absent is noted and left out.",
+    )
     judge_validation: list[Source] = Field(
         [],
         description="Human-labelled completion files (format xstest_completions) the baseline stage scores the "
@@ -364,6 +378,32 @@ def validation_files(manifest_path: Path) -> tuple[list[tuple[Source, Path]], li
     if problems:
         raise PromptValidationError("\n".join(problems))
     return present, notes
+
+
+CROSSLINGUAL_COLUMNS = ["language", "role", "prompt_id", "text", "source"]
+
+
+def crosslingual_table(manifest_path: Path) -> tuple[pd.DataFrame, list[str]]:
+    """Every language's harmful and harmless prompts (``CROSSLINGUAL_COLUMNS``, at most each source's ``limit``), and
+    a note for each language left out because a file is absent. Raises ``PromptValidationError`` for a file that
+    does not read."""
+    manifest, root = load_manifest(manifest_path), Path(manifest_path).parent
+    rows, notes, problems = [], [], []
+    for entry in manifest.crosslingual:
+        pair = {"harmful": entry.harmful, "harmless": entry.harmless}
+        if absent := [_absent(src) for src in pair.values() if not (root / src.file).is_file()]:
+            notes.append(f"cross-lingual '{entry.language}': {'; '.join(absent)}; the language is left out")
+            continue
+        for role, src in pair.items():
+            records, errors = _read_source(root / src.file, src, "safety_core" if role == "harmful" else "benign")
+            problems += errors
+            rows += [
+                {"language": entry.language, "role": role, "prompt_id": r.id, "text": r.text, "source": r.source}
+                for r in records
+            ]
+    if problems:
+        raise PromptValidationError("\n".join(problems))
+    return pd.DataFrame(rows, columns=CROSSLINGUAL_COLUMNS), notes
 
 
 def read_provenance(path: Path) -> tuple[dict[str, str], list[str]]:

@@ -42,12 +42,13 @@ def _origin(src: Source, local: Path | None) -> str | None:
 
 
 def plan(manifest_path: Path, local: Path | None = None) -> list[Fetched]:
-    """Every dataset file of the recipe (its sets' sources other than JSONL prompt files, and its judge-validation
-    files), with its origin."""
+    """Every dataset file of the recipe (its sets' sources other than JSONL prompt files, its judge-validation and
+    cross-lingual files), with its origin."""
     manifest = load_manifest(manifest_path)
     files: dict[str, Fetched] = {}
     named = [(name, src) for name, (_, entry) in manifest.sets().items() for src in entry.candidates()]
-    for name, src in [*named, *(("judge validation", src) for src in manifest.judge_validation)]:
+    languages = [(f"cross-lingual {e.language}", src) for e in manifest.crosslingual for src in (e.harmful, e.harmless)]
+    for name, src in [*named, *(("judge validation", src) for src in manifest.judge_validation), *languages]:
         if src.format == PROMPTS_FORMAT:
             continue
         item = files.setdefault(src.file, Fetched(src.file, src, origin=_origin(src, local)))

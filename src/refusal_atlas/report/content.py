@@ -51,6 +51,7 @@ class ReportInputs:
     baseline: dict  # artifacts/baseline/metrics.json
     validation: dict  # artifacts/baseline/judge_validation.json: the judges against human labels
     selected: dict  # artifacts/directions/selected.json
+    crosslingual: dict  # artifacts/directions/crosslingual.json: the pooled direction across languages
     geometry: dict  # artifacts/geometry/metrics.json
     geometry_png: dict  # file name -> bytes of artifacts/geometry/figures/*.png
     steering: dict  # direction -> artifacts/steering/<direction>/metrics.json
@@ -225,6 +226,44 @@ _CANDIDATES = (
 _TRADEOFF_COLUMNS = ["alpha", "rr", "rr_lo", "rr_hi", "orr", "orr_lo", "orr_hi", "acc"]
 
 
+def _transfer_table(result: dict) -> pd.DataFrame:
+    """One row per language: counts, chars_per_token, the cosines and the four refusal scores."""
+    rows = {
+        language: {
+            **{k: v for k, v in found.items() if k != "refusal_score"},
+            **{f"score_{k}": v for k, v in found["refusal_score"].items()},
+        }
+        for language, found in result["languages"].items()
+    }
+    return pd.DataFrame(rows).T
+
+
+def _crosslingual_section(result: dict, identity: dict) -> Section:
+    if not result["languages"]:
+        return Section(
+            "Cross-lingual transfer",
+            [
+                "This run's manifest lists no per-language prompts (crosslingual), so the pooled direction was not "
+                "tested across languages. The study recipe lists PolyRefuse's 14 languages."
+            ],
+        )
+    site = result["site"]
+    text = [
+        f"Per language: its own difference-of-means direction at the pooled direction's site (layer {site['layer']}, "
+        f"position {site['position']}), its cosine with the pooled direction and with English's, and the mean "
+        "first-token refusal log-odds on its harmful prompts without and with the pooled direction ablated, and on "
+        f"its harmless prompts without and with it added at α = {result['alpha']} (norm units). chars_per_token "
+        "says how well the tokenizer covers the language."
+    ]
+    if identity["model_id"] == "demo":
+        text.append(
+            "⚠ The demo's tokenizer was trained on English templates only: other languages fall apart into short "
+            "pieces (low chars_per_token) and the demo never saw them, so only English is meaningful here. The same "
+            "analysis on a multilingual model (profiles/smollm2.yaml, or any hub model) is the real test."
+        )
+    return Section("Cross-lingual transfer", text, tables={"Transfer per language": _transfer_table(result)})
+
+
 def _controls_section(c: dict) -> Section:
     floor = (
         f"Replicate noise floor: independent resamples of one category agree at cosine "
@@ -328,6 +367,7 @@ def _sections(inp: ReportInputs, figures, tables, verdict_line, style_eval, homo
             tables={"Summary": pd.Series(scalars).to_frame("value")},
         ),
         _controls_section(geometry["controls"]),
+        _crosslingual_section(inp.crosslingual, inp.identity),
         Section(
             "Steering: refusal vs over-refusal",
             [verdict_line],
