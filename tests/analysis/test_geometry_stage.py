@@ -148,7 +148,7 @@ def build_inputs(root: Path, units: np.ndarray, rng: np.random.Generator) -> dic
         )
 
     sets = {c: {"role": "target", "baseline": "benign"} for c in CATS} | {"benign": {"role": "baseline"}}
-    paths["manifest"].write_text(json.dumps({"sets": sets}))  # as the prompts stage writes manifest.json
+    paths["manifest"].write_text(json.dumps({"sets": sets, "order": list(sets)}))  # as the prompts stage writes it
     pd.concat(table, ignore_index=True).to_parquet(paths["prompts"], index=False)
     (paths["model"] / "identity.json").write_text(json.dumps(IDENTITY))
     paths["params"].write_text(

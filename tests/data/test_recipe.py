@@ -249,3 +249,19 @@ def test_judge_validation_files_are_checked_and_an_absent_one_is_noted(tmp_path)
     files[0] = {"format": "xstest", "file": "raw/done.csv"}
     with pytest.raises(PromptValidationError, match="only 'xstest_completions'"):
         validation_files(_manifest(tmp_path, {"categories": {}, "baselines": {}, "judge_validation": files}))
+
+
+def test_later_stages_read_the_sets_in_the_manifests_order(tmp_path):
+    """manifest.json is written with sorted keys; the seeded draws of the directions stage follow the manifest's
+    order, so read_provenance must give that order back, not the alphabetical one."""
+    from refusal_atlas.data.atomic import write_json
+    from refusal_atlas.data.prompts import read_provenance
+
+    manifest = REPO / "prompts" / "manifest.yaml"
+    sets = collect_prompt_sets(manifest, SplitFractions(), 48)
+    write_json(tmp_path / "manifest.json", sets.provenance)
+    baseline_of, names = read_provenance(tmp_path / "manifest.json")
+    listed = yaml.safe_load(manifest.read_text())
+    assert names == [*listed["categories"], *listed["baselines"]] != sorted(names)
+    assert list(baseline_of) == list(listed["categories"])
+    assert baseline_of["over_refusal"] == "over_refusal_safe" and baseline_of["safety_core"] == "benign"

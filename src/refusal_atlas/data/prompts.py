@@ -293,6 +293,7 @@ def collect_prompt_sets(
         "manifest": str(manifest_path),
         "sha256": file_sha256(manifest_path),
         "default_baseline": manifest.default_baseline,
+        "order": list(manifest.sets()),  # the manifest's order (targets, then pools): JSON keys are written sorted
         "sets": {},
         "notes": [],
     }
@@ -407,10 +408,11 @@ def crosslingual_table(manifest_path: Path) -> tuple[pd.DataFrame, list[str]]:
 
 
 def read_provenance(path: Path) -> tuple[dict[str, str], list[str]]:
-    """From the prompts stage's manifest.json: each target's baseline pool (manifest order) and every set's
-    name."""
-    sets = json.loads(Path(path).read_text())["sets"]
-    return {n: s["baseline"] for n, s in sets.items() if s["role"] == "target"}, list(sets)
+    """From the prompts stage's manifest.json: each target's baseline pool and every set's name, in the manifest's
+    order (which fixes the order of the seeded draws and of every table)."""
+    found = json.loads(Path(path).read_text())
+    sets, order = found["sets"], found["order"]
+    return {n: sets[n]["baseline"] for n in order if sets[n]["role"] == "target"}, order
 
 
 def summarize_prompts(table: pd.DataFrame) -> dict:

@@ -341,7 +341,7 @@ def _sections(inp: ReportInputs, figures, tables, verdict_line, style_eval, homo
                 *(f"⚠ Fallback: {note}." for note in inp.sets["notes"]),
             ],
             tables={
-                "Source of each set": _set_sources(inp.sets["sets"]),
+                "Source of each set": _set_sources({n: inp.sets["sets"][n] for n in inp.sets["order"]}),
                 "Prompts per set and split": pd.DataFrame(summary["by_category_split"]).T.fillna(0).astype(int),
             },
         ),
