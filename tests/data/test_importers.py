@@ -115,6 +115,7 @@ def test_registry_lists_every_format():
         "jailbreakbench",
         "harmbench",
         "refusal_direction",
+        "polyrefuse",
     }
 
 
@@ -235,7 +236,7 @@ BAD_INPUTS = [
         lambda tmp: FIXTURES / "xstest_prompts.csv",
         [
             "unknown format 'no_such_format'",
-            "known formats: advbench, coconot, harmbench, jailbreakbench, refusal_direction",
+            "known formats: advbench, coconot, harmbench, jailbreakbench, polyrefuse, refusal_direction",
         ],
     ),
     ("xstest", lambda tmp: tmp / "missing.csv", ["missing.csv: file not found", "check the path"]),

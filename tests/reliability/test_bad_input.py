@@ -337,6 +337,8 @@ def test_arditi_with_no_validation_prompts_on_a_side_names_the_direction_and_the
             "stages/directions.py",
             "--sets",
             "artifacts/prompts/manifest.json",
+            "--crosslingual",
+            "artifacts/prompts/crosslingual.parquet",
             "--prompts",
             str(tmp_path / "prompts.parquet"),
             "--activations",
