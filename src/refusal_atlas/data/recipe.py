@@ -66,7 +66,6 @@ def fetch_sources(manifest_path: Path, local: Path | None, dvc: str) -> list[Fet
     manifest_path = Path(manifest_path)
     root = manifest_path.parent
     items = plan(manifest_path, local)
-    staged = []
     for item in items:
         target = root / item.file
         pin = item.source.sha256
@@ -91,9 +90,8 @@ def fetch_sources(manifest_path: Path, local: Path | None, dvc: str) -> list[Fet
                 "changed: fetch the pinned revision, or edit the pin in the manifest to study this file"
             )
         item.status = f"imported from {item.origin}"
-        staged += [f"{target}.dvc", str(target.parent / ".gitignore")]
-    if staged:  # `dvc exp run --temp` copies only what git tracks or stages
-        subprocess.run(["git", "add", "--", *staged], capture_output=True)
+        # Staged at once (a later failure keeps it): `dvc exp run --temp` copies only what git tracks or stages.
+        subprocess.run(["git", "add", "--", f"{target}.dvc", str(target.parent / ".gitignore")], capture_output=True)
     return items
 
 
