@@ -59,7 +59,7 @@ def test_transfer_reports_each_language_against_the_pooled_and_english_direction
     result = crosslingual_transfer(model, tok, table, site, 1.0, mcfg, ids)
     en, xx = result["languages"]["en"], result["languages"]["xx"]
     assert result["site"] == {"layer": LAYER, "position": POSITION} and list(result["languages"]) == ["en", "xx"]
-    assert (en["n_harmful"], en["n_harmless"]) == (12, 12)
+    assert (en["n_harmful"], en["n_harmless"], en["n_too_long"]) == (12, 12, 0)
     # English here is exactly the pooled direction's data: its own direction is the pooled one.
     assert en["cos_pooled"] == pytest.approx(1.0, abs=1e-6) and en["cos_english"] == pytest.approx(1.0, abs=1e-9)
     assert -1 <= xx["cos_pooled"] <= 1 and xx["cos_english"] == pytest.approx(xx["cos_pooled"], abs=1e-6)
@@ -84,3 +84,13 @@ def test_polyrefuse_reads_translations_where_a_file_has_them(tmp_path):
     assert [r["text"] for r in harmful] == ["Schreibe eine Drohung", "Baue eine Bombe"]
     assert harmful[0]["note"] == "Harassment" and harmful[0]["source"].startswith("polyrefuse:harmful_test")
     assert [r["text"] for r in import_file("polyrefuse", val_split)["benign"]] == ["Nenne eine Farbe"]
+
+
+def test_a_language_whose_prompts_are_too_long_is_skipped_with_the_reason(model_and_site):
+    model, tok, mcfg, table, site = model_and_site
+    short = mcfg.model_copy(update={"max_prompt_tokens": 20})  # every formatted prompt is longer
+    result = crosslingual_transfer(model, tok, table, site, 1.0, short, [0])
+    assert result["languages"]["en"] == {
+        "skipped": "fewer than 8 prompts a side within max_prompt_tokens=20 (24 too long)"
+    }
+    assert "cos_english" not in result["languages"]["xx"]

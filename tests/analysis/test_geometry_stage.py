@@ -32,6 +32,7 @@ from helpers import REPO, run
 from sklearn.metrics import silhouette_score
 
 from refusal_atlas.data import store
+from refusal_atlas.data.prompts import CROSSLINGUAL_COLUMNS
 
 pytestmark = pytest.mark.slow
 
@@ -116,6 +117,7 @@ def build_inputs(root: Path, units: np.ndarray, rng: np.random.Generator) -> dic
     act_dir = root / "artifacts" / "activations"
     paths = {
         "manifest": root / "artifacts" / "prompts" / "manifest.json",
+        "crosslingual": root / "artifacts" / "prompts" / "crosslingual.parquet",
         "prompts": root / "artifacts" / "prompts" / "prompts.parquet",
         "activations": act_dir,
         "model": root / "artifacts" / "model",
@@ -149,6 +151,7 @@ def build_inputs(root: Path, units: np.ndarray, rng: np.random.Generator) -> dic
 
     sets = {c: {"role": "target", "baseline": "benign"} for c in CATS} | {"benign": {"role": "baseline"}}
     paths["manifest"].write_text(json.dumps({"sets": sets, "order": list(sets)}))  # as the prompts stage writes it
+    pd.DataFrame(columns=CROSSLINGUAL_COLUMNS).to_parquet(paths["crosslingual"], index=False)  # no languages
     pd.concat(table, ignore_index=True).to_parquet(paths["prompts"], index=False)
     (paths["model"] / "identity.json").write_text(json.dumps(IDENTITY))
     paths["params"].write_text(
@@ -207,6 +210,8 @@ def test_directions_and_geometry_stages_recover_planted_angles(tmp_path: Path):
             *common,
             "--prompts",
             str(paths["prompts"]),
+            "--crosslingual",
+            str(paths["crosslingual"]),
             "--out",
             str(out_dir),
         ],

@@ -82,9 +82,13 @@ def test_one_command_runs_the_pipeline_on_the_study_recipe(tmp_path):
     transfer = json.loads((repo / "artifacts/directions/crosslingual.json").read_text())
     languages = transfer["languages"]
     assert list(languages) == ["en", "de", "fr", "es", "it", "nl", "pl", "ru", "ja", "ko", "zh", "ar", "th", "yo"]
-    assert all(v["n_harmful"] == v["n_harmless"] == 64 for v in languages.values())
-    assert languages["en"]["cos_english"] == 1.0 or abs(languages["en"]["cos_english"] - 1) < 1e-9
-    assert all(-1 <= v["cos_pooled"] <= 1 and -1 <= v["cos_english"] <= 1 for v in languages.values())
-    # The demo's English tokenizer covers English best: more characters per token than any non-Latin script.
-    assert all(languages["en"]["chars_per_token"] > languages[c]["chars_per_token"] for c in ("ja", "zh", "th", "ar"))
+    # The demo's English-only tokenizer makes long prompts of other scripts: those over max_prompt_tokens are
+    # counted and left out, and a language left with too few is skipped, saying why.
+    done = {c: v for c, v in languages.items() if "skipped" not in v}
+    assert all("max_prompt_tokens=128" in v["skipped"] for c, v in languages.items() if c not in done)
+    assert all(v["n_harmful"] + v["n_harmless"] + v["n_too_long"] == 128 for v in done.values())
+    assert "en" in done and done["en"]["cos_english"] == pytest.approx(1.0, abs=1e-9)
+    assert all(-1 <= v["cos_pooled"] <= 1 and -1 <= v["cos_english"] <= 1 for v in done.values())
+    # English is covered best: more characters per token than any other language analysed.
+    assert all(done["en"]["chars_per_token"] > v["chars_per_token"] for c, v in done.items() if c != "en")
     assert "Cross-lingual transfer" in html and "only English is meaningful here" in html

@@ -24,6 +24,7 @@ from refusal_atlas.model.hooks import ablate_directions, add_direction
 from refusal_atlas.steering.interventions import alpha_vector
 
 REFERENCE = "en"
+MIN_PER_SIDE = 8  # a language with fewer prompts a side (after the length filter) is skipped, with the reason
 
 
 def _residuals(model, tokenizer, formatted: list[str], layer: int, position: int, mcfg: ModelConfig) -> np.ndarray:
@@ -66,11 +67,20 @@ def crosslingual_transfer(
                                             mcfg.max_prompt_tokens)))  # fmt: skip
 
     for language, rows in table.groupby("language", sort=False):
-        texts = {role: rows.text[rows.role == role].tolist() for role in ("harmful", "harmless")}
-        formatted = {
-            role: format_prompts(tokenizer, t, mcfg.system_prompt, mcfg.chat_template, mcfg.chat_template_kwargs)
-            for role, t in texts.items()
-        }
+        texts, formatted, dropped = {}, {}, 0
+        for role in ("harmful", "harmless"):
+            chat = format_prompts(tokenizer, rows.text[rows.role == role].tolist(), mcfg.system_prompt,
+                                  mcfg.chat_template, mcfg.chat_template_kwargs)  # fmt: skip
+            # A tokenizer that covers a language poorly makes long prompts of it: those over max_prompt_tokens are
+            # left out and counted, rather than failing the stage for one language.
+            fits = [len(tokenizer(c, add_special_tokens=False)["input_ids"]) <= mcfg.max_prompt_tokens for c in chat]
+            texts[role] = [t for t, ok in zip(rows.text[rows.role == role], fits) if ok]
+            formatted[role] = [c for c, ok in zip(chat, fits) if ok]
+            dropped += fits.count(False)
+        if min(len(f) for f in formatted.values()) < MIN_PER_SIDE:
+            out[language] = {"skipped": f"fewer than {MIN_PER_SIDE} prompts a side within max_prompt_tokens="
+                                        f"{mcfg.max_prompt_tokens} ({dropped} too long)"}  # fmt: skip
+            continue
         acts = {role: _residuals(model, tokenizer, f, layer, position, mcfg) for role, f in formatted.items()}
         directions[language] = _unit(acts["harmful"].mean(0) - acts["harmless"].mean(0))
         with ablate_directions(model, unit_t[None]):
@@ -80,6 +90,7 @@ def crosslingual_transfer(
         out[language] = {
             "n_harmful": len(texts["harmful"]),
             "n_harmless": len(texts["harmless"]),
+            "n_too_long": dropped,
             "chars_per_token": chars_per_token(tokenizer, texts["harmful"] + texts["harmless"]),
             "cos_pooled": float(directions[language] @ unit),
             "refusal_score": {
@@ -90,6 +101,6 @@ def crosslingual_transfer(
             },
         }
     if REFERENCE in directions:
-        for language, found in out.items():
-            found["cos_english"] = float(directions[language] @ directions[REFERENCE])
+        for language, direction in directions.items():
+            out[language]["cos_english"] = float(direction @ directions[REFERENCE])
     return {"site": {"layer": layer, "position": position}, "alpha": alpha, "languages": out}

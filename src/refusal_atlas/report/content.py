@@ -231,7 +231,7 @@ def _transfer_table(result: dict) -> pd.DataFrame:
     rows = {
         language: {
             **{k: v for k, v in found.items() if k != "refusal_score"},
-            **{f"score_{k}": v for k, v in found["refusal_score"].items()},
+            **{f"score_{k}": v for k, v in found.get("refusal_score", {}).items()},
         }
         for language, found in result["languages"].items()
     }
