@@ -49,17 +49,19 @@ def main(args, params, run) -> None:
         atlas, stores, prompts, baseline_of, identity["n_layers"], cfg, params.model, load, not args.no_progress
     )
 
+    sites = {name: site_record(atlas, name, site) for name, site in result.selected.items()}
     languages = pd.read_parquet(args.crosslingual)
     transfer = {"languages": {}}
     if len(languages):  # the pooled direction across languages (the manifest's crosslingual files)
         model, tokenizer = load()
-        pooled = site_record(atlas, "pooled", result.selected["pooled"])
         ids = refusal_token_ids(tokenizer, params.model.refusal_tokens)
-        transfer = crosslingual_transfer(model, tokenizer, languages, pooled, cfg.crosslingual_alpha, params.model, ids)
+        transfer = crosslingual_transfer(
+            model, tokenizer, languages, sites["pooled"], cfg.crosslingual_alpha, params.model, ids
+        )
 
     store.save_directions(args.out / "directions.zarr", atlas)
-    for name, site in result.selected.items():
-        write_json(args.out / "sites" / f"{name}.json", site_record(atlas, name, site))
+    for name, record in sites.items():
+        write_json(args.out / "sites" / f"{name}.json", record)
     write_json(args.out / "selected.json", result.selected)
     # Every candidate a selector looked at, with its scores; for arditi, `reason` says why a row
     # was dropped, or `not_scored` where a lower-bypass candidate had already passed.

@@ -32,15 +32,15 @@ def main(args, params, run) -> None:
     present, absent = validation_files(manifest)
     validation = validation_table([path for _, path in present])  # every file checked before anything is written
     languages, left_out = crosslingual_table(manifest)
-    absent += left_out
-    for note in collected.provenance["notes"] + absent:  # a set read from a fallback source, an absent file
+    notes = collected.provenance["notes"] + absent + left_out  # fallback sources, absent files
+    for note in notes:
         print(f"prompts: note: {note}", file=sys.stderr)
     summary = summarize_prompts(table)
     write_parquet(args.out / "prompts.parquet", table)
     for name, rows in table.groupby("category"):
         write_parquet(args.out / "sets" / f"{name}.parquet", rows.reset_index(drop=True))
     write_json(args.out / "summary.json", summary)
-    write_json(args.out / "manifest.json", {**collected.provenance, "notes": collected.provenance["notes"] + absent})
+    write_json(args.out / "manifest.json", {**collected.provenance, "notes": notes})
     write_parquet(args.out / "judge_validation.parquet", validation)
     write_parquet(args.out / "crosslingual.parquet", languages)
 

@@ -237,13 +237,21 @@ def pick_source(manifest_path: Path, name: str, role: str, entry: _Entry) -> tup
     )
 
 
-def _read_source(path: Path, src: Source, name: str) -> tuple[list[PromptRecord], list[str]]:
-    """The records of one source (as set ``name``), at most ``src.limit``; or the problems found."""
+def _pin_problem(path: Path, src: Source) -> str | None:
+    """The problem when ``path`` differs from the sha256 the manifest pins for it; None when it matches or is
+    unpinned."""
     if src.sha256 and (found := file_sha256(path)) != src.sha256:
-        return [], [
+        return (
             f"{path}: sha256 {found}, but the manifest pins {src.sha256}; fetch the pinned file (its url) or remove "
             "the sha256 pin to study this one"
-        ]
+        )
+    return None
+
+
+def _read_source(path: Path, src: Source, name: str) -> tuple[list[PromptRecord], list[str]]:
+    """The records of one source (as set ``name``), at most ``src.limit``; or the problems found."""
+    if problem := _pin_problem(path, src):
+        return [], [problem]
     wanted = src.category or name
     if src.format == PROMPTS_FORMAT:
         records, problems = parse_prompt_file(path, wanted)
@@ -371,9 +379,8 @@ def validation_files(manifest_path: Path) -> tuple[list[tuple[Source, Path]], li
                             f"{VALIDATION_FORMAT!r} (XSTest's completion CSV) is read")  # fmt: skip
         elif not path.is_file():
             notes.append(f"judge validation: {_absent(src)}; the judges are not scored on it")
-        elif src.sha256 and (found := file_sha256(path)) != src.sha256:
-            problems.append(f"{path}: sha256 {found}, but the manifest pins {src.sha256}; fetch the pinned file or "
-                            "remove the pin")  # fmt: skip
+        elif problem := _pin_problem(path, src):
+            problems.append(problem)
         else:
             present.append((src, path))
     if problems:
