@@ -41,6 +41,9 @@ def main(args, params, run) -> None:
         crosslingual=_json(args.directions / "crosslingual.json"),
         geometry=_json(args.geometry / "metrics.json"),
         geometry_png={f: (args.geometry / "figures" / f).read_bytes() for _, f in GEOMETRY_FIGURES},
+        sae=_json(args.sae / "metrics.json"),
+        sae_latents=pd.read_csv(args.sae / "latents.csv"),
+        sae_png={p.name: p.read_bytes() for p in sorted((args.sae / "figures").glob("*.png"))},
         steering={n: _json(args.steering / n / "metrics.json") for n in names},
         responses={n: pd.read_parquet(args.steering / n / "responses.parquet") for n in names},
         exemplars=load_labelled(args.styles / "exemplars.jsonl"),
@@ -69,7 +72,7 @@ def main(args, params, run) -> None:
 
 if __name__ == "__main__":
     parser = stage_parser(STAGE, __doc__)
-    folders = ("prompts", "model", "baseline", "directions", "geometry", "steering")
+    folders = ("prompts", "model", "baseline", "directions", "geometry", "sae", "steering")
     for name in folders:
         parser.add_argument(f"--{name}", type=Path, required=True, help=f"artifacts/{name}")
     parser.add_argument("--styles", type=Path, required=True, help="prompts/styles")

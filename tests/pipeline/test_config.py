@@ -89,7 +89,7 @@ def test_dvc_yaml_params_equal_config_keys(repo_root):
 
 def test_no_stage_reads_tracking_or_downstream_sections():
     """Changing a steering key must never rerun an upstream stage."""
-    for stage in ("prompts", "model", "baseline", "activations", "directions", "geometry"):
+    for stage in ("prompts", "model", "baseline", "activations", "directions", "geometry", "sae"):
         assert not any(k.startswith(("steering.", "tracking.")) for k in stage_param_keys(stage)), stage
 
 

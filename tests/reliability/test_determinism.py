@@ -13,7 +13,7 @@ import yaml
 from helpers import clone_pipeline, run
 
 pytestmark = pytest.mark.slow
-RERUN = ["prompts", "activations", "directions", "geometry", "report"]
+RERUN = ["prompts", "activations", "directions", "geometry", "sae", "report"]
 
 
 def _outs(repo) -> dict[str, dict[str, str]]:

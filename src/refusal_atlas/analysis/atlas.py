@@ -183,6 +183,29 @@ def power_flags(counts: Mapping[str, Mapping[str, int]], min_per_side: int) -> d
     }
 
 
+def lineage_residuals(
+    atlas: xr.Dataset, stores: Mapping[str, xr.Dataset], layer_index: int, position_index: int
+) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Per direction with prompts (not the random controls), float32 ``[n, hidden]`` residuals of the very prompts
+    it was learnt from (its lineage), target side and baseline side, at one (layer, position)."""
+    lineage_ = json.loads(atlas.attrs["lineage"])
+    baseline_of = json.loads(atlas.attrs["baseline_of"])
+    out = {}
+    for name, sides in lineage_.items():
+        if not sides["target_ids"]:
+            continue
+        pool = baseline_of.get(name, "benign")
+        ids = sides["target_ids"]
+        keys = ids if name == POOLED else [f"{name}/{i}" for i in ids]  # pooled's ids are category/id
+        blocks = dict.fromkeys(k.split("/", 1)[0] for k in keys)
+        target = np.concatenate(
+            [load_prompts(stores[c], [k.split("/", 1)[1] for k in keys if k.split("/", 1)[0] == c]) for c in blocks]
+        )
+        baseline = load_prompts(stores[pool], sides["baseline_ids"])
+        out[name] = (target[:, layer_index, position_index], baseline[:, layer_index, position_index])
+    return out
+
+
 def site_record(atlas: xr.Dataset, name: str, site: dict) -> dict:
     """What steering needs of one direction: its unit vector at the selected site, and the site.
 

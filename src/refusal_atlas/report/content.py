@@ -14,6 +14,7 @@ import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 
+from refusal_atlas.analysis.sae import PREFIX as SAE_PREFIX
 from refusal_atlas.config import SteeringConfig
 from refusal_atlas.digest import file_sha256
 from refusal_atlas.judging.styles import (
@@ -54,6 +55,9 @@ class ReportInputs:
     crosslingual: dict  # artifacts/directions/crosslingual.json: the pooled direction across languages
     geometry: dict  # artifacts/geometry/metrics.json
     geometry_png: dict  # file name -> bytes of artifacts/geometry/figures/*.png
+    sae: dict  # artifacts/sae/metrics.json
+    sae_latents: pd.DataFrame  # artifacts/sae/latents.csv
+    sae_png: dict  # file name -> bytes of artifacts/sae/figures/*.png
     steering: dict  # direction -> artifacts/steering/<direction>/metrics.json
     responses: dict  # direction -> artifacts/steering/<direction>/responses.parquet
     exemplars: pd.DataFrame  # prompts/styles/exemplars.jsonl (``load_labelled``)
@@ -84,15 +88,22 @@ def identity_params(identity: dict) -> dict:
 
 
 def build_report(inp: ReportInputs, cfg: SteeringConfig) -> Report:
-    """Aggregate the steering results with the earlier stages' and render the report."""
+    """Aggregate the steering results with the earlier stages' and render the report.
+
+    The SAE directions (sae_<name>) are in the trade-off table, the style shares and their own figure beside the
+    direction each comes from; the shared-knob test and the main trade-off figure cover the directions alone.
+    """
     steering = inp.steering
     curves = {
         n: curve_table({k: v for k, v in m["interventions"].items() if k != "ablate"}, cfg.alphas)
         for n, m in steering.items()
     }
     tradeoff = pd.concat([c.assign(direction=n) for n, c in curves.items()], ignore_index=True)
+    sae_names = [n for n in steering if n.startswith(SAE_PREFIX)]
     verdicts, is_harmful = {}, None
     for n, table in inp.responses.items():
+        if n in sae_names:
+            continue
         controlled = table[table.in_buckets & (table.intervention != "ablate")]
         verdicts[n] = controlled.pivot(index="prompt_id", columns="intervention", values="refused").sort_index()
         is_harmful = controlled.groupby("prompt_id").bucket.first().sort_index().isin(["HR", "HC"]).to_numpy()
@@ -124,8 +135,13 @@ def build_report(inp: ReportInputs, cfg: SteeringConfig) -> Report:
         "cv_n": style_cv["n"],
     }
 
+    paired = [m for n in sae_names for m in (n.removeprefix(SAE_PREFIX), n) if m in curves]
     figures = {
-        "tradeoff.png": plots.tradeoff_plot({n: c[c.alpha.notna()] for n, c in curves.items()}),
+        "tradeoff.png": plots.tradeoff_plot({n: c[c.alpha.notna()] for n, c in curves.items() if n not in sae_names}),
+        "sae_tradeoff.png": plots.tradeoff_plot(
+            {n: curves[n][curves[n].alpha.notna()] for n in paired},
+            title="Directions (solid) and their SAE directions (dashed) under steering",
+        ),
         "style_matrix.png": plots.matrix_heatmap(
             style, "Style of the refusals each direction induces (share)", "Blues", ".2f", 0, 1
         ),
@@ -156,6 +172,49 @@ def build_report(inp: ReportInputs, cfg: SteeringConfig) -> Report:
     return Report(tradeoff, knob, figures, metrics, _headline(inp, knob), html, tracked)
 
 
+def _sae_section(inp: ReportInputs, figure: Figure, tradeoff: pd.DataFrame) -> Section:
+    m = inp.sae
+    s, o = m["sae"], m["overlap"]
+    source = "trained here on the activation stores (sae.path null)" if s["source"] == "built-in" else s["source"]
+    text = [
+        f"A {s['architecture']} SAE with {s['d_sae']} latents on the block input of layer {m['layer']} "
+        f"({s['hook_name']}), {source}. On the analysed prompts at position {m['position']} it leaves "
+        f"{s['fvu']:.3f} of the variance unexplained, with {s['l0']:.1f} latents active per prompt on average; "
+        f"{s['dead_fraction']:.1%} of its latents never fire there.",
+        f"For every direction, each latent's firing rate on the refused targets (HR) it was learnt from minus its "
+        f"rate on the answered baseline prompts (BC), at the pooled direction's site; the top {m['top_k']} latents "
+        f"by that difference. {o['common_share']:.0%} of them are common to every category; the mean pairwise "
+        f"Jaccard index between categories is {o['jaccard_mean']:.2f} (highest {o['jaccard_max']:.2f}).",
+        "An SAE direction (sae_<name>) is the mean of a direction's top latents' unit decoder rows; it is steered "
+        "with the same machinery as the directions (same alphas, prompts and judges) and drawn beside its direction "
+        "below. Its cosine with the difference-of-means direction at the same site is in the last table.",
+    ]
+    if inp.identity["model_id"] == "demo" and s["source"] == "built-in":
+        text.append(
+            "⚠ The built-in SAE is trained on a few thousand residual vectors (the stores' end-of-instruction "
+            "positions), not on a corpus: a demonstration of the analysis, not a dictionary of the model's features."
+        )
+    top = inp.sae_latents.pivot(index="direction", columns="rank", values="latent")
+    top = top.reindex(list(dict.fromkeys(inp.sae_latents.direction)))
+    sae_rows = tradeoff[tradeoff.direction.str.startswith(SAE_PREFIX)]
+    figures = {
+        "Jaccard overlap of the top latents between categories": inp.sae_png["jaccard.png"],
+        "Firing-rate difference (HR - BC) of each direction's top latents": inp.sae_png["rates.png"],
+    }
+    if len(sae_rows):
+        figures["Directions and their SAE directions: RR against ORR"] = plots.png_bytes(figure)
+    return Section(
+        "Sparse-autoencoder latents",
+        text,
+        figures=figures,
+        tables={
+            "Top latents per direction (latent index by rank)": top,
+            "SAE steering": sae_rows.set_index(["direction", "intervention"])[_TRADEOFF_COLUMNS],
+            "Cosine of each SAE direction with its direction": pd.Series(m["cosine_with_direction"]).to_frame("cos"),
+        },
+    )
+
+
 def _headline(inp: ReportInputs, knob: pd.DataFrame) -> dict:
     """The numbers that compare one execution with another (a model, a setting), for the parent run."""
     geometry, baseline = inp.geometry, inp.baseline
@@ -169,16 +228,19 @@ def _headline(inp: ReportInputs, knob: pd.DataFrame) -> dict:
             for k in ("replicate_within_mean", "replicate_between_mean", "random_harmful_cosine_mean")
         },
         "geometry.disjoint_baseline_mean_abs_change": geometry["controls"]["disjoint_baseline_mean_abs_change"],
+        "sae.common_share": inp.sae["overlap"]["common_share"],
+        "sae.jaccard_mean": inp.sae["overlap"]["jaccard_mean"],
+        "sae.fvu": inp.sae["sae"]["fvu"],
         **{f"shared_knob.{v.replace(' ', '_')}": int((knob.verdict == v).sum()) for v in verdicts},
         **{f"judge.{k.split('.')[1]}.kappa": v for k, v in baseline.get("judges", {}).items() if k.endswith(".kappa")},
     }
     human = validation_rows(inp.validation)
     if len(human):  # each judge's agreement with people, over the manifest's labelled files
         out.update({f"judge.{j}.human_kappa": float(k) for j, k in human.groupby("judge").kappa.mean().items()})
-    pooled = inp.steering.get("pooled", {}).get("interventions", {})
-    for name, entry in pooled.items():
-        if name.startswith("add_") or name == "ablate":
-            out.update({f"pooled.{name}.rr": entry["rr"], f"pooled.{name}.orr": entry["orr"]})
+    for direction in ("pooled", f"{SAE_PREFIX}pooled"):
+        for name, entry in inp.steering.get(direction, {}).get("interventions", {}).items():
+            if name.startswith("add_") or name == "ablate":
+                out.update({f"{direction}.{name}.rr": entry["rr"], f"{direction}.{name}.orr": entry["orr"]})
     return out
 
 
@@ -368,6 +430,7 @@ def _sections(inp: ReportInputs, figures, tables, verdict_line, style_eval, homo
         ),
         _controls_section(geometry["controls"]),
         _crosslingual_section(inp.crosslingual, inp.identity),
+        _sae_section(inp, figures["sae_tradeoff.png"], tables["tradeoff"]),
         Section(
             "Steering: refusal vs over-refusal",
             [verdict_line],

@@ -236,16 +236,21 @@ def tradeoff_plot(
     CI bounds). Points are joined in increasing α and labelled with α, for the curves
     named in ``annotate`` (default: all). Names starting with "random" are drawn dashed
     grey (controls, one legend entry), "pooled" black; the dotted diagonal RR = ORR
-    marks a direction that refuses harmful and benign prompts alike.
+    marks a direction that refuses harmful and benign prompts alike. An SAE direction
+    ("sae_<name>") is drawn dashed with square markers in the colour of ``<name>``.
     """
     fig, ax = _figure(6.5, 5.5)
     ax.plot([0, 1], [0, 1], linestyle=":", color="0.75", linewidth=1, zorder=0, label="RR = ORR")
     random_labelled = False
-    colour_index = 0
+    colour_index, colours = 0, {}
     for name, df in curves.items():
         df = df.sort_values("alpha")
-        style = _curve_style(name, colour_index)
-        if not name.startswith("random") and name != "pooled":
+        base = name.removeprefix("sae_")
+        style = _curve_style(base, colours.get(base, colour_index))
+        if base != name:
+            style.update(linestyle="--", marker="s")
+        elif not name.startswith("random") and name != "pooled":
+            colours[name] = colour_index
             colour_index += 1
         label = name
         if name.startswith("random"):
@@ -258,12 +263,12 @@ def tradeoff_plot(
             df["rr"],
             xerr=xerr,
             yerr=yerr,
-            marker="o",
+            marker=style.get("marker", "o"),
             markersize=3.5,
             capsize=2,
             elinewidth=0.7,
             label=label,
-            **style,
+            **{k: v for k, v in style.items() if k != "marker"},
         )
         if annotate is None or name in annotate:
             for _, row in df.iterrows():

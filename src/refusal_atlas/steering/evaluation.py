@@ -77,6 +77,21 @@ def build_steering_set(
     return EvalSet(frame, counts, texts, formatted, rows.response.tolist(), verdicts, answered)
 
 
+def site_files(folders: Sequence[Path]) -> dict[str, Path]:
+    """Direction name -> its site record, over the site folders (the directions stage's, the sae stage's); a name
+    in two folders is an error."""
+    files: dict[str, Path] = {}
+    for folder in folders:
+        for path in sorted(Path(folder).glob("*.json")):
+            if path.stem in files:
+                raise SteeringError(
+                    f"direction '{path.stem}' has a site record in both {files[path.stem].parent} and {folder}; "
+                    "each name must come from one stage"
+                )
+            files[path.stem] = path
+    return files
+
+
 def steered_directions(available: Sequence[str], chosen: Sequence[str] | None) -> list[str]:
     """The directions to steer: every one the directions stage wrote, or ``steering.directions`` of them."""
     names = sorted(available)
