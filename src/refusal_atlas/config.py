@@ -277,10 +277,11 @@ class SaeConfig(_Section):
         10, ge=1, description="Latents kept per direction: the largest firing-rate differences, HR minus BC."
     )
     steer: list[str] | None = Field(
-        None,
+        default_factory=lambda: ["pooled", "humanizing", "incomplete"],
         description=(
             "Directions whose SAE counterpart (sae_<name>: the mean of its top latents' decoder rows) the steering "
-            "stage evaluates; null: every category and pooled."
+            "stage evaluates; null: every category and pooled. A name the run has no direction for is skipped with "
+            "a note. The default keeps the demo's steering time small."
         ),
     )
 

@@ -27,6 +27,9 @@ def _inputs(repo, commit: str) -> ReportInputs:
         selected=read(art / "directions/selected.json"),
         geometry=read(art / "geometry/metrics.json"),
         geometry_png={f: (art / "geometry/figures" / f).read_bytes() for _, f in GEOMETRY_FIGURES},
+        sae=read(art / "sae/metrics.json"),
+        sae_latents=pd.read_csv(art / "sae/latents.csv"),
+        sae_png={p.name: p.read_bytes() for p in sorted((art / "sae/figures").glob("*.png"))},
         steering={n: read(art / "steering" / n / "metrics.json") for n in names},
         responses={n: pd.read_parquet(art / "steering" / n / "responses.parquet") for n in names},
         exemplars=load_labelled(repo / "prompts/styles/exemplars.jsonl"),
@@ -44,11 +47,13 @@ def test_build_report_reproduces_the_stage_outputs(pipeline):
     pd.testing.assert_frame_equal(
         report.tradeoff, pd.read_csv(pipeline / "artifacts/report/tradeoff.csv"), check_dtype=False
     )
-    assert set(report.figures) == {"tradeoff.png", "style_matrix.png"}
+    assert set(report.figures) == {"tradeoff.png", "sae_tradeoff.png", "style_matrix.png"}
     # The parent run's headline: pooled RR/ORR at each intervention and the shared-knob verdict counts.
     knob = report.metrics["shared_knob"]["verdicts"]
     assert sum(report.headline[f"shared_knob.{v.replace(' ', '_')}"] for v in knob) == sum(knob.values())
     assert {k for k in report.headline if k.startswith("pooled.")} >= {"pooled.ablate.rr", "pooled.ablate.orr"}
+    # ... and the SAE's overlap and the pooled SAE direction's, steered in the smoke profile.
+    assert {"sae.common_share", "sae.jaccard_mean", "sae.fvu", "sae_pooled.ablate.rr"} <= set(report.headline)
     assert identity_params(_inputs(pipeline, commit).identity)["model"] == "demo"
 
 

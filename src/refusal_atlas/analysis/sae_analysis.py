@@ -37,6 +37,7 @@ from refusal_atlas.digest import file_sha256
 class SaeResult:
     sae: SparseAutoencoder
     source: Path | None  # the sae.path folder, or None for the built-in SAE
+    label: str  # sae.path as given, or "built-in"
     latents: pd.DataFrame  # direction, rank, latent, rate_target, rate_baseline, rate_diff
     jaccard: pd.DataFrame  # direction x direction
     loss: pd.DataFrame  # step, loss (empty for a loaded SAE)
@@ -52,7 +53,7 @@ class SaeResult:
             return
         folder.mkdir(parents=True)
         source = {
-            "path": str(self.source),
+            "path": self.label,
             **{f"{name}_sha256": file_sha256(self.source / name) for name in (SAE_CFG, SAE_WEIGHTS)},
         }
         (folder / "SOURCE.json").write_text(json.dumps(source, indent=2, sort_keys=True) + "\n")
@@ -100,8 +101,9 @@ def run_sae_analysis(
     path: Path | None,
     progress: bool = True,
 ) -> SaeResult:
-    """The SAE at ``path`` (sae-lens format), or one trained on ``stores`` per ``cfg``, analysed at the pooled
-    direction's ``site`` (layer, position, mean_resid_norm) against every direction's lineage in ``atlas``."""
+    """The SAE at ``path`` (``cfg.path`` resolved; sae-lens format), or one trained on ``stores`` per ``cfg``,
+    analysed at the pooled direction's ``site`` (layer, position, mean_resid_norm) against every direction's
+    lineage in ``atlas``."""
     from tqdm.auto import tqdm
 
     layers = atlas["layer"].values
@@ -156,7 +158,7 @@ def run_sae_analysis(
     stats = reconstruction_stats(sae, all_x)
     metrics = {
         "sae": {
-            "source": str(path) if path is not None else "built-in",
+            "source": cfg.path or "built-in",
             "architecture": sae.architecture,
             "d_sae": sae.d_sae,
             "k": sae.k,
@@ -177,4 +179,4 @@ def run_sae_analysis(
         "steer_missing": missing,
     }
     figures = {"jaccard.png": _jaccard_figure(jaccard, cfg.top_k), "rates.png": _rates_figure(latents)}
-    return SaeResult(sae, path, latents, jaccard, loss, sites, figures, metrics)
+    return SaeResult(sae, path, cfg.path or "built-in", latents, jaccard, loss, sites, figures, metrics)
