@@ -21,10 +21,8 @@ from pathlib import Path
 from refusal_atlas.analysis.atlas import POOLED
 from refusal_atlas.analysis.sae_analysis import run_sae_analysis
 from refusal_atlas.data import store
-from refusal_atlas.data.atomic import atomic_path, write_json
 from refusal_atlas.data.prompts import read_provenance
 from refusal_atlas.pipeline.harness import repo_root, run_stage, stage_parser
-from refusal_atlas.report.plots import save_png
 
 STAGE = "sae"
 
@@ -42,21 +40,7 @@ def main(args, params, run) -> None:
     site = json.loads((args.directions / "selected.json").read_text())[POOLED]
     path = (repo_root() / cfg.path) if cfg.path else None
     result = run_sae_analysis(atlas, stores, site, identity, cfg, path, progress=not args.no_progress)
-
-    with atomic_path(args.out / "model") as folder:
-        result.write_model(folder)
-    for name, table in {"latents.csv": result.latents, "jaccard.csv": result.jaccard, "loss.csv": result.loss}.items():
-        with atomic_path(args.out / name) as tmp:
-            table.to_csv(tmp, index=name == "jaccard.csv")
-    with atomic_path(args.out / "figures") as figures:
-        figures.mkdir()
-        for name, figure in result.figures.items():
-            save_png(figure, figures / name)
-    with atomic_path(args.out / "sites") as sites:
-        sites.mkdir()
-        for name, record in result.sites.items():
-            (sites / f"{name}.json").write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
-    write_json(args.out / "metrics.json", result.metrics)
+    result.write(args.out)
 
     run.log_identity(identity)
     run.log_input(args.activations)

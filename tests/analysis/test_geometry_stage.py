@@ -301,7 +301,7 @@ def test_directions_and_geometry_stages_recover_planted_angles(tmp_path: Path):
     sae_dir, out_sae = tmp_path / "planted_sae", tmp_path / "artifacts" / "sae"
     save_sae(planted_sae(units, rng), sae_dir)
     params = yaml.safe_load(paths["params"].read_text())
-    params["sae"] = {"path": str(sae_dir), "top_k": 1}
+    params["sae"] = {"path": str(sae_dir), "top_k": 1, "steer": None}  # null: every direction's SAE direction
     paths["params"].write_text(yaml.safe_dump(params))
     run([sys.executable, str(REPO / "stages" / "sae.py"), *common, "--directions", str(out_dir), "--out", str(out_sae)],
         tmp_path, timeout=600)  # fmt: skip

@@ -30,6 +30,7 @@ from refusal_atlas.analysis.sae import (
 )
 from refusal_atlas.config import SaeConfig
 from refusal_atlas.data import store
+from refusal_atlas.data.atomic import atomic_path, write_json
 from refusal_atlas.digest import file_sha256
 
 
@@ -45,18 +46,35 @@ class SaeResult:
     figures: dict[str, Figure]
     metrics: dict
 
-    def write_model(self, folder: Path) -> None:
-        """The built-in SAE in sae-lens's format; for a loaded one, SOURCE.json naming its folder and file hashes
-        (the weights are not copied)."""
+    def write(self, out: Path) -> None:
+        """Every output under ``out`` (artifacts/sae), each written whole or not at all: ``model/`` (the built-in
+        SAE in sae-lens's format; for a loaded one, SOURCE.json naming its folder and both files' sha256, the
+        weights not copied), ``latents.csv``, ``jaccard.csv``, ``loss.csv``, ``figures/``, ``sites/`` and
+        ``metrics.json``."""
+        from refusal_atlas.report.plots import save_png
+
         if self.source is None:
-            save_sae(self.sae, folder)
-            return
-        folder.mkdir(parents=True)
-        source = {
-            "path": self.label,
-            **{f"{name}_sha256": file_sha256(self.source / name) for name in (SAE_CFG, SAE_WEIGHTS)},
-        }
-        (folder / "SOURCE.json").write_text(json.dumps(source, indent=2, sort_keys=True) + "\n")
+            save_sae(self.sae, out / "model")
+        else:
+            source = {
+                "path": self.label,
+                **{f"{name}_sha256": file_sha256(self.source / name) for name in (SAE_CFG, SAE_WEIGHTS)},
+            }
+            with atomic_path(out / "model") as folder:
+                folder.mkdir()
+                (folder / "SOURCE.json").write_text(json.dumps(source, indent=2, sort_keys=True) + "\n")
+        for name, table in {"latents.csv": self.latents, "jaccard.csv": self.jaccard, "loss.csv": self.loss}.items():
+            with atomic_path(out / name) as tmp:
+                table.to_csv(tmp, index=name == "jaccard.csv")
+        with atomic_path(out / "figures") as figures:
+            figures.mkdir()
+            for name, figure in self.figures.items():
+                save_png(figure, figures / name)
+        with atomic_path(out / "sites") as sites:
+            sites.mkdir()
+            for name, record in self.sites.items():
+                write_json(sites / f"{name}.json", record)
+        write_json(out / "metrics.json", self.metrics)
 
 
 def _index(values, value, what: str) -> int:
