@@ -90,6 +90,15 @@ def test_the_analysis_finds_the_planted_latents(architecture, tmp_path):
         assert sae_direction(sae, top[name]) @ expected / np.linalg.norm(expected) == pytest.approx(1.0, abs=1e-6)
 
 
+def test_only_latents_firing_more_on_hr_than_on_bc_are_kept():
+    rng = np.random.default_rng(2)
+    sae = planted_sae(rng)
+    target, baseline = planted_sides(sae, rng)["cat_a"]
+    table, top = category_latents(sae, {"same": (baseline, baseline), "cat_a": (target, baseline)}, top_k=D_SAE)
+    assert top["same"] == [] and "same" not in set(table.direction)  # no difference: no latent, no SAE direction
+    assert set(top["cat_a"]) >= {3, 7} and (table.rate_diff > 0).all()
+
+
 def test_the_overlap_of_identical_top_sets_is_complete():
     common, jaccard = latent_overlap({"a": [1, 2, 3], "b": [3, 2, 1], "c": [2, 1, 3]})
     assert common == 1.0 and (jaccard.to_numpy() == 1.0).all()

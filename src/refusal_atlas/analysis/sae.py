@@ -363,7 +363,8 @@ def firing_rates(sae: SparseAutoencoder, x: np.ndarray) -> np.ndarray:
 
 def category_latents(sae: SparseAutoencoder, sides: Mapping[str, tuple[np.ndarray, np.ndarray]], top_k: int):
     """Per direction (``sides``: name → (target residuals HR, baseline residuals BC)), every latent's firing rate on
-    each side and their difference, and the ``top_k`` latents with the largest positive difference.
+    each side and their difference, and the ``top_k`` latents with the largest positive difference (fewer where
+    fewer fire more often on HR than on BC: a latent with no difference says nothing about the direction).
 
     Returns ``(table, top)``: a DataFrame with one row per direction and top latent (direction, rank, latent,
     rate_target, rate_baseline, rate_diff) and ``{name: [latent, ...]}``. Ties break towards the lower latent index,
@@ -373,8 +374,8 @@ def category_latents(sae: SparseAutoencoder, sides: Mapping[str, tuple[np.ndarra
     for name, (target, baseline) in sides.items():
         rt, rb = firing_rates(sae, target), firing_rates(sae, baseline)
         diff = rt - rb
-        order = np.lexsort((np.arange(sae.d_sae), -diff))[:top_k]
-        top[name] = [int(i) for i in order]
+        order = [int(i) for i in np.lexsort((np.arange(sae.d_sae), -diff))[:top_k] if diff[i] > 0]
+        top[name] = order
         rows += [
             {
                 "direction": name,

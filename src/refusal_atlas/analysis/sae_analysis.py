@@ -159,7 +159,7 @@ def run_sae_analysis(
     same_site = int(layers[li]) == int(site["layer"])
     norm = site["mean_resid_norm"] if same_site else float(np.linalg.norm(sides[POOLED][0], axis=1).mean())
     sites, agreement = {}, {}
-    for name in top:
+    for name in [n for n in top if top[n]]:  # a direction with no latent firing more on HR has no SAE direction
         unit = sae_direction(sae, top[name])
         reference = atlas["direction"].sel(direction_name=name).values[li, pi].astype(np.float64)
         agreement[name] = float(unit @ reference / (np.linalg.norm(reference) or 1.0))
@@ -195,6 +195,7 @@ def run_sae_analysis(
         "cosine_with_direction": agreement,
         "steered": sorted(sites),
         "steer_missing": missing,
+        "no_positive_latent": [n for n in top if not top[n]],
     }
     figures = {"jaccard.png": _jaccard_figure(jaccard, cfg.top_k), "rates.png": _rates_figure(latents)}
     return SaeResult(sae, path, cfg.path or "built-in", latents, jaccard, loss, sites, figures, metrics)

@@ -189,6 +189,11 @@ def _sae_section(inp: ReportInputs, figure: Figure, tradeoff: pd.DataFrame) -> S
         "with the same machinery as the directions (same alphas, prompts and judges) and drawn beside its direction "
         "below. Its cosine with the difference-of-means direction at the same site is in the last table.",
     ]
+    if m["no_positive_latent"]:
+        text.append(
+            f"No latent fires more often on HR than on BC for {', '.join(m['no_positive_latent'])}: no top latents "
+            "and no SAE direction there."
+        )
     if inp.identity["model_id"] == "demo" and s["source"] == "built-in":
         text.append(
             "⚠ The built-in SAE is trained on a few thousand residual vectors (the stores' end-of-instruction "
