@@ -19,7 +19,13 @@ from helpers import copy_repo, run
 pytestmark = pytest.mark.slow
 # The demo model never saw these datasets' prompts, so it may answer or refuse any of them: directions learn from
 # every prompt of a set (filter: label) rather than from its refused and answered ones.
-TINY = {"directions": {"filter": "label"}, "steering": {"directions": ["pooled", "over_refusal"]}}
+# What is checked here is the recipe's plumbing (sources, fallbacks, judge validation, the languages' tokenisation),
+# none of it the trained model's behaviour: 60 training steps instead of the smoke profile's 300.
+TINY = {
+    "model": {"demo": {"steps": 60}},
+    "directions": {"filter": "label"},
+    "steering": {"directions": ["pooled", "over_refusal"]},
+}
 
 
 def test_one_command_runs_the_pipeline_on_the_study_recipe(tmp_path):
