@@ -35,11 +35,7 @@ def main(args, params, run) -> None:
     cfg = params.directions
     baseline_of, names = read_provenance(args.sets)
     identity = json.loads((args.model / "identity.json").read_text())
-    expect = {
-        "model_weights_fingerprint": identity["weights_fingerprint"],
-        "template_sha256": identity["template_sha256"],
-    }
-    stores = {name: store.open_store(args.activations / f"{name}.zarr", expect=expect) for name in names}
+    stores = store.open_stores(args.activations, names, identity)
     atlas = build_atlas(
         stores, baseline_of, cfg.n_per_side, cfg.filter, cfg.method, cfg.seed, cfg.n_random, cfg.allow_fewer
     )

@@ -30,11 +30,7 @@ def main(args, params, run) -> None:
     atlas = store.open_directions(args.directions / "directions.zarr")
     site = json.loads((args.directions / "selected.json").read_text())[POOLED]
     identity = json.loads((args.model / "identity.json").read_text())
-    expect = {
-        "model_weights_fingerprint": identity["weights_fingerprint"],
-        "template_sha256": identity["template_sha256"],
-    }
-    stores = {n: store.open_store(args.activations / f"{n}.zarr", expect=expect) for n in names}
+    stores = store.open_stores(args.activations, names, identity)
     result = analyse_geometry(atlas, stores, baseline_of, site, params.geometry)
 
     with atomic_path(args.out / "tables") as tables:

@@ -31,11 +31,7 @@ def main(args, params, run) -> None:
     cfg = params.sae
     _, names = read_provenance(args.sets)
     identity = json.loads((args.model / "identity.json").read_text())
-    expect = {
-        "model_weights_fingerprint": identity["weights_fingerprint"],
-        "template_sha256": identity["template_sha256"],
-    }
-    stores = {n: store.open_store(args.activations / f"{n}.zarr", expect=expect) for n in names}
+    stores = store.open_stores(args.activations, names, identity)
     atlas = store.open_directions(args.directions / "directions.zarr", identity["d_model"])
     site = json.loads((args.directions / "selected.json").read_text())[POOLED]
     path = (repo_root() / cfg.path) if cfg.path else None

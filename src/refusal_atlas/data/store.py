@@ -235,6 +235,16 @@ def save_directions(path: Path, ds: xr.Dataset) -> None:
         ds.drop_indexes("direction_name", errors="ignore").to_zarr(tmp, mode="w", consolidated=True, zarr_format=3)
 
 
+def open_stores(folder: Path, names: list[str], identity: dict) -> dict[str, xr.Dataset]:
+    """The activation stores ``folder/<name>.zarr`` of ``names``, each checked to come from the model of ``identity``
+    (the model stage's identity.json: its weights fingerprint and chat template)."""
+    expect = {
+        "model_weights_fingerprint": identity["weights_fingerprint"],
+        "template_sha256": identity["template_sha256"],
+    }
+    return {name: open_store(Path(folder) / f"{name}.zarr", expect=expect) for name in names}
+
+
 def open_directions(path: Path, d_model: int | None = None) -> xr.Dataset:
     """Open a directions file, checking its schema and (optionally) its hidden size against the model."""
     if not Path(path).exists():
