@@ -187,7 +187,7 @@ def test_smollm2_crosslingual_transfer(smollm2_run):
     with the same token, and a vector as long as the residual breaks its answers (README, "On a real model"), so
     the effects are recorded, not asserted."""
     if not POLYREFUSE.is_dir():
-        pytest.skip(f"{POLYREFUSE} not present: the PolyRefuse files sit beside the checkout only on the team's machines")
+        pytest.skip(f"{POLYREFUSE} not present: PolyRefuse sits beside the checkout only on the team's machines")
     repo, _ = smollm2_run
     languages = json.loads((repo / "artifacts/directions/crosslingual.json").read_text())["languages"]
     assert sorted(languages) == sorted(LANGUAGES) and not any("skipped" in v for v in languages.values())
