@@ -62,7 +62,8 @@ def smollm2_run(tmp_path_factory):
     params["prompts"]["min_per_category"] = min(PER_SET.values())
     params["model"]["name"] = "smollm2"
     params["baseline"]["max_new_tokens"] = 12  # "I'm sorry" or "I cannot" come first
-    params["directions"].update(select="cosmic", n_random=1, n_draws=2)
+    # Alpha 1 (norm units) breaks SmolLM2's answers; at 0.25 adding the pooled direction steers (measured below).
+    params["directions"].update(select="cosmic", n_random=1, n_draws=2, crosslingual_alpha=0.25)
     params["geometry"].update(n_draws=2, n_permutations=10, max_clusters=3, cv_folds=2)
     params["sae"].update(d_sae=1024, k=16, steps=150, steer=["pooled"])
     params["steering"].update(
@@ -177,19 +178,21 @@ def test_smollm2_sae_latents_and_sae_steering(smollm2_run):
 
 
 def test_smollm2_crosslingual_transfer(smollm2_run):
-    """The cross-lingual analysis on a real model: each language's own harmful-minus-harmless direction at the pooled
-    site, its cosine with English's, and the refusal log-odds with the pooled direction ablated or added.
+    """PolyRefuse's finding on a real model: a refusal direction learnt in English acts on other languages.
 
-    Measured (16 prompts a side): German's and French's directions have cosine 0.43 with English's, ten times
-    what two random directions in 576 dimensions have (about 0.04): PolyRefuse's transfer, on SmolLM2. The
-    pooled direction of the three reduced categories is another matter (cosine 0.11 with English's), and adding it
-    at alpha 1 lowers the first-token refusal log-odds in all three languages: SmolLM2 opens answers and refusals
-    with the same token, and a vector as long as the residual breaks its answers (README, "On a real model"), so
-    the effects are recorded, not asserted."""
+    Per language (16 prompts a side): its own harmful-minus-harmless direction at the pooled site, the cosine with
+    English's, and the first-token refusal log-odds with the pooled direction (learnt on English category prompts)
+    ablated on harmful prompts or added (alpha 0.25) on harmless ones. Measured: German's and French's directions have
+    cosine 0.43 with English's (two random directions in 576 dimensions: about 0.04); ablation lowers the harmful
+    log-odds (en -3.18 -> -3.62, fr -3.57 -> -3.71, de -2.59 -> -2.97) and addition raises the harmless ones
+    (en -4.23 -> -3.05, fr -4.12 -> -3.11, de -2.81 -> -2.33). At alpha 1 addition lowered them in all three
+    (en -4.89): a vector as long as the residual breaks SmolLM2's answers."""
     if not POLYREFUSE.is_dir():
         pytest.skip(f"{POLYREFUSE} not present: PolyRefuse sits beside the checkout only on the team's machines")
     repo, _ = smollm2_run
-    languages = json.loads((repo / "artifacts/directions/crosslingual.json").read_text())["languages"]
+    transfer = json.loads((repo / "artifacts/directions/crosslingual.json").read_text())
+    languages = transfer["languages"]
+    assert transfer["alpha"] == 0.25
     assert sorted(languages) == sorted(LANGUAGES) and not any("skipped" in v for v in languages.values())
     assert all(v["n_harmful"] == v["n_harmless"] == 16 and v["n_too_long"] == 0 for v in languages.values())
     assert languages["en"]["cos_english"] == pytest.approx(1.0, abs=1e-9)
@@ -197,4 +200,8 @@ def test_smollm2_crosslingual_transfer(smollm2_run):
     # SmolLM2's tokenizer is English-centred: English takes the most characters per token.
     assert all(languages["en"]["chars_per_token"] > languages[c]["chars_per_token"] for c in ("fr", "de"))
     for language, v in languages.items():
-        assert -1 <= v["cos_pooled"] <= 1 and np.isfinite(list(v["refusal_score"].values())).all(), (language, v)
+        score = v["refusal_score"]
+        assert score["harmful_ablated"] < score["harmful"] and score["harmless_added"] > score["harmless"], (
+            language,
+            score,
+        )
