@@ -174,6 +174,7 @@ def test_profile_overrides_are_validated_and_become_dvc_set_params(tmp_path):
         "model.batch_size": 64,
         "baseline.max_new_tokens": 32,
         "directions.n_val": 8,
+        "directions.crosslingual_alpha": 0.25,
         "sae.steer": ["pooled"],
         "steering.alphas": [0.5, 1.0],
         "steering.controlled_only": True,
