@@ -32,8 +32,8 @@ CATEGORIES = ["humanizing", "unsupported", "crime_assistance"]
 SETS = [*CATEGORIES, "benign"]
 STEERED = ["humanizing", "pooled", "sae_pooled"]
 PER_SET = {**dict.fromkeys(CATEGORIES, 48), "benign": 48}
-# Cross-lingual transfer on the real model (PolyRefuse, where ../shared/datasets has it): English and two languages
-# SmolLM2 saw some of in pre-training, 16 prompts a side.
+# Cross-lingual transfer on the real model (PolyRefuse, where ../shared/datasets has it): English and two of
+# PolyRefuse's European languages, 16 prompts a side.
 LANGUAGES = ["en", "fr", "de"]
 POLYREFUSE = SHARED / "datasets/polyrefuse"
 # ChatML's end of instruction; SmolLM2's tokenizer splits "assistant" in two.
