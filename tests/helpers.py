@@ -23,6 +23,16 @@ SHARED = REPO.parent / "shared"
 VENV_BIN = Path(sys.executable).parent
 
 
+def shared_datasets() -> Path:
+    """../shared/datasets, or a skip where it is absent."""
+    path = SHARED / "datasets"
+    if not path.is_dir():
+        pytest.skip(
+            f"{path} not present: the shared public datasets sit beside the checkout only on the team's machines"
+        )
+    return path
+
+
 def _env(extra: dict | None = None) -> dict:
     """The caller's environment with the venv first on PATH, offline, and no tracking URI or DVC settings.
 

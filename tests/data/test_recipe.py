@@ -14,8 +14,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import shared_datasets
-from helpers import REPO, run
+from helpers import REPO, run, shared_datasets
 
 from refusal_atlas.config import SplitFractions
 from refusal_atlas.data.prompts import PromptValidationError, collect_prompt_sets

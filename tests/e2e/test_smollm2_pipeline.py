@@ -15,8 +15,14 @@ import json
 import numpy as np
 import pandas as pd
 import pytest
-import yaml
-from helpers import SHARED, reduce_repo, run
+from builds import (
+    LANGUAGES,
+    POLYREFUSE,
+    SMOLLM2_CATEGORIES,
+    SMOLLM2_PER_SET,
+    SMOLLM2_SETS,
+    SMOLLM2_STEERED,
+)
 
 from refusal_atlas.analysis.atlas import load_prompts
 from refusal_atlas.analysis.sae import load_sae
@@ -26,56 +32,15 @@ from refusal_atlas.steering.interventions import intervention_names
 
 pytestmark = pytest.mark.slow
 
-# The three categories SmolLM2 refuses most (10-11 of their first 48 prompts each with 16 new
-# tokens and the keyword judge), so every direction has refused prompts (HR) to learn from.
-CATEGORIES = ["humanizing", "unsupported", "crime_assistance"]
-SETS = [*CATEGORIES, "benign"]
-STEERED = ["humanizing", "pooled", "sae_pooled"]
-PER_SET = {**dict.fromkeys(CATEGORIES, 48), "benign": 48}
-# Cross-lingual transfer on the real model (PolyRefuse, where ../shared/datasets has it): English and two of
-# PolyRefuse's European languages, 16 prompts a side.
-LANGUAGES = ["en", "fr", "de"]
-POLYREFUSE = SHARED / "datasets/polyrefuse"
+CATEGORIES, SETS, STEERED, PER_SET = SMOLLM2_CATEGORIES, SMOLLM2_SETS, SMOLLM2_STEERED, SMOLLM2_PER_SET
 # ChatML's end of instruction; SmolLM2's tokenizer splits "assistant" in two.
 CHATML_SPAN = ["<|im_end|>", "Ċ", "<|im_start|>", "ass", "istant", "Ċ"]
 
 
 @pytest.fixture(scope="module")
-def smollm2_run(tmp_path_factory):
-    from helpers import copy_repo
-
-    repo = copy_repo(tmp_path_factory.mktemp("smollm2") / "repo")
-    reduce_repo(repo, SETS, PER_SET)
-    if POLYREFUSE.is_dir():
-        manifest = yaml.safe_load((repo / "prompts/manifest.yaml").read_text())
-        (repo / "prompts/raw").mkdir()
-        manifest["crosslingual"] = []
-        for language in LANGUAGES:
-            entry = {"language": language}
-            for side in ("harmful", "harmless"):
-                name = f"{side}_test_translated_{language}.json"
-                (repo / "prompts/raw" / name).write_bytes((POLYREFUSE / name).read_bytes())
-                entry[side] = {"format": "polyrefuse", "file": f"raw/{name}", "limit": 16}
-            manifest["crosslingual"].append(entry)
-        (repo / "prompts/manifest.yaml").write_text(yaml.safe_dump(manifest, sort_keys=False))
-    params = yaml.safe_load((repo / "params.yaml").read_text())
-    params["prompts"]["min_per_category"] = min(PER_SET.values())
-    params["model"]["name"] = "smollm2"
-    params["baseline"]["max_new_tokens"] = 12  # "I'm sorry" or "I cannot" come first
-    # Alpha 1 (norm units) breaks SmolLM2's answers; at 0.25 adding the pooled direction steers (measured below).
-    params["directions"].update(select="cosmic", n_random=1, n_draws=2, crosslingual_alpha=0.25)
-    params["geometry"].update(n_draws=2, n_permutations=10, max_clusters=3, cv_folds=2)
-    params["sae"].update(d_sae=1024, k=16, steps=150, steer=["pooled"])
-    params["steering"].update(
-        alphas=[1.0], max_new_tokens=8, n_bootstrap=100, n_per_bucket=8, controlled_only=True, directions=STEERED
-    )
-    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    run(
-        ["git", "-c", "user.email=t@example.com", "-c", "user.name=test", "commit", "-qam", "reduced smollm2 profile"],
-        repo,
-    )
-    proc = run(["dvc", "repro"], repo, timeout=900)
-    return repo, proc.stdout
+def smollm2_run(smollm2_pipeline):
+    """The reduced SmolLM2 pipeline (tests/builds.py, built in the background) and its `dvc repro` output."""
+    return smollm2_pipeline, (smollm2_pipeline / "repro.log").read_text()
 
 
 def test_smollm2_identity_is_the_pinned_gguf(smollm2_run):

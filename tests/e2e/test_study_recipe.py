@@ -12,32 +12,16 @@ import hashlib
 import json
 
 import pytest
-import yaml
-from conftest import shared_datasets
-from helpers import copy_repo, run
+from helpers import run, shared_datasets
 
 pytestmark = pytest.mark.slow
-# The demo model never saw these datasets' prompts, so it may answer or refuse any of them: directions learn from
-# every prompt of a set (filter: label) rather than from its refused and answered ones.
-# What is checked here is the recipe's plumbing (sources, fallbacks, judge validation, the languages' tokenisation),
-# none of it the trained model's behaviour: 60 training steps instead of the smoke profile's 300.
-TINY = {
-    "model": {"demo": {"steps": 60}},
-    "directions": {"filter": "label"},
-    "steering": {"directions": ["pooled", "over_refusal"]},
-}
 
 
-def test_one_command_runs_the_pipeline_on_the_study_recipe(tmp_path):
-    datasets = shared_datasets()
-    repo = copy_repo(tmp_path / "repo")
-    (repo / "tiny.yaml").write_text(yaml.safe_dump(TINY))
-    proc = run(
-        ["refusal-atlas", "study", "run", "--from", str(datasets), "profiles/smoke.yaml", "tiny.yaml"],
-        repo,
-        timeout=1800,
-    )
-    out = proc.stdout + proc.stderr
+def test_one_command_runs_the_pipeline_on_the_study_recipe(study_pipeline):
+    """`refusal-atlas study run --from ../shared/datasets profiles/smoke.yaml tiny.yaml` (tests/builds.py), run in
+    the background build."""
+    datasets, repo = shared_datasets(), study_pipeline
+    out = (repo / "repro.log").read_text()
     assert "raw/xstest/xstest_prompts.csv (over_refusal, over_refusal_safe): imported from" in out
     assert "raw/sorry_bench/question.jsonl (hate_speech, crime_assistance, inappropriate, unqualified_advice): " \
         "not fetched" in out  # fmt: skip
