@@ -15,14 +15,10 @@ import json
 import numpy as np
 import pandas as pd
 import pytest
-from builds import (
-    LANGUAGES,
-    POLYREFUSE,
-    SMOLLM2_CATEGORIES,
-    SMOLLM2_PER_SET,
-    SMOLLM2_SETS,
-    SMOLLM2_STEERED,
-)
+from builds import LANGUAGES, POLYREFUSE
+from builds import SMOLLM2_CATEGORIES as CATEGORIES
+from builds import SMOLLM2_PER_SET as PER_SET
+from builds import SMOLLM2_SETS as SETS
 
 from refusal_atlas.analysis.atlas import load_prompts
 from refusal_atlas.analysis.sae import load_sae
@@ -32,7 +28,6 @@ from refusal_atlas.steering.interventions import intervention_names
 
 pytestmark = pytest.mark.slow
 
-CATEGORIES, SETS, STEERED, PER_SET = SMOLLM2_CATEGORIES, SMOLLM2_SETS, SMOLLM2_STEERED, SMOLLM2_PER_SET
 # ChatML's end of instruction; SmolLM2's tokenizer splits "assistant" in two.
 CHATML_SPAN = ["<|im_end|>", "Ċ", "<|im_start|>", "ass", "istant", "Ċ"]
 
