@@ -25,7 +25,9 @@ export PYTHONUNBUFFERED := 1
 
 .PHONY: setup setup-dev repro repro-real study test test-fast lint format bench ui clean
 
-$(STAMP): pyproject.toml Makefile
+# No file prerequisites: the stamp's name holds the hash of both files, so only a change of their content (not
+# a touch or a checkout) reinstalls.
+$(STAMP):
 	@test -x $(PY) || python3 -m venv $(VENV)
 	# torch is pinned exactly (torch==2.13.0 in pyproject.toml) and installed by pip, which takes the local
 	# CPU build here and the CUDA build on a GPU machine; uv then installs the rest and keeps that torch
